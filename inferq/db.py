@@ -1,0 +1,63 @@
+"""Database engines: asyncpg for the API, psycopg for workers and migrations."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+
+from sqlalchemy import Engine, create_engine
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import sessionmaker
+
+STATEMENT_TIMEOUT_MS = 30_000
+
+
+def driver_url(url: str, driver: str) -> str:
+    """The same database URL with an explicit SQLAlchemy driver (asyncpg or psycopg)."""
+    parsed = make_url(url)
+    return parsed.set(drivername=f"postgresql+{driver}").render_as_string(hide_password=False)
+
+
+def make_async_engine(url: str, pool_size: int = 20) -> AsyncEngine:
+    return create_async_engine(
+        driver_url(url, "asyncpg"),
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=True,
+        connect_args={
+            "server_settings": {"statement_timeout": str(STATEMENT_TIMEOUT_MS)},
+            "command_timeout": STATEMENT_TIMEOUT_MS / 1000,
+        },
+    )
+
+
+def make_sync_engine(url: str, pool_size: int = 10) -> Engine:
+    return create_engine(
+        driver_url(url, "psycopg"),
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=True,
+        connect_args={"options": f"-c statement_timeout={STATEMENT_TIMEOUT_MS}"},
+    )
+
+
+def async_sessions(engine: AsyncEngine) -> async_sessionmaker:
+    return async_sessionmaker(engine, expire_on_commit=False)
+
+
+def sync_sessions(engine: Engine) -> sessionmaker:
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+def uuid7() -> uuid.UUID:
+    """A time-ordered UUID (RFC 9562 version 7): 48-bit milliseconds, then random bits."""
+    ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (ms & ((1 << 48) - 1)) << 80
+    value |= 0x7 << 76
+    value |= ((rand >> 62) & 0xFFF) << 64
+    value |= 0b10 << 62
+    value |= rand & ((1 << 62) - 1)
+    return uuid.UUID(int=value)
