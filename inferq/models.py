@@ -74,7 +74,7 @@ class ApiKey(Base):
 class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (
-        UniqueConstraint("api_key_id", "idempotency_key"),
+        UniqueConstraint("api_key_id", "idempotency_key", postgresql_nulls_not_distinct=True),
         Index("ix_jobs_tenant_id", "tenant", "id"),
         Index(
             "ix_jobs_sweep",

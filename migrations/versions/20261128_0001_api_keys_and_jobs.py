@@ -67,7 +67,7 @@ def upgrade() -> None:
     sa.Column('deadline_at', sa.DateTime(timezone=True), nullable=True),
     sa.ForeignKeyConstraint(['api_key_id'], ['api_keys.id'], name=op.f('fk_jobs_api_key_id_api_keys'), ondelete='SET NULL'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_jobs')),
-    sa.UniqueConstraint('api_key_id', 'idempotency_key', name=op.f('uq_jobs_api_key_id'))
+    sa.UniqueConstraint('api_key_id', 'idempotency_key', name=op.f('uq_jobs_api_key_id'), postgresql_nulls_not_distinct=True)
     )
     op.create_index('ix_jobs_sweep', 'jobs', ['status', 'lease_expires_at'], unique=False, postgresql_where=sa.text("status IN ('queued', 'running')"))
     op.create_index('ix_jobs_tenant_id', 'jobs', ['tenant', 'id'], unique=False)

@@ -1,0 +1,74 @@
+"""Request dependencies, named so that signatures read as sentences."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+import redis.asyncio as aioredis
+from fastapi import Depends, Header, Request
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from api.auth import Principal, authenticate, bearer_secret
+from api.errors import Forbidden
+from api.state import AppState
+from inferq.registry import Registry
+from inferq.settings import Settings
+
+
+def get_state(request: Request) -> AppState:
+    return request.app.state.inferq  # type: ignore[no-any-return]
+
+
+StateDep = Annotated[AppState, Depends(get_state)]
+
+
+async def get_session(state: StateDep) -> AsyncIterator[AsyncSession]:
+    """One session per request; the edge commits on success and rolls back on error."""
+    async with state.sessions() as session:
+        try:
+            yield session
+            await session.commit()
+        except BaseException:
+            await session.rollback()
+            raise
+
+
+SessionDep = Annotated[AsyncSession, Depends(get_session)]
+
+
+def get_settings(state: StateDep) -> Settings:
+    return state.settings
+
+
+def get_registry(state: StateDep) -> Registry:
+    return state.registry
+
+
+def get_redis(state: StateDep) -> aioredis.Redis:
+    return state.redis
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+RegistryDep = Annotated[Registry, Depends(get_registry)]
+RedisDep = Annotated[aioredis.Redis, Depends(get_redis)]
+
+
+async def current_key(
+    state: StateDep,
+    session: SessionDep,
+    authorization: Annotated[str | None, Header()] = None,
+) -> Principal:
+    return await authenticate(state, session, bearer_secret(authorization))
+
+
+CurrentKey = Annotated[Principal, Depends(current_key)]
+
+
+async def admin_key(key: CurrentKey) -> Principal:
+    if not key.admin:
+        raise Forbidden("this call needs an admin key")
+    return key
+
+
+AdminKey = Annotated[Principal, Depends(admin_key)]

@@ -1,0 +1,62 @@
+"""/v1/jobs: submit, poll, list, cancel."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Response
+
+from api.deps import CurrentKey, SessionDep, StateDep
+from api.jobs import service
+from api.jobs.schemas import JobCreate, JobList, JobOut
+from inferq.models import JobStatus
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+
+@router.post("", status_code=202, response_model=JobOut)
+async def submit(
+    body: JobCreate,
+    key: CurrentKey,
+    session: SessionDep,
+    state: StateDep,
+    response: Response,
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+) -> JobOut:
+    created = await service.create_job(session, state, key, body, idempotency_key)
+    await session.commit()
+    if created.replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    else:
+        await service.enqueue(state, [created.job])
+    response.headers["Location"] = f"/v1/jobs/{created.job.id}"
+    return service.to_out(created.job)
+
+
+@router.get("/{job_id}", response_model=JobOut)
+async def get(job_id: uuid.UUID, key: CurrentKey, session: SessionDep) -> JobOut:
+    job = await service.get_job(session, key, job_id)
+    return service.to_out(job, await service.queue_position(session, job))
+
+
+@router.get("", response_model=JobList)
+async def list_(
+    key: CurrentKey,
+    session: SessionDep,
+    status: JobStatus | None = None,
+    cursor: uuid.UUID | None = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> JobList:
+    jobs, next_cursor = await service.list_jobs(session, key, status, cursor, limit)
+    return JobList(data=[service.to_out(j) for j in jobs], next_cursor=next_cursor)
+
+
+@router.post("/{job_id}/cancel", response_model=JobOut)
+async def cancel(
+    job_id: uuid.UUID, key: CurrentKey, session: SessionDep, state: StateDep, response: Response
+) -> JobOut:
+    job = await service.cancel_job(session, state, key, job_id)
+    if not JobStatus(job.status).terminal:
+        response.status_code = 202
+    return service.to_out(job)

@@ -1,0 +1,271 @@
+"""Jobs: create (idempotently), read within a tenant, list, cancel."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from api.auth import Principal
+from api.errors import Conflict, InvalidRequest, NotFound
+from api.jobs.schemas import ErrorInfo, JobCreate, JobOut, Links, Timings, Usage
+from api.state import AppState
+from inferq.db import uuid7
+from inferq.events import cancel_key, script_args, script_keys, terminal_events
+from inferq.models import Job, JobStatus
+from inferq.queue import ENQUEUED_KEY, Enqueue
+from inferq.registry import ModelSpec, Registry
+from inferq.settings import Settings
+
+DEFAULT_MAX_TOKENS = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Created:
+    job: Job
+    replayed: bool  # an earlier request with the same Idempotency-Key made it
+
+
+def resolve_model(registry: Registry, name: str) -> ModelSpec:
+    spec = registry.get(name)
+    if spec is None:
+        raise InvalidRequest(
+            f"unknown model {name!r}; available: {', '.join(sorted(registry.names()))}"
+        )
+    return spec
+
+
+def check_size(body: JobCreate, settings: Settings) -> None:
+    size = len(body.prompt or "") + sum(len(m.content) for m in body.messages or [])
+    if size > settings.max_prompt_chars:
+        raise InvalidRequest(
+            f"input is {size} characters; the limit is {settings.max_prompt_chars}"
+        )
+    if body.messages is not None and len(body.messages) > settings.max_messages:
+        raise InvalidRequest(f"at most {settings.max_messages} messages")
+    if len(json.dumps(body.metadata)) > 16_384:
+        raise InvalidRequest("metadata is larger than 16 KiB")
+
+
+def job_values(body: JobCreate, spec: ModelSpec, key: Principal) -> dict[str, Any]:
+    requested = body.max_tokens or DEFAULT_MAX_TOKENS
+    params = {
+        "max_tokens": min(requested, spec.max_tokens),
+        "temperature": body.temperature,
+        "top_p": body.top_p,
+        "stop": body.stop,
+        "seed": body.seed,
+        "cache": body.cache,
+    }
+    if body.prompt is not None:
+        job_input: dict[str, Any] = {"prompt": body.prompt}
+    else:
+        job_input = {"messages": [m.model_dump() for m in body.messages or []]}
+    return {
+        "id": uuid7(),
+        "tenant": key.tenant,
+        "api_key_id": key.key_id,
+        "requested_model": body.model,
+        "model": spec.name,
+        "status": JobStatus.queued.value,
+        "priority": body.priority,
+        "input": job_input,
+        "params": params,
+        "webhook": body.webhook.model_dump(mode="json") if body.webhook else None,
+        "metadata_": body.metadata,
+    }
+
+
+def request_hash(body: JobCreate) -> str:
+    canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+async def create_job(
+    session: AsyncSession,
+    state: AppState,
+    key: Principal,
+    body: JobCreate,
+    idempotency_key: str | None,
+) -> Created:
+    check_size(body, state.settings)
+    spec = resolve_model(state.registry, body.model)
+    values = job_values(body, spec, key)
+    if idempotency_key is None:
+        job = await session.scalar(insert(Job).values(**values).returning(Job))
+        assert job is not None
+        return Created(job, replayed=False)
+    digest = request_hash(body)
+    values |= {"idempotency_key": idempotency_key, "request_hash": digest}
+    job = await session.scalar(
+        insert(Job)
+        .values(**values)
+        .on_conflict_do_nothing(index_elements=["api_key_id", "idempotency_key"])
+        .returning(Job)
+    )
+    if job is not None:
+        return Created(job, replayed=False)
+    return Created(await _replay(session, key, idempotency_key, digest), replayed=True)
+
+
+async def _replay(session: AsyncSession, key: Principal, idem: str, digest: str) -> Job:
+    existing = await session.scalar(
+        select(Job).where(Job.api_key_id == key.key_id, Job.idempotency_key == idem)
+    )
+    if existing is None:  # the other request's row is not visible yet
+        raise Conflict("a request with this Idempotency-Key is still being processed")
+    if existing.request_hash != digest:
+        raise Conflict("this Idempotency-Key was used with a different request body")
+    return existing
+
+
+async def enqueue(state: AppState, jobs: list[Job]) -> None:
+    """Hand the jobs to the broker (after their rows are committed)."""
+    items = [Enqueue(str(j.id), state.registry.get(j.model).queue, j.priority) for j in jobs]  # type: ignore[union-attr]
+    await asyncio.to_thread(state.enqueuer.enqueue, items)
+
+
+async def get_job(session: AsyncSession, key: Principal, job_id: uuid.UUID) -> Job:
+    job = await session.scalar(select(Job).where(Job.id == job_id, Job.tenant == key.tenant))
+    if job is None:
+        raise NotFound(f"no job {job_id}")
+    return job
+
+
+async def queue_position(session: AsyncSession, job: Job) -> int | None:
+    if job.status != JobStatus.queued:
+        return None
+    ahead = await session.scalar(
+        select(func.count())
+        .select_from(Job)
+        .where(Job.status == JobStatus.queued, Job.model == job.model, Job.id < job.id)
+    )
+    return int(ahead or 0)
+
+
+async def list_jobs(
+    session: AsyncSession, key: Principal, status: JobStatus | None, cursor: uuid.UUID | None,
+    limit: int,
+) -> tuple[list[Job], str | None]:
+    query = select(Job).where(Job.tenant == key.tenant).order_by(Job.id.desc()).limit(limit + 1)
+    if status is not None:
+        query = query.where(Job.status == status)
+    if cursor is not None:
+        query = query.where(Job.id < cursor)
+    jobs = list((await session.scalars(query)).all())
+    next_cursor = str(jobs[limit - 1].id) if len(jobs) > limit else None
+    return jobs[:limit], next_cursor
+
+
+async def cancel_job(
+    session: AsyncSession, state: AppState, key: Principal, job_id: uuid.UUID
+) -> Job:
+    """Cancel a queued job at once; ask a running one's worker to stop and wait a little."""
+    job = await get_job(session, key, job_id)
+    if JobStatus(job.status).terminal:
+        if job.status == JobStatus.cancelled:
+            return job
+        raise Conflict(f"job {job_id} already ended ({job.status})")
+    jid = str(job_id)
+    await state.redis.set(cancel_key(jid), "1", ex=state.settings.stream_ttl_seconds)
+    cancelled = await session.scalar(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.queued)
+        .values(status=JobStatus.cancelled, finish_reason="cancelled", finished_at=func.now())
+        .returning(Job)
+        .execution_options(populate_existing=True)
+    )
+    if cancelled is not None:
+        await session.commit()
+        await _publish_end(state, jid)
+        return cancelled
+    await session.commit()
+    return await _wait_until_ended(session, key, job_id, state.settings.cancel_wait_seconds)
+
+
+async def _publish_end(state: AppState, job_id: str) -> None:
+    events = terminal_events(JobStatus.cancelled.value, "cancelled", {
+        "input_tokens": None, "output_tokens": None, "cost_usd": None})
+    settings = state.settings
+    await state.publish_script(
+        keys=script_keys(job_id), args=script_args(events, settings.stream_maxlen,
+                                                   settings.stream_ttl_seconds)
+    )
+    await state.redis.zrem(ENQUEUED_KEY, job_id)
+
+
+async def _wait_until_ended(
+    session: AsyncSession, key: Principal, job_id: uuid.UUID, seconds: float
+) -> Job:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while True:
+        job = await session.scalar(
+            select(Job)
+            .where(Job.id == job_id, Job.tenant == key.tenant)
+            .execution_options(populate_existing=True)
+        )
+        assert job is not None
+        if JobStatus(job.status).terminal or loop.time() >= deadline:
+            return job
+        await session.rollback()  # end the snapshot so the next read sees the worker's commit
+        await asyncio.sleep(0.05)
+
+
+def _ms(later: Any, earlier: Any) -> float | None:
+    if later is None or earlier is None:
+        return None
+    return round((later - earlier).total_seconds() * 1000, 3)
+
+
+def timings(job: Job) -> Timings:
+    tps = None
+    if job.output_tokens and job.first_token_at and job.finished_at:
+        seconds = (job.finished_at - job.first_token_at).total_seconds()
+        tps = round(job.output_tokens / seconds, 3) if seconds > 0 else None
+    return Timings(
+        queue_ms=_ms(job.started_at, job.created_at),
+        ttft_ms=_ms(job.first_token_at, job.created_at),
+        duration_ms=_ms(job.finished_at, job.created_at),
+        tokens_per_second=tps,
+    )
+
+
+def to_out(job: Job, position: int | None = None) -> JobOut:
+    base = f"/v1/jobs/{job.id}"
+    error = (
+        ErrorInfo(type=job.error_type, message=job.error_message or "")
+        if job.error_type
+        else None
+    )
+    return JobOut(
+        id=job.id,
+        status=job.status,
+        model=job.model,
+        requested_model=job.requested_model,
+        priority=job.priority,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        output=job.output,
+        finish_reason=job.finish_reason,
+        usage=Usage(
+            input_tokens=job.input_tokens,
+            output_tokens=job.output_tokens,
+            cost_usd=float(job.cost_usd) if job.cost_usd is not None else None,
+        ),
+        timings=timings(job),
+        error=error,
+        cached=job.cached,
+        attempts=job.attempts,
+        queue_position=position,
+        metadata=job.metadata_,
+        links=Links(self=base, events=f"{base}/events", cancel=f"{base}/cancel"),
+    )

@@ -1,0 +1,67 @@
+"""The FastAPI application factory: `uvicorn --factory api.main:create_app`."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from api import errors
+from api.admin.router import router as admin_router
+from api.health.router import router as health_router
+from api.jobs.router import router as jobs_router
+from api.state import AppState
+from inferq.logs import configure_logging
+from inferq.settings import Settings, get_settings
+
+MAX_BODY_BYTES = 4 * 1024 * 1024
+
+
+class BodyLimit:
+    """Refuse bodies whose declared size is over the limit before reading them."""
+
+    def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            length = dict(scope["headers"]).get(b"content-length")
+            if length is not None and length.isdigit() and int(length) > self.limit:
+                await _too_large(send, self.limit)
+                return
+        await self.app(scope, receive, send)
+
+
+async def _too_large(send: Send, limit: int) -> None:
+    body = (
+        b'{"error":{"type":"request_too_large","message":"the body is over '
+        + str(limit).encode()
+        + b' bytes"}}'
+    )
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        configure_logging(settings.log_level)
+        state = AppState.create(settings)
+        app.state.inferq = state
+        try:
+            yield
+        finally:
+            await state.close()
+
+    app = FastAPI(title="inferq", version="0.1.0", lifespan=lifespan)
+    errors.install(app)
+    for router in (jobs_router, admin_router, health_router):
+        app.include_router(router)
+    app.add_middleware(BodyLimit)
+    return app

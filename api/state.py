@@ -1,0 +1,58 @@
+"""What an API process holds: made in the lifespan, closed at shutdown."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+
+from inferq.db import async_sessions, make_async_engine
+from inferq.events import PUBLISH_SCRIPT
+from inferq.queue import Enqueuer, make_producer_app
+from inferq.registry import Registry
+from inferq.settings import Settings
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    engine: AsyncEngine
+    sessions: async_sessionmaker
+    redis: aioredis.Redis
+    publish_script: Any
+    registry: Registry
+    enqueuer: Enqueuer
+    sync_redis: redis.Redis
+    key_cache: dict[str, Any] = field(default_factory=dict)
+    hub: Any = None
+
+    @classmethod
+    def create(cls, settings: Settings) -> AppState:
+        engine = make_async_engine(settings.database_url, settings.db_pool_size)
+        client = aioredis.Redis.from_url(
+            settings.redis_url, decode_responses=True, socket_timeout=30,
+            socket_connect_timeout=10, health_check_interval=30,
+        )
+        sync_client = redis.Redis.from_url(
+            settings.redis_url, decode_responses=True, socket_timeout=30,
+            socket_connect_timeout=10,
+        )
+        return cls(
+            settings=settings,
+            engine=engine,
+            sessions=async_sessions(engine),
+            redis=client,
+            publish_script=client.register_script(PUBLISH_SCRIPT),
+            registry=Registry.load(settings.models_file),
+            enqueuer=Enqueuer(make_producer_app(settings), sync_client),
+            sync_redis=sync_client,
+        )
+
+    async def close(self) -> None:
+        self.enqueuer.close()
+        self.sync_redis.close()
+        await self.redis.aclose()
+        await self.engine.dispose()

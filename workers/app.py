@@ -1,0 +1,54 @@
+"""The Celery application: `celery -A workers.app worker|beat` (started by `inferq worker|beat`)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Celery, signals
+
+from inferq.logs import configure_logging
+from inferq.queue import GENERATE_TASK, celery_config
+from inferq.settings import get_settings
+from workers.context import WorkerContext
+from workers.generate import run_job
+from workers.sweeper import start_sweeper
+
+log = logging.getLogger("inferq.worker")
+
+
+class InferqCelery(Celery):
+    context: WorkerContext | None = None
+
+    def require_context(self) -> WorkerContext:
+        if self.context is None:
+            self.context = WorkerContext.create(get_settings())
+        return self.context
+
+
+app = InferqCelery("inferq")
+app.conf.update(celery_config(get_settings()))
+
+
+@signals.worker_init.connect
+def _open(**_: Any) -> None:
+    configure_logging(get_settings().log_level)
+    app.require_context()
+
+
+@signals.worker_shutdown.connect
+def _close(**_: Any) -> None:
+    if app.context is not None:
+        app.context.close()
+        app.context = None
+
+
+@app.task(name=GENERATE_TASK, ignore_result=True)
+def generate(job_id: str) -> None:
+    run_job(app.require_context(), job_id)
+
+
+@signals.beat_init.connect
+def _start_sweeper(**_: Any) -> None:
+    configure_logging(get_settings().log_level)
+    start_sweeper(app.require_context())

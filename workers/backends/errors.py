@@ -1,0 +1,79 @@
+"""Map huggingface_hub / httpx failures to the backend exception tree (TECH_NOTES §2)."""
+
+from __future__ import annotations
+
+import json
+
+import httpx2
+from huggingface_hub.errors import (
+    GenerationError,
+    HfHubHTTPError,
+    IncompleteGenerationError,
+    InferenceTimeoutError,
+    OverloadedError,
+    TextGenerationError,
+    UnknownError,
+    ValidationError,
+)
+
+from workers.backends.base import BackendError, FatalBackendError, RetryableBackendError
+
+# Exceptions a backend call may raise that translate() understands.
+TRANSLATED = (TextGenerationError, HfHubHTTPError, InferenceTimeoutError, httpx2.HTTPError)
+
+
+def _http_error(exc: HfHubHTTPError) -> BackendError:
+    status = exc.response.status_code if exc.response is not None else 0
+    message = _server_message(exc)
+    if status == 429:
+        return RetryableBackendError("overloaded", message)
+    if status >= 500 or status in (408, 0):
+        return RetryableBackendError("backend_unavailable", message)
+    return FatalBackendError("validation" if status == 422 else "backend_rejected", message)
+
+
+def _server_message(exc: HfHubHTTPError) -> str:
+    """The server's own error text when it sent one, else the exception's."""
+    try:
+        body = exc.response.json()
+    except (ValueError, AttributeError, httpx2.HTTPError):
+        return str(exc).splitlines()[0]
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict):
+        return str(error.get("message", error))
+    return str(error or body)
+
+
+def _unknown(exc: UnknownError) -> BackendError:
+    """In-stream chat errors arrive as UnknownError carrying a dict; classify by its text."""
+    text = str(exc)
+    lowered = text.lower()
+    try:
+        payload = json.loads(text.replace("'", '"'))
+        text = str(payload.get("message", text))
+    except (ValueError, AttributeError):
+        pass
+    if "overloaded" in lowered:
+        return RetryableBackendError("overloaded", text)
+    if "validation" in lowered or "422" in lowered and "overloaded" not in lowered:
+        return FatalBackendError("validation", text)
+    return RetryableBackendError("generation", text)
+
+
+def translate(exc: BaseException) -> BackendError:
+    """One BackendError for any failure raised while calling or reading a backend."""
+    if isinstance(exc, ValidationError):
+        return FatalBackendError("validation", str(exc))
+    if isinstance(exc, OverloadedError):
+        return RetryableBackendError("overloaded", str(exc))
+    if isinstance(exc, GenerationError | IncompleteGenerationError):
+        return RetryableBackendError("generation", str(exc))
+    if isinstance(exc, UnknownError):
+        return _unknown(exc)
+    if isinstance(exc, HfHubHTTPError):
+        return _http_error(exc)
+    if isinstance(exc, InferenceTimeoutError | httpx2.TimeoutException):
+        return RetryableBackendError("timeout", f"backend timed out: {exc}")
+    if isinstance(exc, httpx2.HTTPError):
+        return RetryableBackendError("connection", f"backend unreachable: {exc!r}")
+    return RetryableBackendError("backend_error", repr(exc))

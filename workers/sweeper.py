@@ -1,0 +1,121 @@
+"""The sweeper (DESIGN §4): re-enqueue lost deliveries and dead workers' jobs, fail the hopeless.
+
+It runs in the `inferq beat` process, on its own thread, so that it never waits behind
+generations in a busy worker pool.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy import and_, func, select, update
+
+from inferq.events import script_args, script_keys, terminal_events
+from inferq.models import Job, JobStatus
+from inferq.queue import ENQUEUED_KEY, Enqueue
+from inferq.registry import Registry
+from workers.context import WorkerContext
+
+log = logging.getLogger("inferq.sweeper")
+
+BATCH = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class SweepReport:
+    requeued_lost: int = 0
+    requeued_expired: int = 0
+    failed: int = 0
+
+
+def _enqueue_item(registry: Registry, job_id: str, model: str, priority: str) -> Enqueue:
+    spec = registry.get(model)
+    return Enqueue(job_id, spec.queue if spec else f"inferq.{model}", priority)
+
+
+def _not_enqueued(ctx: WorkerContext, ids: list[str]) -> set[str]:
+    if not ids:
+        return set()
+    scores = ctx.redis.zmscore(ENQUEUED_KEY, ids)
+    return {job_id for job_id, score in zip(ids, scores, strict=True) if score is None}
+
+
+def sweep(ctx: WorkerContext) -> SweepReport:
+    """One pass: fail exhausted jobs, then re-enqueue lost and expired ones."""
+    settings = ctx.settings
+    failed = _fail_exhausted(ctx)
+    grace = func.now() - timedelta(seconds=settings.lost_enqueue_grace_seconds)
+    with ctx.sessions.begin() as session:
+        lost = session.execute(
+            select(Job.id, Job.model, Job.priority)
+            .where(Job.status == JobStatus.queued, Job.created_at < grace)
+            .order_by(Job.id)
+            .limit(BATCH)
+        ).all()
+        expired = session.execute(
+            select(Job.id, Job.model, Job.priority)
+            .where(Job.status == JobStatus.running, Job.lease_expires_at < func.now())
+            .limit(BATCH)
+        ).all()
+    lost_ids = _not_enqueued(ctx, [str(r.id) for r in lost])
+    expired_ids = _not_enqueued(ctx, [str(r.id) for r in expired])
+    items = [
+        _enqueue_item(ctx.registry, str(r.id), r.model, r.priority)
+        for r in [*lost, *expired]
+        if str(r.id) in lost_ids | expired_ids
+    ]
+    if items:
+        ctx.enqueuer.enqueue(items)
+        log.warning("re-enqueued %d jobs", len(items))
+    return SweepReport(len(lost_ids), len(expired_ids), failed)
+
+
+def _fail_exhausted(ctx: WorkerContext) -> int:
+    """A job whose lease expired on its last allowed attempt fails with a clear error."""
+    message = (
+        f"the job's worker stopped responding on each of {ctx.settings.max_attempts} attempts"
+    )
+    with ctx.sessions.begin() as session:
+        ids = session.scalars(
+            update(Job)
+            .where(
+                and_(
+                    Job.status == JobStatus.running,
+                    Job.lease_expires_at < func.now(),
+                    Job.attempts >= ctx.settings.max_attempts,
+                )
+            )
+            .values(
+                status=JobStatus.failed,
+                error_type="worker_lost",
+                error_message=message,
+                finished_at=func.now(),
+                lease_expires_at=None,
+            )
+            .returning(Job.id)
+        ).all()
+    for job_id in ids:
+        events = terminal_events(JobStatus.failed.value, error=("worker_lost", message))
+        ctx.publish_script(
+            keys=script_keys(str(job_id)),
+            args=script_args(events, ctx.settings.stream_maxlen, ctx.settings.stream_ttl_seconds),
+        )
+    return len(ids)
+
+
+def start_sweeper(ctx: WorkerContext) -> threading.Thread:
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(ctx.settings.sweep_interval_seconds):
+            try:
+                sweep(ctx)
+            except Exception:
+                log.exception("sweep failed; trying again next interval")
+
+    thread = threading.Thread(target=loop, name="inferq-sweeper", daemon=True)
+    thread.start()
+    return thread
