@@ -34,7 +34,9 @@ async def get_session(state: StateDep) -> AsyncIterator[AsyncSession]:
             raise
 
 
-SessionDep = Annotated[AsyncSession, Depends(get_session)]
+# Scoped to the endpoint call: the transaction ends before the response is sent, so a
+# streaming response never holds a database connection.
+SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
 
 
 def get_settings(state: StateDep) -> Settings:

@@ -10,6 +10,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api import errors
 from api.admin.router import router as admin_router
+from api.events.hub import Hub
+from api.events.router import router as events_router
 from api.health.router import router as health_router
 from api.jobs.router import router as jobs_router
 from api.state import AppState
@@ -41,8 +43,13 @@ async def _too_large(send: Send, limit: int) -> None:
         + str(limit).encode()
         + b' bytes"}}'
     )
-    await send({"type": "http.response.start", "status": 413,
-                "headers": [(b"content-type", b"application/json")]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [(b"content-type", b"application/json")],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -53,15 +60,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         configure_logging(settings.log_level)
         state = AppState.create(settings)
+        state.hub = Hub(state.redis)
+        await state.hub.start()
         app.state.inferq = state
         try:
             yield
         finally:
+            await state.hub.close()
             await state.close()
 
     app = FastAPI(title="inferq", version="0.1.0", lifespan=lifespan)
     errors.install(app)
-    for router in (jobs_router, admin_router, health_router):
+    for router in (jobs_router, events_router, admin_router, health_router):
         app.include_router(router)
     app.add_middleware(BodyLimit)
     return app

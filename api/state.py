@@ -9,6 +9,7 @@ import redis
 import redis.asyncio as aioredis
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
+from api.events.hub import Hub
 from inferq.db import async_sessions, make_async_engine
 from inferq.events import PUBLISH_SCRIPT
 from inferq.queue import Enqueuer, make_producer_app
@@ -27,17 +28,22 @@ class AppState:
     enqueuer: Enqueuer
     sync_redis: redis.Redis
     key_cache: dict[str, Any] = field(default_factory=dict)
-    hub: Any = None
+    hub: Hub = None  # type: ignore[assignment]  # started in the lifespan
 
     @classmethod
     def create(cls, settings: Settings) -> AppState:
         engine = make_async_engine(settings.database_url, settings.db_pool_size)
         client = aioredis.Redis.from_url(
-            settings.redis_url, decode_responses=True, socket_timeout=30,
-            socket_connect_timeout=10, health_check_interval=30,
+            settings.redis_url,
+            decode_responses=True,
+            socket_timeout=30,
+            socket_connect_timeout=10,
+            health_check_interval=30,
         )
         sync_client = redis.Redis.from_url(
-            settings.redis_url, decode_responses=True, socket_timeout=30,
+            settings.redis_url,
+            decode_responses=True,
+            socket_timeout=30,
             socket_connect_timeout=10,
         )
         return cls(

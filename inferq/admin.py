@@ -14,8 +14,13 @@ def create_key(database_url: str, name: str, tenant: str, admin: bool) -> str:
     try:
         with sync_sessions(engine).begin() as session:
             session.add(
-                ApiKey(name=name, tenant=tenant, admin=admin, prefix=new.prefix,
-                       secret_sha256=new.digest)
+                ApiKey(
+                    name=name,
+                    tenant=tenant,
+                    admin=admin,
+                    prefix=new.prefix,
+                    secret_sha256=new.digest,
+                )
             )
     finally:
         engine.dispose()

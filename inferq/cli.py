@@ -32,8 +32,14 @@ def api(host: str, port: int, workers: int) -> None:
     import uvicorn
 
     uvicorn.run(
-        "api.main:create_app", factory=True, host=host, port=port, workers=workers,
-        log_level="warning", access_log=False, timeout_graceful_shutdown=5,
+        "api.main:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=5,
     )
 
 
@@ -47,10 +53,23 @@ def worker(models: str, concurrency: int, name: str | None) -> None:
     names = [m for m in models.split(",") if m] or registry.names()
     unknown = [m for m in names if registry.get(m) is None]
     if unknown:
-        raise click.BadParameter(f"not in the models file: {', '.join(unknown)}", param_hint="--models")
+        raise click.BadParameter(
+            f"not in the models file: {', '.join(unknown)}", param_hint="--models"
+        )
     queues = ",".join(registry.get(m).queue for m in names)  # type: ignore[union-attr]
-    args = ["worker", "-P", "threads", "-c", str(concurrency), "-Q", queues, "-E",
-            "--without-mingle", "--loglevel", "WARNING"]
+    args = [
+        "worker",
+        "-P",
+        "threads",
+        "-c",
+        str(concurrency),
+        "-Q",
+        queues,
+        "-E",
+        "--without-mingle",
+        "--loglevel",
+        "WARNING",
+    ]
     if name:
         args += ["-n", name]
     _exec_celery(args)
@@ -82,14 +101,23 @@ def flower(port: int, address: str) -> None:
 @click.option("--itl-ms", default=20.0, show_default=True)
 @click.option("--max-concurrent-requests", default=128, show_default=True)
 @click.option("--fixed-output-tokens", default=None, type=int)
-def sim(host: str, port: int, ttft_ms: float, itl_ms: float, max_concurrent_requests: int,
-        fixed_output_tokens: int | None) -> None:
+def sim(
+    host: str,
+    port: int,
+    ttft_ms: float,
+    itl_ms: float,
+    max_concurrent_requests: int,
+    fixed_output_tokens: int | None,
+) -> None:
     """Serve the TGI-protocol simulator."""
     from inferq.sim import SimConfig, serve
 
-    config = SimConfig(ttft_ms=ttft_ms, itl_ms=itl_ms,
-                       max_concurrent_requests=max_concurrent_requests,
-                       fixed_output_tokens=fixed_output_tokens)
+    config = SimConfig(
+        ttft_ms=ttft_ms,
+        itl_ms=itl_ms,
+        max_concurrent_requests=max_concurrent_requests,
+        fixed_output_tokens=fixed_output_tokens,
+    )
     serve(config, host=host, port=port)
 
 

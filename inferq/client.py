@@ -17,8 +17,9 @@ def submit_and_print(
 ) -> int:
     headers = {"Authorization": f"Bearer {key}"}
     with httpx.Client(base_url=url, headers=headers, timeout=httpx.Timeout(30, read=120)) as http:
-        response = http.post("/v1/jobs", json={"model": model, "prompt": prompt,
-                                               "max_tokens": max_tokens})
+        response = http.post(
+            "/v1/jobs", json={"model": model, "prompt": prompt, "max_tokens": max_tokens}
+        )
         if response.status_code >= 400:
             print(response.json().get("error", response.text), file=sys.stderr)
             return 1

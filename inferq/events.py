@@ -37,7 +37,8 @@ def cancel_key(job_id: str) -> str:
 PUBLISH_SCRIPT = """
 local last = false
 for i = 3, #ARGV, 2 do
-  local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'e', ARGV[i], 'd', ARGV[i + 1])
+  local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*',
+                        'e', ARGV[i], 'd', ARGV[i + 1])
   redis.call('PUBLISH', KEYS[2], id .. '\\n' .. ARGV[i] .. '\\n' .. ARGV[i + 1])
   last = id
 end

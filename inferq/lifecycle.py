@@ -65,14 +65,20 @@ def claim(
             lease_expires_at=lease_until(lease_seconds),
             started_at=func.coalesce(Job.started_at, func.now()),
         )
-        .returning(
-            Job.attempts, Job.model, Job.input, Job.params, Job.created_at, Job.deadline_at
-        )
+        .returning(Job.attempts, Job.model, Job.input, Job.params, Job.created_at, Job.deadline_at)
     ).first()
     if row is None:
         return None
-    return Claim(job_id, token, row.attempts, row.model, row.input, row.params,
-                 row.created_at, row.deadline_at)
+    return Claim(
+        job_id,
+        token,
+        row.attempts,
+        row.model,
+        row.input,
+        row.params,
+        row.created_at,
+        row.deadline_at,
+    )
 
 
 def _held(claim_: Claim) -> Any:

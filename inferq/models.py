@@ -117,4 +117,3 @@ class Job(Base):
     first_token_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
     deadline_at: Mapped[datetime | None]
-

@@ -47,6 +47,7 @@ class Settings(BaseSettings):
     flower_basic_auth: SecretStr = SecretStr("admin:inferq")
 
     db_pool_size: int = 20
+    worker_metrics_port: int | None = None  # serve the worker's /metrics on this port
     log_level: str = "INFO"
 
     @property
@@ -65,5 +66,3 @@ class Settings(BaseSettings):
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     return Settings()
-
-

@@ -6,6 +6,7 @@ import logging
 from typing import Any
 
 from celery import Celery, signals
+from prometheus_client import start_http_server
 
 from inferq.logs import configure_logging
 from inferq.queue import GENERATE_TASK, celery_config
@@ -32,7 +33,10 @@ app.conf.update(celery_config(get_settings()))
 
 @signals.worker_init.connect
 def _open(**_: Any) -> None:
-    configure_logging(get_settings().log_level)
+    settings = get_settings()
+    configure_logging(settings.log_level)
+    if settings.worker_metrics_port:
+        start_http_server(settings.worker_metrics_port)
     app.require_context()
 
 

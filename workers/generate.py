@@ -30,6 +30,7 @@ from workers.backends import (
     open_stream,
 )
 from workers.context import WorkerContext
+from workers.observe import record_claim, record_finish
 from workers.publisher import TokenPublisher
 
 log = logging.getLogger("inferq.worker")
@@ -44,12 +45,16 @@ def run_job(ctx: WorkerContext, job_id: str) -> None:
     ctx.redis.zrem(ENQUEUED_KEY, job_id)
     with ctx.sessions.begin() as session:
         claim = lifecycle.claim(
-            session, uuid.UUID(job_id), ctx.name, ctx.settings.lease_seconds,
+            session,
+            uuid.UUID(job_id),
+            ctx.name,
+            ctx.settings.lease_seconds,
             ctx.settings.max_attempts,
         )
     if claim is None:
         log.info("job not claimable, skipping", extra={"job_id": job_id})
         return
+    record_claim(claim, datetime.now(UTC))
     spec = ctx.registry.get(claim.model)
     generation = Generation(ctx, claim, spec)
     if spec is None:
@@ -138,7 +143,9 @@ class Generation:
             self.emitted = False
 
     def _attempt(self, spec: ModelSpec) -> Outcome:
-        stream = open_stream(spec, request_of(self.claim), self.ctx.settings.backend_timeout_seconds)
+        stream = open_stream(
+            spec, request_of(self.claim), self.ctx.settings.backend_timeout_seconds
+        )
         deadline = time.monotonic() + self.ctx.settings.job_deadline_seconds
         parts = self.parts = []
         first_token_at: datetime | None = None
@@ -152,11 +159,15 @@ class Generation:
                     return self._cancelled(parts, first_token_at)
                 self._keep_lease()
                 if time.monotonic() > deadline:
-                    raise FatalBackendError("deadline_exceeded", "the generation ran past its deadline")
+                    raise FatalBackendError(
+                        "deadline_exceeded", "the generation ran past its deadline"
+                    )
         finally:
             stream.close()
         completion = stream.completion
-        output_tokens = completion.output_tokens if completion.output_tokens is not None else len(parts)
+        output_tokens = (
+            completion.output_tokens if completion.output_tokens is not None else len(parts)
+        )
         input_tokens = completion.input_tokens or 0
         return Outcome(
             JobStatus.succeeded,
@@ -196,6 +207,7 @@ class Generation:
             log.warning("finish refused: job already ended or taken over", extra=self._log())
             return
         self.publisher.send(self._closing_events(outcome), final=True)
+        record_finish(self.claim, outcome, datetime.now(UTC))
         log.info("job finished", extra={**self._log(), "status": outcome.status.value})
 
     def _closing_events(self, outcome: Outcome) -> list[Event]:

@@ -75,9 +75,7 @@ def sweep(ctx: WorkerContext) -> SweepReport:
 
 def _fail_exhausted(ctx: WorkerContext) -> int:
     """A job whose lease expired on its last allowed attempt fails with a clear error."""
-    message = (
-        f"the job's worker stopped responding on each of {ctx.settings.max_attempts} attempts"
-    )
+    message = f"the job's worker stopped responding on each of {ctx.settings.max_attempts} attempts"
     with ctx.sessions.begin() as session:
         ids = session.scalars(
             update(Job)

@@ -32,9 +32,7 @@ class KeyCreated(BaseModel):
 
 async def create_key(session: AsyncSession, name: str, tenant: str, admin: bool) -> KeyCreated:
     new = keys.generate()
-    row = ApiKey(
-        name=name, tenant=tenant, admin=admin, prefix=new.prefix, secret_sha256=new.digest
-    )
+    row = ApiKey(name=name, tenant=tenant, admin=admin, prefix=new.prefix, secret_sha256=new.digest)
     session.add(row)
     await session.flush()
     return KeyCreated(

@@ -47,8 +47,9 @@ async def readyz(state: StateDep) -> JSONResponse:
         )
     )
     ok = all(v == "ok" for v in results.values())
-    return JSONResponse({"status": "ok" if ok else "unavailable", "checks": results},
-                        200 if ok else 503)
+    return JSONResponse(
+        {"status": "ok" if ok else "unavailable", "checks": results}, 200 if ok else 503
+    )
 
 
 @router.get("/metrics")

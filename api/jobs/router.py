@@ -10,6 +10,7 @@ from fastapi import APIRouter, Header, Query, Response
 from api.deps import CurrentKey, SessionDep, StateDep
 from api.jobs import service
 from api.jobs.schemas import JobCreate, JobList, JobOut
+from inferq.metrics import JOBS_SUBMITTED
 from inferq.models import JobStatus
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -30,6 +31,7 @@ async def submit(
         response.headers["Idempotent-Replayed"] = "true"
     else:
         await service.enqueue(state, [created.job])
+        JOBS_SUBMITTED.labels(created.job.model).inc()
     response.headers["Location"] = f"/v1/jobs/{created.job.id}"
     return service.to_out(created.job)
 

@@ -151,7 +151,10 @@ async def queue_position(session: AsyncSession, job: Job) -> int | None:
 
 
 async def list_jobs(
-    session: AsyncSession, key: Principal, status: JobStatus | None, cursor: uuid.UUID | None,
+    session: AsyncSession,
+    key: Principal,
+    status: JobStatus | None,
+    cursor: uuid.UUID | None,
     limit: int,
 ) -> tuple[list[Job], str | None]:
     query = select(Job).where(Job.tenant == key.tenant).order_by(Job.id.desc()).limit(limit + 1)
@@ -191,12 +194,15 @@ async def cancel_job(
 
 
 async def _publish_end(state: AppState, job_id: str) -> None:
-    events = terminal_events(JobStatus.cancelled.value, "cancelled", {
-        "input_tokens": None, "output_tokens": None, "cost_usd": None})
+    events = terminal_events(
+        JobStatus.cancelled.value,
+        "cancelled",
+        {"input_tokens": None, "output_tokens": None, "cost_usd": None},
+    )
     settings = state.settings
     await state.publish_script(
-        keys=script_keys(job_id), args=script_args(events, settings.stream_maxlen,
-                                                   settings.stream_ttl_seconds)
+        keys=script_keys(job_id),
+        args=script_args(events, settings.stream_maxlen, settings.stream_ttl_seconds),
     )
     await state.redis.zrem(ENQUEUED_KEY, job_id)
 
@@ -241,9 +247,7 @@ def timings(job: Job) -> Timings:
 def to_out(job: Job, position: int | None = None) -> JobOut:
     base = f"/v1/jobs/{job.id}"
     error = (
-        ErrorInfo(type=job.error_type, message=job.error_message or "")
-        if job.error_type
-        else None
+        ErrorInfo(type=job.error_type, message=job.error_message or "") if job.error_type else None
     )
     return JobOut(
         id=job.id,

@@ -66,8 +66,9 @@ class OpenAIBackend:
         # A bare prompt is sent as one user message: chat is what every such server speaks.
         if request.messages is None:
             request = _as_chat(request)
-        client = InferenceClient(base_url=self.spec.url, api_key=self.api_key or "-",
-                                 timeout=self.timeout)
+        client = InferenceClient(
+            base_url=self.spec.url, api_key=self.api_key or "-", timeout=self.timeout
+        )
         return ChatStream(client, request, model=self.spec.upstream_model or self.spec.name)
 
     def close(self) -> None:

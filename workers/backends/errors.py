@@ -55,7 +55,7 @@ def _unknown(exc: UnknownError) -> BackendError:
         pass
     if "overloaded" in lowered:
         return RetryableBackendError("overloaded", text)
-    if "validation" in lowered or "422" in lowered and "overloaded" not in lowered:
+    if "validation" in lowered or ("422" in lowered and "overloaded" not in lowered):
         return FatalBackendError("validation", text)
     return RetryableBackendError("generation", text)
 

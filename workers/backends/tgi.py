@@ -45,7 +45,9 @@ class TextGenerationStream(ClientStream):
         return self._guard(self._tokens())
 
     def _tokens(self) -> Iterator[str]:
-        for chunk in self.client.text_generation(self.request.prompt or "", **tgi_params(self.request)):
+        for chunk in self.client.text_generation(
+            self.request.prompt or "", **tgi_params(self.request)
+        ):
             if not chunk.token.special:
                 yield chunk.token.text
             if chunk.details is not None:
@@ -55,7 +57,7 @@ class TextGenerationStream(ClientStream):
 
 
 def tgi_params(request: GenerationRequest) -> dict[str, Any]:
-    """TGI parameters: always max_new_tokens and return_full_text=False; greedy is do_sample=False."""
+    """TGI parameters: always max_new_tokens and return_full_text=False; greedy is no sampling."""
     params: dict[str, Any] = {
         "stream": True,
         "details": True,

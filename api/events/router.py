@@ -1,0 +1,59 @@
+"""GET /v1/jobs/{id}/events: the job's events as server-sent events, resumable."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from api.deps import CurrentKey, SessionDep, StateDep
+from api.errors import InvalidRequest
+from api.events.service import JobEvents
+from api.jobs.service import get_job
+from inferq.metrics import SSE_CONNECTIONS
+
+router = APIRouter(prefix="/v1/jobs", tags=["events"])
+
+STREAM_ID = re.compile(r"^\d+(-\d+)?$")
+
+
+def _resume_point(last_event_id: str | None, after: str | None) -> str | None:
+    value = last_event_id or after
+    if value is not None and not STREAM_ID.match(value):
+        raise InvalidRequest(f"not an event id: {value!r} (expected 'ms-seq')")
+    return value
+
+
+async def _sse(events: JobEvents) -> AsyncIterator[ServerSentEvent]:
+    SSE_CONNECTIONS.inc()
+    try:
+        async for event in events:
+            yield ServerSentEvent(data=event.data, event=event.type.value, id=event.id or None)
+    finally:
+        SSE_CONNECTIONS.dec()
+
+
+@router.get("/{job_id}/events")
+async def job_events(
+    job_id: uuid.UUID,
+    key: CurrentKey,
+    session: SessionDep,
+    state: StateDep,
+    last_event_id: Annotated[str | None, Header()] = None,
+    after: Annotated[str | None, Query(description="resume after this event id")] = None,
+) -> EventSourceResponse:
+    """Server-sent events: status, token, reset, done, error; resume with Last-Event-ID."""
+    await get_job(session, key, job_id)  # 404 unless the job is this tenant's
+    events = JobEvents(
+        state.redis, state.hub, state.sessions, job_id, _resume_point(last_event_id, after)
+    )
+    return EventSourceResponse(
+        _sse(events),
+        ping=int(state.settings.sse_ping_seconds),
+        send_timeout=30,
+        headers={"Cache-Control": "no-cache"},
+    )

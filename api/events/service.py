@@ -1,0 +1,116 @@
+"""A job's events for one SSE client: subscribe, replay, then live, without gaps or repeats."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+from redis.asyncio import Redis
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import async_sessionmaker
+
+from api.events.hub import Hub
+from inferq.events import (
+    TERMINAL_EVENTS,
+    Event,
+    EventType,
+    parse_stream_id,
+    stream_key,
+    terminal_events,
+)
+from inferq.models import Job, JobStatus
+
+# How long a quiet live stream waits before reading the Redis stream directly, in case a
+# pub/sub message was lost (e.g. across a Redis reconnect).
+CATCH_UP_SECONDS = 5.0
+
+
+class JobEvents:
+    """Replays a job's stream after `after`, then follows it live until `done` or `error`."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        hub: Hub,
+        sessions: async_sessionmaker,
+        job_id: uuid.UUID,
+        after: str | None,
+    ) -> None:
+        self.redis = redis
+        self.hub = hub
+        self.sessions = sessions
+        self.job_id = job_id
+        self.key = stream_key(str(job_id))
+        self.last = after or "0-0"
+        self.ended = False
+
+    async def __aiter__(self) -> AsyncIterator[Event]:
+        async with self.hub.subscribe(str(self.job_id)) as live:
+            replayed = await self._read_stream()
+            if not replayed and await self._stream_gone():
+                async for event in self._from_database(initial=True):
+                    yield event
+            for event in replayed:
+                yield event
+            while not self.ended:
+                for event in await self._next_live(live):
+                    yield event
+
+    def _accept(self, event: Event) -> bool:
+        """Take an event only if it comes after the last one sent; remember the end."""
+        if event.id and parse_stream_id(event.id) <= parse_stream_id(self.last):
+            return False
+        if event.id:
+            self.last = event.id
+        if event.type in TERMINAL_EVENTS:
+            self.ended = True
+        return True
+
+    async def _read_stream(self) -> list[Event]:
+        start = "-" if self.last == "0-0" else f"({self.last}"
+        entries = await self.redis.xrange(self.key, min=start, max="+")
+        events = [Event.from_entry(entry_id, fields) for entry_id, fields in entries]
+        return [e for e in events if not self.ended and self._accept(e)]
+
+    async def _stream_gone(self) -> bool:
+        return not await self.redis.exists(self.key)
+
+    async def _next_live(self, live: asyncio.Queue[Event]) -> list[Event]:
+        try:
+            event = await asyncio.wait_for(live.get(), timeout=CATCH_UP_SECONDS)
+        except TimeoutError:
+            caught_up = await self._read_stream()
+            if not caught_up and await self._stream_gone():
+                return [e async for e in self._from_database(initial=False)]
+            return caught_up
+        batch = [event]
+        while not live.empty():
+            batch.append(live.get_nowait())
+        return [e for e in batch if not self.ended and self._accept(e)]
+
+    async def _from_database(self, initial: bool) -> AsyncIterator[Event]:
+        """Without a Redis stream: a finished job is rebuilt from its row; else its status."""
+        async with self.sessions() as session:
+            job = await session.scalar(select(Job).where(Job.id == self.job_id))
+        if job is None:
+            return
+        status = JobStatus(job.status)
+        if not status.terminal:
+            if initial:
+                yield Event.make(EventType.status, status=status.value)
+            return
+        if self.last != "0-0":
+            # The client saw part of an attempt we can no longer place: start it over.
+            yield Event.make(EventType.reset, attempt=job.attempts)
+        if job.output:
+            yield Event.make(EventType.token, text=job.output)
+        usage = {
+            "input_tokens": job.input_tokens,
+            "output_tokens": job.output_tokens,
+            "cost_usd": float(job.cost_usd) if job.cost_usd is not None else None,
+        }
+        error = (job.error_type, job.error_message or "") if job.error_type else None
+        for event in terminal_events(status.value, job.finish_reason, usage, error):
+            self._accept(event)
+            yield event
