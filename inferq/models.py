@@ -19,7 +19,6 @@ from sqlalchemy import (
     SmallInteger,
     String,
     Text,
-    UniqueConstraint,
     func,
     text,
 )
@@ -74,7 +73,15 @@ class ApiKey(Base):
 class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (
-        UniqueConstraint("api_key_id", "idempotency_key", postgresql_nulls_not_distinct=True),
+        # One job per (key, Idempotency-Key); the bootstrap key (no id) has its keys too.
+        Index(
+            "uq_jobs_idempotency",
+            "api_key_id",
+            "idempotency_key",
+            unique=True,
+            postgresql_where=text("idempotency_key IS NOT NULL"),
+            postgresql_nulls_not_distinct=True,
+        ),
         Index("ix_jobs_tenant_id", "tenant", "id"),
         Index(
             "ix_jobs_sweep",

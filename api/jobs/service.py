@@ -107,7 +107,10 @@ async def create_job(
     job = await session.scalar(
         insert(Job)
         .values(**values)
-        .on_conflict_do_nothing(index_elements=["api_key_id", "idempotency_key"])
+        .on_conflict_do_nothing(
+            index_elements=["api_key_id", "idempotency_key"],
+            index_where=Job.idempotency_key.is_not(None),
+        )
         .returning(Job)
     )
     if job is not None:
@@ -117,7 +120,9 @@ async def create_job(
 
 async def _replay(session: AsyncSession, key: Principal, idem: str, digest: str) -> Job:
     existing = await session.scalar(
-        select(Job).where(Job.api_key_id == key.key_id, Job.idempotency_key == idem)
+        select(Job).where(
+            Job.api_key_id.is_not_distinct_from(key.key_id), Job.idempotency_key == idem
+        )
     )
     if existing is None:  # the other request's row is not visible yet
         raise Conflict("a request with this Idempotency-Key is still being processed")

@@ -1,0 +1,214 @@
+"""Session fixtures: real Postgres and Redis, simulators, and the platform's own processes."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from inferq.migrate import upgrade
+from tests.servers import (
+    Databases,
+    Process,
+    create_database,
+    drop_database,
+    free_port,
+    redis_client,
+    wait_http,
+)
+
+BOOTSTRAP_KEY = "iq_test_bootstrap_" + "x" * 16
+TERMINAL = {"succeeded", "failed", "cancelled", "expired"}
+
+
+@dataclass
+class Sim:
+    url: str
+    process: Process
+
+    def state(self) -> dict[str, Any]:
+        return httpx.get(f"{self.url}/sim/state", timeout=5).json()
+
+    def fault(self, mode: str | None, count: int | None = 1) -> None:
+        httpx.post(f"{self.url}/sim/faults", json={"mode": mode, "count": count}, timeout=5)
+
+    def clear_faults(self) -> None:
+        httpx.delete(f"{self.url}/sim/faults", timeout=5)
+
+    def generate(self, prompt: str, max_new_tokens: int, seed: int | None) -> dict[str, Any]:
+        """What the simulator itself answers for these parameters (the expected output)."""
+        body = {
+            "inputs": prompt,
+            "parameters": {"max_new_tokens": max_new_tokens, "seed": seed, "details": True},
+        }
+        return httpx.post(f"{self.url}/generate", json=body, timeout=60).json()
+
+
+@dataclass
+class Platform:
+    api_url: str
+    env: dict[str, str]
+    database_url: str
+    redis_url: str
+    logs: Path
+    sims: dict[str, Sim]
+    processes: list[Process] = field(default_factory=list)
+
+    def client(self, key: str = BOOTSTRAP_KEY) -> httpx.Client:
+        return httpx.Client(
+            base_url=self.api_url, timeout=30, headers={"Authorization": f"Bearer {key}"}
+        )
+
+    def spawn(self, *args: str, name: str, **env: str) -> Process:
+        process = Process(list(args), {**self.env, **env}, self.logs / f"{name}.log").start()
+        self.processes.append(process)
+        return process
+
+    def new_key(self, tenant: str, admin: bool = False) -> str:
+        with self.client() as http:
+            response = http.post(
+                "/v1/admin/keys", json={"name": tenant, "tenant": tenant, "admin": admin}
+            )
+            response.raise_for_status()
+            return str(response.json()["secret"])
+
+
+MODELS = """
+[models.sim]
+backend = "tgi"
+url = "{fast}"
+max_tokens = 256
+price_input_per_mtok = 0.25
+price_output_per_mtok = 1.25
+
+[models.slow]
+backend = "tgi"
+url = "{slow}"
+max_tokens = 400
+
+[models.faulty]
+backend = "tgi"
+url = "{faulty}"
+max_tokens = 64
+
+[models.lonely]
+backend = "tgi"
+url = "{slow}"
+max_tokens = 400
+
+[models.down]
+backend = "tgi"
+url = "http://127.0.0.1:{closed}"
+max_tokens = 16
+"""
+
+
+def _start_sim(name: str, logs: Path, env: dict[str, str], *args: str) -> Sim:
+    port = free_port()
+    process = Process(["sim", "--port", str(port), *args], env, logs / f"sim-{name}.log").start()
+    url = f"http://127.0.0.1:{port}"
+    wait_http(f"{url}/health", process=process.popen)
+    return Sim(url, process)
+
+
+@pytest.fixture(scope="session")
+def databases(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Databases]:
+    dbs = Databases.start(tmp_path_factory.mktemp("servers"))
+    yield dbs
+    dbs.stop()
+
+
+@pytest.fixture(scope="session")
+def platform(databases: Databases, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
+    scratch = tmp_path_factory.mktemp("platform")
+    logs = Path(os.environ.get("INFERQ_TEST_LOGS", scratch / "logs"))
+    logs.mkdir(parents=True, exist_ok=True)
+    database_url, db_name = create_database(databases.admin_url)
+    upgrade(database_url)
+    redis_client(databases.redis_url).flushdb()
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith("INFERQ_")}
+    sims = {
+        "fast": _start_sim("fast", logs, base_env, "--ttft-ms", "5", "--itl-ms", "2"),
+        "slow": _start_sim("slow", logs, base_env, "--ttft-ms", "20", "--itl-ms", "25"),
+        "faulty": _start_sim("faulty", logs, base_env, "--ttft-ms", "5", "--itl-ms", "2"),
+    }
+    models = scratch / "models.toml"
+    models.write_text(
+        MODELS.format(
+            fast=sims["fast"].url,
+            slow=sims["slow"].url,
+            faulty=sims["faulty"].url,
+            closed=free_port(),
+        )
+    )
+    api_port = free_port()
+    env = {
+        **base_env,
+        "INFERQ_ENVIRONMENT": "test",
+        "INFERQ_DATABASE_URL": database_url,
+        "INFERQ_REDIS_URL": databases.redis_url,
+        "INFERQ_MODELS_FILE": str(models),
+        "INFERQ_BOOTSTRAP_KEY": BOOTSTRAP_KEY,
+        "INFERQ_LEASE_SECONDS": "3",
+        "INFERQ_SWEEP_INTERVAL_SECONDS": "0.5",
+        "INFERQ_LOST_ENQUEUE_GRACE_SECONDS": "2",
+        "INFERQ_BACKEND_RETRY_BASE_SECONDS": "0.05",
+        "INFERQ_BACKEND_RETRIES": "3",
+        "INFERQ_MAX_PROMPT_CHARS": "20000",
+        "INFERQ_LOG_LEVEL": "INFO",
+    }
+    platform = Platform(
+        f"http://127.0.0.1:{api_port}", env, database_url, databases.redis_url, logs, sims
+    )
+    api = platform.spawn("api", "--port", str(api_port), name="api")
+    platform.spawn(
+        "worker",
+        "--models",
+        "sim,slow,faulty,down",
+        "--concurrency",
+        "16",
+        "--name",
+        "main@inferq-test",
+        name="worker",
+    )
+    platform.spawn("beat", "--schedule", str(scratch / "beat-schedule"), name="beat")
+    wait_http(f"{platform.api_url}/readyz", process=api.popen)
+    yield platform
+    for process in reversed(platform.processes):
+        process.stop()
+    for sim in sims.values():
+        sim.process.stop()
+    drop_database(databases.admin_url, db_name)
+
+
+@pytest.fixture
+def http(platform: Platform) -> Iterator[httpx.Client]:
+    with platform.client() as client:
+        yield client
+
+
+def wait_for(
+    http: httpx.Client, job_id: str, timeout: float = 30.0, statuses: set[str] = TERMINAL
+) -> dict[str, Any]:
+    """Poll the job until its status is one of `statuses`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        job = http.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] in statuses:
+            return job
+        if time.monotonic() > deadline:
+            raise AssertionError(f"job {job_id} still {job['status']} after {timeout}s")
+        time.sleep(0.05)
+
+
+def submit(http: httpx.Client, **body: Any) -> dict[str, Any]:
+    body.setdefault("model", "sim")
+    response = http.post("/v1/jobs", json=body)
+    assert response.status_code == 202, response.text
+    return response.json()
