@@ -33,13 +33,18 @@ class AppState:
     @classmethod
     def create(cls, settings: Settings) -> AppState:
         engine = make_async_engine(settings.database_url, settings.db_pool_size)
-        client = aioredis.Redis.from_url(
+        # A blocking pool: a burst of readers waits for a connection instead of failing.
+        pool = aioredis.BlockingConnectionPool.from_url(
             settings.redis_url,
+            max_connections=settings.redis_pool_size,
+            timeout=10,
             decode_responses=True,
             socket_timeout=30,
             socket_connect_timeout=10,
             health_check_interval=30,
+            client_name="inferq-api",
         )
+        client = aioredis.Redis.from_pool(pool)
         sync_client = redis.Redis.from_url(
             settings.redis_url,
             decode_responses=True,

@@ -47,6 +47,7 @@ class Settings(BaseSettings):
     flower_basic_auth: SecretStr = SecretStr("admin:inferq")
 
     db_pool_size: int = 20
+    redis_pool_size: int = 64
     worker_metrics_port: int | None = None  # serve the worker's /metrics on this port
     log_level: str = "INFO"
 

@@ -1,0 +1,191 @@
+"""Live tokens: resumable SSE, late readers, fan-out, cancel, and a worker replaced mid-job."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+
+import httpx
+import pytest
+
+from inferq.events import stream_key
+from tests.conftest import Platform, submit, wait_for
+from tests.servers import redis_client
+from tests.sse import Transcript, aread, read
+
+
+def test_tokens_read_across_random_disconnects_equal_the_stored_output(
+    platform: Platform, http: httpx.Client
+) -> None:
+    rng = random.Random(1234)
+    jobs = [
+        submit(http, model="slow", prompt=f"resume {i}", max_tokens=48, seed=i) for i in range(6)
+    ]
+    for job in jobs:
+        transcript = Transcript()
+        while not transcript.ended:
+            read(http, job["id"], transcript, max_events=rng.randint(1, 6))
+            assert transcript.connections < 500
+        stored = wait_for(http, job["id"])
+        assert transcript.connections > 2
+        assert transcript.output() == stored["output"]
+        ids = transcript.ids()
+        assert len(ids) == len(set(ids)), "an event was delivered twice"
+        assert ids == sorted(ids, key=lambda i: tuple(map(int, i.split("-"))))
+        assert transcript.of_type("done")[-1]["status"] == "succeeded"
+
+
+def test_reader_that_arrives_late_still_reads_everything(
+    platform: Platform, http: httpx.Client
+) -> None:
+    job = submit(http, model="slow", prompt="late reader", max_tokens=40, seed=3)
+    wait_for(http, job["id"], statuses={"running"})
+    time.sleep(0.3)  # some tokens are out already
+    while_running = read(http, job["id"], Transcript())
+    stored = wait_for(http, job["id"])
+    after_finish = read(http, job["id"], Transcript())
+    assert while_running.output() == after_finish.output() == stored["output"]
+
+    redis_client(platform.redis_url).delete(stream_key(job["id"]))  # the stream expired
+    from_database = read(http, job["id"], Transcript())
+    assert from_database.output() == stored["output"]
+    assert (
+        from_database.of_type("done")[0]["usage"]["output_tokens"]
+        == stored["usage"]["output_tokens"]
+    )
+    resumed = Transcript(events=while_running.events[:3])
+    read(http, job["id"], resumed)  # an old Last-Event-ID on an expired stream
+    assert resumed.output() == stored["output"]
+
+
+def test_reader_of_a_queued_job_sees_its_status_then_the_end(http: httpx.Client) -> None:
+    job = submit(http, model="lonely", prompt="waits", max_tokens=3)
+    transcript = Transcript()
+    reader = threading.Thread(target=read, args=(http, job["id"], transcript))
+    reader.start()
+    time.sleep(0.5)
+    assert http.post(f"/v1/jobs/{job['id']}/cancel").status_code == 200
+    reader.join(timeout=10)
+    assert transcript.of_type("status")[0] == {"status": "queued"}
+    assert transcript.of_type("done")[-1]["status"] == "cancelled"
+
+
+async def _fan_out(
+    platform: Platform, job_ids: list[str], readers_per_job: int, subscriptions: list[int]
+) -> list[Transcript]:
+    limits = httpx.Limits(max_connections=1000)
+    async with httpx.AsyncClient(
+        base_url=platform.api_url,
+        limits=limits,
+        timeout=60,
+        headers={"Authorization": f"Bearer {platform_key()}"},
+    ) as client:
+        tasks = [
+            asyncio.create_task(aread(client, job_id))
+            for job_id in job_ids
+            for _ in range(readers_per_job)
+        ]
+        await asyncio.sleep(0.5)
+        subscriptions.append(_api_pubsub_connections(platform))
+        return await asyncio.gather(*tasks)
+
+
+def platform_key() -> str:
+    from tests.conftest import BOOTSTRAP_KEY
+
+    return BOOTSTRAP_KEY
+
+
+def _api_pubsub_connections(platform: Platform) -> int:
+    clients = redis_client(platform.redis_url).client_list()
+    return sum(1 for c in clients if c.get("name") == "inferq-api" and int(c.get("sub", 0)) > 0)
+
+
+def test_dozens_of_readers_on_one_job_share_one_subscription(
+    platform: Platform, http: httpx.Client
+) -> None:
+    job = submit(http, model="slow", prompt="popular", max_tokens=60, seed=5)
+    seen: list[int] = []
+    transcripts = asyncio.run(_fan_out(platform, [job["id"]], 40, seen))
+    stored = wait_for(http, job["id"])
+    assert all(t.output() == stored["output"] for t in transcripts)
+    assert seen == [1]
+
+
+def test_hundreds_of_jobs_stream_at_once_through_one_api_process(
+    platform: Platform, http: httpx.Client
+) -> None:
+    jobs = [submit(http, prompt=f"crowd {i}", max_tokens=24, seed=i) for i in range(200)]
+    seen: list[int] = []
+    transcripts = asyncio.run(_fan_out(platform, [j["id"] for j in jobs], 1, seen))
+    for job, transcript in zip(jobs, transcripts, strict=True):
+        assert transcript.output() == wait_for(http, job["id"])["output"]
+    assert seen == [1]
+
+
+def test_cancel_running_job_frees_backend_slot(platform: Platform, http: httpx.Client) -> None:
+    sim = platform.sims["slow"]
+    job = submit(http, model="slow", prompt="a long story", max_tokens=400, seed=11)
+    transcript = Transcript()
+    reader = threading.Thread(target=read, args=(http, job["id"], transcript))
+    reader.start()
+    _wait_until(lambda: len(transcript.of_type("token")) >= 3)
+    assert sim.state()["active"] >= 1
+    response = http.post(f"/v1/jobs/{job['id']}/cancel")
+    assert response.status_code in (200, 202)
+    _wait_until(lambda: sim.state()["active"] == 0, timeout=1.0)
+    stored = wait_for(http, job["id"])
+    reader.join(timeout=10)
+    assert stored["status"] == "cancelled"
+    assert stored["finish_reason"] == "cancelled"
+    assert stored["output"] and transcript.output() == stored["output"]
+    assert transcript.of_type("done")[-1]["status"] == "cancelled"
+
+
+def test_worker_killed_mid_generation_is_replaced_and_readers_see_reset(
+    platform: Platform, http: httpx.Client
+) -> None:
+    first = platform.spawn(
+        "worker",
+        "--models",
+        "lonely",
+        "--concurrency",
+        "2",
+        "--name",
+        "doomed@inferq-test",
+        name="worker-doomed",
+    )
+    job = submit(http, model="lonely", prompt="survive a crash", max_tokens=200, seed=21)
+    transcript = Transcript()
+    reader = threading.Thread(target=read, args=(http, job["id"], transcript))
+    reader.start()
+    _wait_until(lambda: len(transcript.of_type("token")) >= 5, timeout=30)
+    first.kill()
+    platform.spawn(
+        "worker",
+        "--models",
+        "lonely",
+        "--concurrency",
+        "2",
+        "--name",
+        "heir@inferq-test",
+        name="worker-heir",
+    )
+    stored = wait_for(http, job["id"], timeout=60)
+    reader.join(timeout=30)
+    expected = platform.sims["slow"].generate("survive a crash", 200, seed=21)
+    assert stored["status"] == "succeeded"
+    assert stored["attempts"] == 2
+    assert stored["output"] == expected["generated_text"]
+    assert transcript.of_type("reset"), "readers must be told the output restarts"
+    assert transcript.output() == stored["output"]
+
+
+def _wait_until(predicate, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition not met within {timeout}s")
+        time.sleep(0.02)
