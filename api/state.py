@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import redis
+import redis as sync_redis_lib
 import redis.asyncio as aioredis
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
@@ -26,7 +26,7 @@ class AppState:
     publish_script: Any
     registry: Registry
     enqueuer: Enqueuer
-    sync_redis: redis.Redis
+    sync_redis: sync_redis_lib.Redis
     key_cache: dict[str, Any] = field(default_factory=dict)
     hub: Hub = None  # type: ignore[assignment]  # started in the lifespan
 
@@ -45,7 +45,7 @@ class AppState:
             client_name="inferq-api",
         )
         client = aioredis.Redis.from_pool(pool)
-        sync_client = redis.Redis.from_url(
+        sync_client = sync_redis_lib.Redis.from_url(
             settings.redis_url,
             decode_responses=True,
             socket_timeout=30,

@@ -69,8 +69,8 @@ class JobEvents:
 
     async def _read_stream(self) -> list[Event]:
         start = "-" if self.last == "0-0" else f"({self.last}"
-        entries = await self.redis.xrange(self.key, min=start, max="+")
-        events = [Event.from_entry(entry_id, fields) for entry_id, fields in entries]
+        entries = await self.redis.xrange(self.key, min=start, max="+") or []
+        events = [Event.from_entry(str(i), fields) for i, fields in entries]  # type: ignore[arg-type]
         return [e for e in events if not self.ended and self._accept(e)]
 
     async def _stream_gone(self) -> bool:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
 
 MAX_TOKENS_LIMIT = 131_072
+JobEnd = Literal["succeeded", "failed", "cancelled", "expired"]
 
 
 class Message(BaseModel):
@@ -22,9 +23,7 @@ class Webhook(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     url: HttpUrl
-    events: list[Literal["succeeded", "failed", "cancelled", "expired"]] = Field(
-        default_factory=lambda: ["succeeded", "failed", "cancelled", "expired"]
-    )
+    events: list[JobEnd] = Field(default_factory=lambda: list(get_args(JobEnd)))
 
 
 class Sampling(BaseModel):

