@@ -1,0 +1,1043 @@
+"""Deployment files: Dockerfile, docker-compose, nginx, Kubernetes, Prometheus, Grafana.
+
+Checks in plain Python always run. Checks that need a tool (docker compose or
+docker-compose, nginx, promtool, kubectl, kubernetes-validate, check-jsonschema,
+hadolint) skip with a reason when the tool is missing. This module uses no
+fixture from conftest.py.
+"""
+
+from __future__ import annotations
+
+import http.client
+import importlib.util
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+DOCKERFILE = DEPLOY / "Dockerfile"
+NGINX_CONF = DEPLOY / "nginx.conf"
+K8S = DEPLOY / "k8s"
+PROMETHEUS = DEPLOY / "prometheus"
+DASHBOARD = DEPLOY / "grafana" / "dashboards" / "inferq.json"
+
+# The only commands an inferq container may run (DESIGN §2).
+CLI_COMMANDS = [
+    re.compile(p)
+    for p in (
+        r"inferq migrate",
+        r"inferq api --host 0\.0\.0\.0 --port 8000( --workers [1-9][0-9]*)?",
+        r"inferq worker --models [a-z0-9][\w.-]*(,[a-z0-9][\w.-]*)* --concurrency [1-9][0-9]*",
+        r"inferq beat",
+        # Flower and the simulator listen on loopback unless told otherwise.
+        r"inferq flower( --address 0\.0\.0\.0)? --port 5555",
+        r"inferq sim( --host 0\.0\.0\.0)? --port 8081",
+    )
+]
+
+# Metric names the dashboards and rules may use (DESIGN §9, Flower, Prometheus).
+METRICS = {
+    "inferq_jobs_submitted_total",
+    "inferq_jobs_finished_total",
+    "inferq_queue_wait_seconds_bucket",
+    "inferq_ttft_seconds_bucket",
+    "inferq_job_duration_seconds_bucket",
+    "inferq_output_tokens_total",
+    "inferq_cost_usd_total",
+    "inferq_queue_depth",
+    "inferq_sse_connections",
+    "inferq_backend_errors_total",
+    "flower_worker_online",
+    "up",
+}
+SSE_PATHS = ["/v1/jobs/0190b7e2/events", "/v1/chat/completions", "/v1/completions"]
+K8S_MIN_VERSION = "1.30.0"
+INFERQ_IMAGE = re.compile(r"^(\$\{INFERQ_IMAGE:-)?([\w.-]+/)*inferq(:[\w.-]+)?\}?$")
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def load_yaml_docs(path: Path) -> list[dict[str, Any]]:
+    with path.open() as f:
+        return [d for d in yaml.safe_load_all(f) if d is not None]
+
+
+def compose() -> dict[str, Any]:
+    with COMPOSE_FILE.open() as f:
+        return yaml.safe_load(f)
+
+
+def compose_services() -> dict[str, dict[str, Any]]:
+    return compose()["services"]
+
+
+def is_cli_command(argv: list[str]) -> bool:
+    line = " ".join(str(a) for a in argv)
+    return any(p.fullmatch(line) for p in CLI_COMMANDS)
+
+
+def option(argv: list[str], name: str) -> str:
+    return str(argv[argv.index(name) + 1])
+
+
+def run(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False, **kw)
+
+
+def assert_ok(proc: subprocess.CompletedProcess[str]) -> None:
+    assert proc.returncode == 0, f"{proc.args}:\n{proc.stdout}\n{proc.stderr}"
+
+
+def require_tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.skip(f"{name} is not installed")
+    return path
+
+
+def python_tool(module: str) -> list[str]:
+    """Run a Python CLI as `python -m module` from this interpreter's environment."""
+    if importlib.util.find_spec(module) is None:
+        pytest.skip(f"Python package providing {module} is not installed")
+    return [sys.executable, "-m", module]
+
+
+def tool_in_env(name: str) -> str:
+    """A console script of this interpreter's environment, else one on PATH."""
+    candidate = Path(sys.executable).with_name(name)
+    return str(candidate) if candidate.exists() else require_tool(name)
+
+
+def image_entrypoint() -> list[str]:
+    entry = [ln for ln in DOCKERFILE.read_text().splitlines() if ln.startswith("ENTRYPOINT")]
+    return json.loads(entry[-1].removeprefix("ENTRYPOINT"))
+
+
+def models_file(text: str) -> dict[str, dict[str, Any]]:
+    return tomllib.loads(text)["models"]
+
+
+def compose_models() -> dict[str, dict[str, Any]]:
+    return models_file((DEPLOY / "models.compose.toml").read_text())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------- Dockerfile
+
+
+def test_dockerfile_builds_one_non_root_image_with_inferq_entrypoint() -> None:
+    text = DOCKERFILE.read_text()
+    stages = re.findall(r"^FROM\s+(\S+)", text, re.M)
+    assert stages and stages[-1] == "python:3.11-slim"
+    assert image_entrypoint() == ["inferq"]
+    users = re.findall(r"^USER\s+(\S+)", text, re.M)
+    assert users and users[-1].split(":")[0] not in {"root", "0"}
+    assert re.search(r"^RUN .*pip install \.$", text, re.M)
+    # `pip install .` needs every package that pyproject.toml ships.
+    with (ROOT / "pyproject.toml").open("rb") as f:
+        include = tomllib.load(f)["tool"]["setuptools"]["packages"]["find"]["include"]
+    for package in (p.rstrip("*") for p in include):
+        assert re.search(rf"^COPY {package} \./{package}$", text, re.M), package
+
+
+def test_dockerignore_admits_every_copied_path() -> None:
+    ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().split()
+    admitted = {p.strip("!/") for p in ignore if p.startswith("!")}
+    copied = re.findall(r"^COPY (?!--from)(.+) \S+$", DOCKERFILE.read_text(), re.M)
+    for sources in copied:
+        for src in sources.split():
+            assert src in admitted, f"{src} is copied but excluded from the build context"
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    assert_ok(run([tool_in_env("hadolint"), str(DOCKERFILE)]))
+
+
+# ---------------------------------------------------------------- docker-compose
+
+
+def inferq_services() -> dict[str, dict[str, Any]]:
+    return {
+        name: svc
+        for name, svc in compose_services().items()
+        if INFERQ_IMAGE.match(str(svc.get("image", "")))
+    }
+
+
+def test_compose_has_every_process_and_dependency() -> None:
+    expected = {
+        "postgres",
+        "redis",
+        "migrate",
+        "api",
+        "nginx",
+        "sim",
+        "worker",
+        "beat",
+        "flower",
+        "tgi",
+        "prometheus",
+        "grafana",
+    }
+    assert expected <= set(compose_services())
+    assert {"migrate", "api", "sim", "worker", "beat", "flower"} <= set(inferq_services())
+
+
+def test_compose_inferq_services_run_exactly_the_cli_commands() -> None:
+    entry = image_entrypoint()
+    for name, svc in inferq_services().items():
+        assert "entrypoint" not in svc, name
+        assert svc["build"]["dockerfile"] == "deploy/Dockerfile", name
+        argv = entry + svc["command"]
+        assert is_cli_command(argv), f"{name}: {argv}"
+
+
+def test_compose_workers_serve_models_of_the_mounted_models_file() -> None:
+    models = compose_models()
+    for name, svc in inferq_services().items():
+        assert "./deploy/models.compose.toml:/etc/inferq/models.toml:ro" in svc["volumes"]
+        assert svc["environment"]["INFERQ_MODELS_FILE"] == "/etc/inferq/models.toml"
+        if svc["command"][0] == "worker":
+            for model in option(svc["command"], "--models").split(","):
+                assert model in models, f"{name} serves unknown model {model}"
+
+
+def test_compose_models_point_at_sim_and_tgi_services() -> None:
+    services = compose_services()
+    models = compose_models()
+    assert models["sim"]["url"] == "http://sim:8081"
+    assert models["tgi"]["url"] == "http://tgi:80"
+    for name, model in models.items():
+        assert model["backend"] in {"tgi", "openai"}, name
+        assert model["url"].split("//")[1].split(":")[0] in services, name
+        for key in (
+            "max_tokens",
+            "context_tokens",
+            "price_input_per_mtok",
+            "price_output_per_mtok",
+        ):
+            assert isinstance(model[key], int | float), (name, key)
+
+
+def test_compose_runs_without_gpu_by_default() -> None:
+    services = compose_services()
+    default = {n for n, s in services.items() if not s.get("profiles")}
+    assert {"sim", "worker", "api", "nginx", "beat", "flower"} <= default
+    assert services["tgi"]["profiles"] == ["gpu"]
+    assert services["prometheus"]["profiles"] == ["monitoring"]
+    assert services["grafana"]["profiles"] == ["monitoring"]
+    # The default worker serves the simulator; the GPU worker serves TGI.
+    worker = services["worker"]
+    assert option(worker["command"], "--models") == "sim"
+    assert worker["depends_on"]["sim"]["condition"] == "service_healthy"
+    gpu_workers = [s for s in services.values() if "tgi" in s.get("depends_on", {})]
+    assert gpu_workers and all(s.get("profiles") == ["gpu"] for s in gpu_workers)
+    assert all(option(s["command"], "--models") == "tgi" for s in gpu_workers)
+    for name, svc in services.items():
+        has_gpu = "reservations" in svc.get("deploy", {}).get("resources", {})
+        assert has_gpu == (name == "tgi"), name
+
+
+def test_compose_tgi_reserves_a_gpu_for_a_small_model() -> None:
+    tgi = compose_services()["tgi"]
+    assert "ghcr.io/huggingface/text-generation-inference:" in tgi["image"]
+    devices = tgi["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    assert "--model-id" in tgi["command"]
+
+
+def test_compose_startup_order_waits_for_health_and_migrations() -> None:
+    services = compose_services()
+    pg, redis = services["postgres"], services["redis"]
+    assert pg["image"] == "postgres:16" and "pg_isready" in " ".join(pg["healthcheck"]["test"])
+    assert redis["image"] == "redis:7"
+    assert "redis-cli" in redis["healthcheck"]["test"]
+    cmd = " ".join(redis["command"])
+    assert "--maxmemory-policy noeviction" in cmd and "--appendonly yes" in cmd
+    migrate = services["migrate"]
+    assert migrate["restart"] == "no"
+    assert migrate["depends_on"]["postgres"]["condition"] == "service_healthy"
+    for name in ("api", "worker", "beat"):
+        deps = services[name]["depends_on"]
+        assert deps["migrate"]["condition"] == "service_completed_successfully", name
+    assert services["api"]["deploy"]["replicas"] >= 2
+    assert services["nginx"]["depends_on"]["api"]["condition"] == "service_healthy"
+
+
+def test_compose_exposes_nginx_and_flower_with_basic_auth() -> None:
+    services = compose_services()
+    nginx = services["nginx"]
+    assert "./deploy/nginx.conf:/etc/nginx/nginx.conf:ro" in nginx["volumes"]
+    assert nginx["ports"] == ["${INFERQ_HTTP_PORT:-8080}:8080"]
+    assert "ports" not in services["api"]  # replicas are reached through nginx only
+    flower = services["flower"]
+    assert flower["ports"] == ["${INFERQ_FLOWER_PORT:-5555}:5555"]
+    assert "INFERQ_FLOWER_BASIC_AUTH" in flower["environment"]
+
+
+def test_compose_bind_mounts_exist() -> None:
+    for name, svc in compose_services().items():
+        for volume in svc.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("./"):
+                assert (ROOT / source).exists(), f"{name}: {source}"
+
+
+def compose_cli() -> list[str]:
+    docker = shutil.which("docker")
+    if docker and run([docker, "compose", "version"]).returncode == 0:
+        return [docker, "compose"]
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    pytest.skip("neither `docker compose` nor docker-compose is installed")
+
+
+def compose_env() -> dict[str, str]:
+    # Interpolation must not depend on the caller's environment.
+    return {k: v for k, v in os.environ.items() if not k.startswith(("INFERQ_", "COMPOSE_"))}
+
+
+def test_compose_config_is_valid_and_renders_the_cli_commands() -> None:
+    cli = [*compose_cli(), "-f", str(COMPOSE_FILE), "--profile", "gpu", "--profile", "monitoring"]
+    proc = run([*cli, "config"], cwd=ROOT, env=compose_env())
+    assert_ok(proc)
+    # What the tool made of anchors, merges and interpolation.
+    rendered = yaml.safe_load(proc.stdout)["services"]
+    assert set(rendered) == set(compose_services())
+    entry = image_entrypoint()
+    for name in inferq_services():
+        assert is_cli_command(entry + rendered[name]["command"]), name
+    assert rendered["tgi"]["profiles"] == ["gpu"]
+    assert not rendered["sim"].get("profiles") and not rendered["worker"].get("profiles")
+
+
+def test_compose_matches_the_compose_specification_schema() -> None:
+    cmd = python_tool("check_jsonschema")
+    assert_ok(run([*cmd, "--builtin-schema", "vendor.compose-spec", str(COMPOSE_FILE)]))
+
+
+# ---------------------------------------------------------------- nginx
+
+
+@dataclass
+class Directive:
+    name: str
+    args: list[str]
+    block: list[Directive] | None = None
+
+    def find(self, name: str) -> list[Directive]:
+        return [d for d in self.block or [] if d.name == name]
+
+
+NGINX_TOKEN = re.compile(r"""#[^\n]*|"(?:\\.|[^"])*"|'(?:\\.|[^'])*'|[{};]|[^\s{};]+""")
+
+
+def parse_nginx(text: str) -> Directive:
+    tokens = [t for t in NGINX_TOKEN.findall(text) if not t.startswith("#")]
+    root = Directive("main", [], [])
+    stack, words = [root], []
+    for tok in tokens:
+        if tok == ";":
+            stack[-1].block.append(Directive(words[0], words[1:]))
+            words = []
+        elif tok == "{":
+            child = Directive(words[0], words[1:], [])
+            stack[-1].block.append(child)
+            stack.append(child)
+            words = []
+        elif tok == "}":
+            stack.pop()
+        else:
+            words.append(tok.strip("\"'") if tok[0] in "\"'" else tok)
+    assert len(stack) == 1 and not words, "unbalanced nginx configuration"
+    return root
+
+
+def walk(block: Directive) -> Iterator[Directive]:
+    for d in block.block or []:
+        yield d
+        yield from walk(d)
+
+
+def nginx_server() -> Directive:
+    http = parse_nginx(NGINX_CONF.read_text()).find("http")[0]
+    return http.find("server")[0]
+
+
+def nginx_location_for(server: Directive, path: str) -> Directive:
+    """The location nginx picks for a path (exact, then regex in order, then prefix)."""
+    locations = server.find("location")
+    for loc in locations:
+        if loc.args[0] == "=" and loc.args[1] == path:
+            return loc
+    for loc in locations:
+        if loc.args[0] in {"~", "~*"}:
+            flags = re.I if loc.args[0] == "~*" else 0
+            if re.search(loc.args[1], path, flags):
+                return loc
+    prefixes = [loc for loc in locations if len(loc.args) == 1 and path.startswith(loc.args[0])]
+    return max(prefixes, key=lambda loc: len(loc.args[0]))
+
+
+def seconds(value: str) -> float:
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = re.fullmatch(r"(\d+)(ms|s|m|h|d)?", value).groups()
+    return int(number) * units[unit or "s"]
+
+
+def headers_set(block: Directive) -> dict[str, str]:
+    return {d.args[0].lower(): d.args[1] for d in block.find("proxy_set_header")}
+
+
+@pytest.mark.parametrize("path", SSE_PATHS)
+def test_nginx_sse_locations_stream_unbuffered(path: str) -> None:
+    server = nginx_server()
+    loc = nginx_location_for(server, path)
+    values = {d.name: d.args for d in loc.block}
+    assert values["proxy_pass"] == ["http://inferq_api"]
+    assert values["proxy_buffering"] == ["off"]
+    assert values["proxy_cache"] == ["off"]
+    assert values["proxy_http_version"] == ["1.1"]
+    assert seconds(values["proxy_read_timeout"][0]) >= 3600
+    headers = headers_set(loc)
+    assert headers["connection"] == ""
+    assert headers["last-event-id"] == "$http_last_event_id"
+    # A location that sets any header inherits none from the server: repeat them all.
+    assert headers_set(server).items() <= headers.items()
+
+
+def test_nginx_honours_x_accel_buffering_and_hides_metrics() -> None:
+    root = parse_nginx(NGINX_CONF.read_text())
+    assert "proxy_ignore_headers" not in {d.name for d in walk(root)}
+    http = root.find("http")[0]
+    assert http.find("client_max_body_size")
+    upstream = http.find("upstream")[0]
+    assert upstream.args == ["inferq_api"]
+    assert upstream.find("server")[0].args[0] == "api:8000"
+    assert nginx_location_for(nginx_server(), "/metrics").find("return")[0].args == ["404"]
+    default = nginx_location_for(nginx_server(), "/v1/models")
+    assert default.args == ["/"]
+
+
+def render_nginx_conf(tmp: Path, listen: int, upstream: int) -> Path:
+    """The shipped config with local addresses and writable paths."""
+    text = NGINX_CONF.read_text()
+    replacements = [
+        ("server api:8000", f"server 127.0.0.1:{upstream}"),
+        ("listen 8080;", f"listen 127.0.0.1:{listen};"),
+        ("error_log /dev/stderr warn;", f"error_log {tmp}/error.log warn;"),
+        ("access_log /dev/stdout main;", f"access_log {tmp}/access.log main;"),
+        (
+            "http {",
+            "http {\n"
+            + "".join(
+                f"    {kind}_temp_path {tmp}/{kind};\n"
+                for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+            ),
+        ),
+    ]
+    for old, new in replacements:
+        assert text.count(old) == 1, old
+        text = text.replace(old, new)
+    path = tmp / "nginx.conf"
+    path.write_text(text)
+    return path
+
+
+def nginx_main_args(tmp: Path) -> str:
+    user = "user root;" if os.geteuid() == 0 else ""  # workers read the temp dirs
+    return f"pid {tmp}/nginx.pid; {user}"
+
+
+def test_nginx_config_passes_nginx_t(tmp_path: Path) -> None:
+    nginx = require_tool("nginx")
+    conf = render_nginx_conf(tmp_path, free_port(), free_port())
+    assert_ok(
+        run([nginx, "-t", "-p", str(tmp_path), "-c", str(conf), "-g", nginx_main_args(tmp_path)])
+    )
+
+
+@dataclass
+class Upstream:
+    """A stand-in API: sends one event, then holds the stream until released.
+
+    `?framing=chunked` answers like uvicorn (HTTP/1.1, chunked); otherwise the
+    answer is HTTP/1.0 with the body running until close, the framing under
+    which nginx visibly holds a buffered response back until the upstream ends.
+    `?accel=no` adds `X-Accel-Buffering: no`, as the API's SSE responses do.
+    """
+
+    port: int
+    release: threading.Event = field(default_factory=threading.Event)
+    requests: list[tuple[str, dict[str, str]]] = field(default_factory=list)
+
+
+def start_upstream() -> tuple[ThreadingHTTPServer, Upstream]:
+    state = Upstream(port=0)
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def send_part(self, data: bytes, chunked: bool) -> None:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
+            self.wfile.flush()
+
+        def handle_one(self) -> None:
+            state.requests.append((self.path, {k.lower(): v for k, v in self.headers.items()}))
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            chunked = "framing=chunked" in self.path
+            self.protocol_version = "HTTP/1.1" if chunked else "HTTP/1.0"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            if chunked:
+                self.send_header("Transfer-Encoding", "chunked")
+            if "accel=no" in self.path:
+                self.send_header("X-Accel-Buffering", "no")
+            self.end_headers()
+            self.send_part(b'id: 1-0\nevent: token\ndata: {"text": "a"}\n\n', chunked)
+            state.release.wait(10)
+            self.send_part(b'id: 2-0\nevent: done\ndata: {"status": "succeeded"}\n\n', chunked)
+            if chunked:
+                self.wfile.write(b"0\r\n\r\n")
+            self.close_connection = True
+
+        do_GET = do_POST = handle_one
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    state.port = server.server_address[1]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, state
+
+
+@pytest.fixture
+def proxied(tmp_path: Path) -> Iterator[tuple[int, Upstream]]:
+    """The shipped nginx.conf running in front of a stand-in API."""
+    nginx = require_tool("nginx")
+    server, upstream = start_upstream()
+    port = free_port()
+    conf = render_nginx_conf(tmp_path, port, upstream.port)
+    main_args = "daemon off; " + nginx_main_args(tmp_path)
+    proc = subprocess.Popen(
+        [nginx, "-p", str(tmp_path), "-c", str(conf), "-g", main_args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            assert proc.poll() is None, (tmp_path / "error.log").read_text()
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "nginx did not start"
+                time.sleep(0.05)
+        yield port, upstream
+    finally:
+        upstream.release.set()
+        proc.terminate()
+        proc.wait(10)
+        server.shutdown()
+        server.server_close()
+
+
+def streams_first_event(
+    port: int, upstream: Upstream, method: str, path: str, headers: dict[str, str] | None = None
+) -> bool:
+    """Whether the first event reaches the client while the upstream holds the stream open."""
+    upstream.release.clear()
+    body = b'{"stream": true}' if method == "POST" else b""
+    lines = [
+        f"{method} {path} HTTP/1.1",
+        "Host: inferq.test",
+        "Connection: close",
+        f"Content-Length: {len(body)}",
+    ]
+    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    request = ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+    data = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=1.5) as sock:
+        sock.sendall(request)
+        try:
+            while b"id: 1-0" not in data and (chunk := sock.recv(65536)):
+                data += chunk
+        except TimeoutError:
+            pass
+        streamed = b"id: 1-0" in data
+        upstream.release.set()
+        sock.settimeout(10)
+        while chunk := sock.recv(65536):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 200"), data[:200]
+    assert b"event: done" in data
+    return streamed
+
+
+@pytest.mark.parametrize("framing", ["chunked", "until-close"])
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/v1/jobs/0190b7e2/events"),
+        ("POST", "/v1/chat/completions"),
+        ("POST", "/v1/completions"),
+    ],
+)
+def test_nginx_streams_sse_events_as_they_come(
+    proxied: tuple[int, Upstream], method: str, path: str, framing: str
+) -> None:
+    port, upstream = proxied
+    assert streams_first_event(port, upstream, method, f"{path}?framing={framing}")
+
+
+def test_nginx_passes_last_event_id_on_a_keepalive_upstream(
+    proxied: tuple[int, Upstream],
+) -> None:
+    port, upstream = proxied
+    path = "/v1/jobs/0190b7e2/events"
+    assert streams_first_event(port, upstream, "GET", path, {"Last-Event-ID": "1-0"})
+    seen_path, headers = upstream.requests[-1]
+    assert seen_path == path
+    assert headers["last-event-id"] == "1-0"
+    assert headers.get("connection", "") != "close"
+    assert headers["x-forwarded-for"] == "127.0.0.1"
+
+
+def test_nginx_elsewhere_buffers_unless_api_sends_x_accel_buffering_no(
+    proxied: tuple[int, Upstream],
+) -> None:
+    port, upstream = proxied
+    assert streams_first_event(port, upstream, "GET", "/v1/stream?accel=no")
+    # Control: the harness does see buffering where it is on.
+    assert not streams_first_event(port, upstream, "GET", "/v1/stream")
+
+
+def test_nginx_rejects_oversized_bodies_and_hides_metrics(proxied: tuple[int, Upstream]) -> None:
+    port, upstream = proxied
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("GET", "/metrics")
+    resp = conn.getresponse()
+    resp.read()
+    assert resp.status == 404
+    conn.request(
+        "POST",
+        "/v1/jobs",
+        body=b"x" * (5 * 1024 * 1024),
+        headers={"Content-Type": "application/json"},
+    )
+    resp = conn.getresponse()
+    assert resp.status == 413
+    conn.close()
+    assert not upstream.requests
+
+
+# ---------------------------------------------------------------- Kubernetes
+
+
+def k8s_files() -> list[Path]:
+    return sorted(p for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+
+
+def k8s_docs() -> list[dict[str, Any]]:
+    return [doc for path in k8s_files() for doc in load_yaml_docs(path)]
+
+
+def k8s_get(kind: str, name: str) -> dict[str, Any]:
+    found = [d for d in k8s_docs() if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert len(found) == 1, f"{kind}/{name}"
+    return found[0]
+
+
+def pod_spec(doc: dict[str, Any]) -> dict[str, Any]:
+    return doc["spec"]["template"]["spec"]
+
+
+def all_containers(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    return spec.get("initContainers", []) + spec["containers"]
+
+
+def workloads() -> list[dict[str, Any]]:
+    return [d for d in k8s_docs() if d["kind"] in {"Deployment", "Job"}]
+
+
+def k8s_models() -> dict[str, dict[str, Any]]:
+    return models_file(k8s_get("ConfigMap", "inferq-models")["data"]["models.toml"])
+
+
+def test_k8s_documents_have_the_required_fields() -> None:
+    for doc in k8s_docs():
+        assert {"apiVersion", "kind", "metadata"} <= set(doc), doc
+        assert doc["metadata"]["name"]
+        if doc["kind"] != "Namespace":
+            assert doc["metadata"]["namespace"] == "inferq", doc["metadata"]["name"]
+        assert {"spec", "data", "stringData"} & set(doc) or doc["kind"] == "Namespace"
+
+
+def test_k8s_has_every_component() -> None:
+    kinds = {(d["kind"], d["metadata"]["name"]) for d in k8s_docs()}
+    for expected in [
+        ("Namespace", "inferq"),
+        ("ConfigMap", "inferq-config"),
+        ("ConfigMap", "inferq-models"),
+        ("Secret", "inferq-secrets"),
+        ("Deployment", "inferq-api"),
+        ("Service", "inferq-api"),
+        ("HorizontalPodAutoscaler", "inferq-api"),
+        ("PodDisruptionBudget", "inferq-api"),
+        ("Deployment", "inferq-worker"),
+        ("Deployment", "inferq-beat"),
+        ("Deployment", "inferq-flower"),
+        ("Service", "inferq-flower"),
+        ("Job", "inferq-migrate"),
+        ("Ingress", "inferq"),
+        ("ServiceMonitor", "inferq-api"),
+    ]:
+        assert expected in kinds, expected
+
+
+def test_k8s_inferq_containers_run_exactly_the_cli_commands() -> None:
+    commands = {}
+    for doc in workloads():
+        for c in all_containers(pod_spec(doc)):
+            if c["image"].split("/")[-1].split(":")[0] == "inferq":
+                assert "args" not in c, c["name"]
+                assert is_cli_command(c["command"]), f"{doc['metadata']['name']}: {c['command']}"
+                commands[doc["metadata"]["name"]] = c["command"][1]
+    assert commands == {
+        "inferq-api": "api",
+        "inferq-worker": "worker",
+        "inferq-beat": "beat",
+        "inferq-flower": "flower",
+        "inferq-migrate": "migrate",
+    }
+
+
+def test_k8s_api_probes_readyz_and_healthz() -> None:
+    api = k8s_get("Deployment", "inferq-api")
+    (container,) = pod_spec(api)["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["http"] == int(option(container["command"], "--port"))
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert api["spec"]["replicas"] >= 2
+
+
+def test_k8s_worker_gets_a_gpu_and_a_tgi_sidecar_for_its_models() -> None:
+    spec = pod_spec(k8s_get("Deployment", "inferq-worker"))
+    (tgi,) = [c for c in all_containers(spec) if "text-generation-inference" in c["image"]]
+    assert tgi in spec.get("initContainers", []) and tgi["restartPolicy"] == "Always"
+    resources = tgi["resources"]
+    assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"] == 1
+    tgi_port = int(option(tgi["args"], "--port"))
+    assert tgi["startupProbe"]["httpGet"]["path"] == "/health"
+    (worker,) = spec["containers"]
+    models = k8s_models()
+    for name in option(worker["command"], "--models").split(","):
+        assert models[name]["url"] == f"http://127.0.0.1:{tgi_port}"
+
+
+def test_k8s_beat_never_runs_twice() -> None:
+    beat = k8s_get("Deployment", "inferq-beat")
+    assert beat["spec"]["replicas"] == 1
+    assert beat["spec"]["strategy"]["type"] == "Recreate"
+
+
+def test_k8s_references_resolve() -> None:
+    docs = k8s_docs()
+    names = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    pod_labels = [pod_spec_labels(d) for d in workloads()]
+    for doc in workloads():
+        spec = pod_spec(doc)
+        if doc["kind"] == "Deployment":
+            selector = doc["spec"]["selector"]["matchLabels"]
+            assert selector.items() <= pod_spec_labels(doc).items()
+        for c in all_containers(spec):
+            for src in c.get("envFrom", []):
+                ref = src.get("configMapRef") or src.get("secretRef")
+                kind = "ConfigMap" if "configMapRef" in src else "Secret"
+                assert (kind, ref["name"]) in names, ref
+        for vol in spec.get("volumes", []):
+            if "configMap" in vol:
+                assert ("ConfigMap", vol["configMap"]["name"]) in names
+    for doc in docs:
+        if doc["kind"] == "Service":
+            assert any(doc["spec"]["selector"].items() <= labels.items() for labels in pod_labels)
+        if doc["kind"] == "PodDisruptionBudget":
+            labels = pod_spec_labels(k8s_get("Deployment", "inferq-api"))
+            assert doc["spec"]["selector"]["matchLabels"].items() <= labels.items()
+        if doc["kind"] == "HorizontalPodAutoscaler":
+            ref = doc["spec"]["scaleTargetRef"]
+            assert (ref["kind"], ref["name"]) in names
+
+
+def pod_spec_labels(doc: dict[str, Any]) -> dict[str, str]:
+    return doc["spec"]["template"]["metadata"]["labels"]
+
+
+def test_k8s_ingress_streams_sse_to_the_api() -> None:
+    ingress = k8s_get("Ingress", "inferq")
+    notes = ingress["metadata"]["annotations"]
+    prefix = "nginx.ingress.kubernetes.io/"
+    assert notes[prefix + "proxy-buffering"] == "off"
+    assert int(notes[prefix + "proxy-read-timeout"]) >= 3600
+    service = k8s_get("Service", "inferq-api")
+    port_names = {p["name"] for p in service["spec"]["ports"]}
+    paths = [p for rule in ingress["spec"]["rules"] for p in rule["http"]["paths"]]
+    assert "/v1" in {p["path"] for p in paths}
+    for p in paths:
+        backend = p["backend"]["service"]
+        assert backend["name"] == "inferq-api" and backend["port"]["name"] in port_names
+
+
+def test_k8s_models_file_is_complete() -> None:
+    for name, model in k8s_models().items():
+        assert model["backend"] in {"tgi", "openai"}, name
+        assert {
+            "url",
+            "max_tokens",
+            "context_tokens",
+            "price_input_per_mtok",
+            "price_output_per_mtok",
+        } <= set(model), name
+
+
+def test_k8s_kustomization_lists_all_but_optional_manifests() -> None:
+    kustomization = load_yaml_docs(K8S / "kustomization.yaml")[0]
+    optional = {"secret.example.yaml", "servicemonitor.yaml"}
+    assert set(kustomization["resources"]) == {p.name for p in k8s_files()} - optional
+
+
+def test_k8s_manifests_match_the_kubernetes_schemas() -> None:
+    if importlib.util.find_spec("kubernetes_validate") is None:
+        pytest.skip("kubernetes-validate is not installed")
+    import kubernetes_validate
+
+    versions = [K8S_MIN_VERSION, kubernetes_validate.latest_version()]
+    checked = set()
+    for doc in k8s_docs():
+        for version in versions:
+            try:
+                kubernetes_validate.validate(doc, version, strict=True)
+            except kubernetes_validate.SchemaNotFoundError:
+                assert doc["apiVersion"].startswith("monitoring.coreos.com/"), doc["kind"]
+                continue
+            except kubernetes_validate.ValidationError as exc:
+                pytest.fail(f"{doc['kind']}/{doc['metadata']['name']} ({version}): {exc}")
+            checked.add(doc["kind"])
+    assert {"Deployment", "Job", "Ingress", "HorizontalPodAutoscaler"} <= checked
+
+
+def test_k8s_kustomization_builds() -> None:
+    kubectl = require_tool("kubectl")
+    proc = run([kubectl, "kustomize", str(K8S)])
+    if proc.returncode != 0 and "unknown command" in proc.stderr:
+        pytest.skip("kubectl has no kustomize")
+    assert_ok(proc)
+    built = [d for d in yaml.safe_load_all(proc.stdout) if d]
+    assert len(built) == sum(
+        len(load_yaml_docs(K8S / r))
+        for r in load_yaml_docs(K8S / "kustomization.yaml")[0]["resources"]
+    )
+    assert all(d["metadata"].get("namespace", "inferq") == "inferq" for d in built)
+
+
+# ---------------------------------------------------------------- the CLI itself
+
+
+def deployed_commands() -> list[list[str]]:
+    entry = image_entrypoint()
+    commands = [entry + svc["command"] for svc in inferq_services().values()]
+    for doc in workloads():
+        commands += [
+            c["command"]
+            for c in all_containers(pod_spec(doc))
+            if c["image"].split("/")[-1].split(":")[0] == "inferq"
+        ]
+    return commands
+
+
+def test_deployed_commands_parse_with_the_inferq_cli() -> None:
+    cli = pytest.importorskip("inferq.cli")
+    for argv in deployed_commands():
+        parent = cli.main.make_context("inferq", [argv[1]], resilient_parsing=True)
+        command = cli.main.get_command(parent, argv[1])
+        assert command is not None, argv
+        # Parses the options exactly as the process would, without starting it.
+        command.make_context(argv[1], argv[2:], parent=parent)
+
+
+# ---------------------------------------------------------------- Prometheus
+
+
+def prometheus_config() -> dict[str, Any]:
+    return load_yaml_docs(PROMETHEUS / "prometheus.yml")[0]
+
+
+def rules() -> list[dict[str, Any]]:
+    groups = load_yaml_docs(PROMETHEUS / "rules.yml")[0]["groups"]
+    return [rule for group in groups for rule in group["rules"]]
+
+
+def metric_names(expr: str) -> set[str]:
+    """Series names used by a PromQL expression (label values and keywords excluded)."""
+    text = re.sub(r'"[^"]*"', '""', expr)
+    text = re.sub(r"\{[^}]*\}|\[[^\]]*\]", " ", text)
+    text = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", text)
+    text = re.sub(r"\b\d[\w.]*", " ", text)
+    tokens = set(re.findall(r"[A-Za-z_:][\w:]*", text))
+    functions = set(re.findall(r"([A-Za-z_]\w*)\s*\(", text))
+    keywords = {"and", "or", "unless", "bool", "offset"}
+    return tokens - functions - keywords
+
+
+def test_prometheus_scrapes_api_workers_flower_and_tgi() -> None:
+    config = prometheus_config()
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    assert {"inferq-api", "inferq-worker", "flower", "tgi"} <= set(jobs)
+    api = jobs["inferq-api"]["dns_sd_configs"][0]
+    assert api["names"] == ["api"] and api["port"] == 8000
+    assert jobs["flower"]["static_configs"][0]["targets"] == ["flower:5555"]
+    assert all(job.get("metrics_path", "/metrics") == "/metrics" for job in jobs.values())
+    assert config["rule_files"] == ["rules.yml"]
+    mounts = compose_services()["prometheus"]["volumes"]
+    assert "./deploy/prometheus/rules.yml:/etc/prometheus/rules.yml:ro" in mounts
+
+
+def test_rules_use_only_known_metric_names() -> None:
+    recorded = {r["record"] for r in rules() if "record" in r}
+    for rule in rules():
+        unknown = metric_names(rule["expr"]) - METRICS - recorded
+        assert not unknown, f"{rule.get('record') or rule.get('alert')}: {unknown}"
+
+
+def expanded(expr: str) -> str:
+    recorded = {r["record"]: r["expr"] for r in rules() if "record" in r}
+    return expr + " ".join(recorded[n] for n in metric_names(expr) if n in recorded)
+
+
+def test_rules_alert_on_errors_latency_queues_and_workers() -> None:
+    alerts = {r["alert"]: expanded(r["expr"]) for r in rules() if "alert" in r}
+    assert 'status=~"failed' in alerts["InferqHighErrorRate"]
+    assert "histogram_quantile(0.99" in alerts["InferqTTFTP99High"]
+    assert "inferq_ttft_seconds_bucket" in alerts["InferqTTFTP99High"]
+    assert "deriv(inferq_queue_depth" in alerts["InferqQueueDepthGrowing"]
+    assert "flower_worker_online" in alerts["InferqNoWorkers"]
+    for rule in rules():
+        if "alert" in rule:
+            assert rule["labels"]["severity"] in {"warning", "critical"}
+            assert {"summary", "description"} <= set(rule["annotations"])
+
+
+def test_prometheus_config_and_rules_pass_promtool() -> None:
+    promtool = require_tool("promtool")
+    assert_ok(run([promtool, "check", "config", "prometheus.yml"], cwd=PROMETHEUS))
+    assert_ok(run([promtool, "check", "rules", "rules.yml"], cwd=PROMETHEUS))
+
+
+def test_alerts_fire_in_promtool_unit_tests() -> None:
+    promtool = require_tool("promtool")
+    assert_ok(run([promtool, "test", "rules", "rules.test.yml"], cwd=PROMETHEUS))
+
+
+# ---------------------------------------------------------------- Grafana
+
+
+def dashboard() -> dict[str, Any]:
+    return json.loads(DASHBOARD.read_text())
+
+
+def dashboard_exprs() -> list[str]:
+    return [t["expr"] for p in dashboard()["panels"] for t in p.get("targets", [])]
+
+
+def as_promql(expr: str) -> str:
+    """A Grafana query with its variables replaced by values PromQL accepts."""
+    return expr.replace("$__rate_interval", "5m").replace("$model", ".*")
+
+
+def test_grafana_provisioning_points_at_prometheus_and_the_dashboards() -> None:
+    prov = DEPLOY / "grafana" / "provisioning"
+    (source,) = load_yaml_docs(prov / "datasources" / "prometheus.yml")[0]["datasources"]
+    assert source["type"] == "prometheus" and source["url"] == "http://prometheus:9090"
+    (provider,) = load_yaml_docs(prov / "dashboards" / "inferq.yml")[0]["providers"]
+    mounts = compose_services()["grafana"]["volumes"]
+    assert f"./deploy/grafana/dashboards:{provider['options']['path']}:ro" in mounts
+
+
+def test_grafana_dashboard_panels_are_well_formed() -> None:
+    dash = dashboard()
+    assert dash["uid"] and dash["title"]
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids))
+    variables = {v["name"]: v for v in dash["templating"]["list"]}
+    assert variables["datasource"]["query"] == "prometheus"
+    cells: set[tuple[int, int]] = set()
+    for panel in dash["panels"]:
+        assert panel["targets"] and panel["datasource"]["uid"] == "${datasource}"
+        g = panel["gridPos"]
+        assert g["x"] + g["w"] <= 24
+        mine = {
+            (x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])
+        }
+        assert not cells & mine, f"panel {panel['title']} overlaps another"
+        cells |= mine
+
+
+def test_grafana_dashboard_uses_only_known_metric_names() -> None:
+    for expr in dashboard_exprs():
+        unknown = metric_names(as_promql(expr)) - METRICS
+        assert not unknown, f"{expr}: {unknown}"
+
+
+def test_grafana_dashboard_covers_the_platform() -> None:
+    exprs = "\n".join(dashboard_exprs())
+    for q in ("0.5", "0.95", "0.99"):
+        assert f"histogram_quantile({q}, sum by (model, le) (rate(inferq_ttft_seconds" in exprs
+    for needle in (
+        "rate(inferq_output_tokens_total",
+        "inferq_queue_depth",
+        "sum by (status) (rate(inferq_jobs_finished_total",
+        'status=~"failed|expired"',
+        "increase(inferq_cost_usd_total{",
+        "[1d]",
+        "inferq_sse_connections",
+        "inferq_backend_errors_total",
+    ):
+        assert needle in exprs, needle
+
+
+def test_grafana_queries_are_valid_promql(tmp_path: Path) -> None:
+    promtool = require_tool("promtool")
+    group = {
+        "name": "dashboard",
+        "rules": [
+            {"record": f"dashboard:query_{i}:expr", "expr": as_promql(expr)}
+            for i, expr in enumerate(dashboard_exprs())
+        ],
+    }
+    path = tmp_path / "dashboard-queries.yml"
+    path.write_text(yaml.safe_dump({"groups": [group]}))
+    assert_ok(run([promtool, "check", "rules", str(path)]))
