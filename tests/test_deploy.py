@@ -580,7 +580,7 @@ def streams_first_event(
     lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
     request = ("\r\n".join(lines) + "\r\n\r\n").encode() + body
     data = b""
-    with socket.create_connection(("127.0.0.1", port), timeout=1.5) as sock:
+    with socket.create_connection(("127.0.0.1", port), timeout=3) as sock:
         sock.sendall(request)
         try:
             while b"id: 1-0" not in data and (chunk := sock.recv(65536)):
