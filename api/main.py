@@ -12,6 +12,7 @@ from api import errors
 from api.admin.router import router as admin_router
 from api.events.hub import Hub
 from api.events.router import router as events_router
+from api.jobs.batcher import SubmitBatcher
 from api.health.router import router as health_router
 from api.jobs.router import router as jobs_router
 from api.state import AppState
@@ -62,10 +63,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state = AppState.create(settings)
         state.hub = Hub(state.redis)
         await state.hub.start()
+        state.batcher = SubmitBatcher(state)
+        state.batcher.start()
         app.state.inferq = state
         try:
             yield
         finally:
+            await state.batcher.close()
             await state.hub.close()
             await state.close()
 

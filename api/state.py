@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis as sync_redis_lib
 import redis.asyncio as aioredis
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
 from api.events.hub import Hub
+
+if TYPE_CHECKING:
+    from api.jobs.batcher import SubmitBatcher
 from inferq.db import async_sessions, make_async_engine
 from inferq.events import PUBLISH_SCRIPT
 from inferq.queue import Enqueuer, make_producer_app
@@ -29,6 +32,7 @@ class AppState:
     sync_redis: sync_redis_lib.Redis
     key_cache: dict[str, Any] = field(default_factory=dict)
     hub: Hub = None  # type: ignore[assignment]  # started in the lifespan
+    batcher: SubmitBatcher = None  # type: ignore[assignment]  # started in the lifespan
 
     @classmethod
     def create(cls, settings: Settings) -> AppState:

@@ -71,8 +71,11 @@ class Enqueuer:
         self._redis = redis  # sync redis.Redis
 
     def enqueue(self, items: Iterable[Enqueue]) -> None:
+        """Publish in one Redis pipeline (kombu's batch), then mark the ids as handed over."""
         items = list(items)
-        with self._app.producer_or_acquire() as producer:
+        if not items:
+            return
+        with self._app.producer_or_acquire() as producer, producer.batch():
             for item in items:
                 self._app.send_task(
                     GENERATE_TASK,
@@ -82,6 +85,8 @@ class Enqueuer:
                     priority=PRIORITIES.get(item.priority, 0),
                     producer=producer,
                 )
+        # Marked after the publish: a crash in between leaves no mark, so the sweeper
+        # re-enqueues (a harmless duplicate) rather than trusting a message that never left.
         now = time.time()
         self._redis.zadd(ENQUEUED_KEY, {item.job_id: now for item in items})
 

@@ -29,8 +29,9 @@ async def submit(
     await session.commit()
     if created.replayed:
         response.headers["Idempotent-Replayed"] = "true"
-    else:
+    elif not created.enqueued:
         await service.enqueue(state, [created.job])
+    if not created.replayed:
         JOBS_SUBMITTED.labels(created.job.model).inc()
     response.headers["Location"] = f"/v1/jobs/{created.job.id}"
     return service.to_out(created.job)

@@ -31,6 +31,7 @@ DEFAULT_MAX_TOKENS = 256
 class Created:
     job: Job
     replayed: bool  # an earlier request with the same Idempotency-Key made it
+    enqueued: bool = False
 
 
 def resolve_model(registry: Registry, name: str) -> ModelSpec:
@@ -99,9 +100,8 @@ async def create_job(
     spec = resolve_model(state.registry, body.model)
     values = job_values(body, spec, key)
     if idempotency_key is None:
-        job = await session.scalar(insert(Job).values(**values).returning(Job))
-        assert job is not None
-        return Created(job, replayed=False)
+        # Committed and enqueued by the batcher, together with concurrent submits.
+        return Created(await state.batcher.submit(values), replayed=False, enqueued=True)
     digest = request_hash(body)
     values |= {"idempotency_key": idempotency_key, "request_hash": digest}
     job = await session.scalar(
