@@ -12,8 +12,8 @@ from api import errors
 from api.admin.router import router as admin_router
 from api.events.hub import Hub
 from api.events.router import router as events_router
-from api.jobs.batcher import SubmitBatcher
 from api.health.router import router as health_router
+from api.jobs.batcher import SubmitBatcher
 from api.jobs.router import router as jobs_router
 from api.state import AppState
 from inferq.logs import configure_logging
