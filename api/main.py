@@ -12,9 +12,11 @@ from api import errors
 from api.admin.router import router as admin_router
 from api.events.hub import Hub
 from api.events.router import router as events_router
+from api.health.queues import QueueDepthMonitor
 from api.health.router import router as health_router
 from api.jobs.batcher import SubmitBatcher
 from api.jobs.router import router as jobs_router
+from api.openai.router import router as openai_router
 from api.state import AppState
 from inferq.logs import configure_logging
 from inferq.settings import Settings, get_settings
@@ -65,17 +67,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await state.hub.start()
         state.batcher = SubmitBatcher(state)
         state.batcher.start()
+        queue_depth = QueueDepthMonitor(state.redis, state.registry)
+        queue_depth.start()
         app.state.inferq = state
         try:
             yield
         finally:
+            await queue_depth.close()
             await state.batcher.close()
             await state.hub.close()
             await state.close()
 
     app = FastAPI(title="inferq", version="0.1.0", lifespan=lifespan)
     errors.install(app)
-    for router in (jobs_router, events_router, admin_router, health_router):
+    for router in (jobs_router, events_router, openai_router, admin_router, health_router):
         app.include_router(router)
     app.add_middleware(BodyLimit)
     return app

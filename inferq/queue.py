@@ -18,6 +18,7 @@ ENQUEUED_KEY = "inferq:enqueued"
 
 # On the Redis transport 0 is the highest priority (the opposite of RabbitMQ).
 PRIORITIES = {"interactive": 0, "batch": 6}
+PRIORITY_SEP = ":"  # kombu names priority lists "queue:N"
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -25,7 +26,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "visibility_timeout": settings.visibility_timeout_seconds,
         "queue_order_strategy": "priority",
         "priority_steps": list(range(10)),
-        "sep": ":",
+        "sep": PRIORITY_SEP,
         "socket_timeout": 30,
         "socket_connect_timeout": 10,
         "health_check_interval": 25,

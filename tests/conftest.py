@@ -102,6 +102,11 @@ backend = "tgi"
 url = "{slow}"
 max_tokens = 400
 
+[models.parked]
+backend = "tgi"
+url = "{slow}"
+max_tokens = 16
+
 [models.down]
 backend = "tgi"
 url = "http://127.0.0.1:{closed}"

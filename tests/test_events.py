@@ -12,7 +12,7 @@ import pytest
 
 from inferq.events import stream_key
 from tests.conftest import Platform, submit, wait_for
-from tests.servers import redis_client
+from tests.servers import Process, redis_client
 from tests.sse import Transcript, aread, read
 
 
@@ -61,7 +61,7 @@ def test_reader_that_arrives_late_still_reads_everything(
 
 
 def test_reader_of_a_queued_job_sees_its_status_then_the_end(http: httpx.Client) -> None:
-    job = submit(http, model="lonely", prompt="waits", max_tokens=3)
+    job = submit(http, model="parked", prompt="waits", max_tokens=3)
     transcript = Transcript()
     reader = threading.Thread(target=read, args=(http, job["id"], transcript))
     reader.start()
@@ -147,40 +147,39 @@ def test_cancel_running_job_frees_backend_slot(platform: Platform, http: httpx.C
 def test_worker_killed_mid_generation_is_replaced_and_readers_see_reset(
     platform: Platform, http: httpx.Client
 ) -> None:
-    first = platform.spawn(
-        "worker",
-        "--models",
-        "lonely",
-        "--concurrency",
-        "2",
-        "--name",
-        "doomed@inferq-test",
-        name="worker-doomed",
-    )
+    first = _lonely_worker(platform, "doomed")
     job = submit(http, model="lonely", prompt="survive a crash", max_tokens=200, seed=21)
     transcript = Transcript()
     reader = threading.Thread(target=read, args=(http, job["id"], transcript))
     reader.start()
     _wait_until(lambda: len(transcript.of_type("token")) >= 5, timeout=30)
     first.kill()
-    platform.spawn(
-        "worker",
-        "--models",
-        "lonely",
-        "--concurrency",
-        "2",
-        "--name",
-        "heir@inferq-test",
-        name="worker-heir",
-    )
-    stored = wait_for(http, job["id"], timeout=60)
-    reader.join(timeout=30)
+    heir = _lonely_worker(platform, "heir")
+    try:
+        stored = wait_for(http, job["id"], timeout=60)
+        reader.join(timeout=30)
+    finally:
+        heir.stop()
     expected = platform.sims["slow"].generate("survive a crash", 200, seed=21)
     assert stored["status"] == "succeeded"
     assert stored["attempts"] == 2
     assert stored["output"] == expected["generated_text"]
     assert transcript.of_type("reset"), "readers must be told the output restarts"
     assert transcript.output() == stored["output"]
+
+
+def _lonely_worker(platform: Platform, name: str) -> Process:
+    """A worker of its own for the `lonely` model, which the session's worker does not serve."""
+    return platform.spawn(
+        "worker",
+        "--models",
+        "lonely",
+        "--concurrency",
+        "2",
+        "--name",
+        f"{name}@inferq-test",
+        name=f"worker-{name}",
+    )
 
 
 def _wait_until(predicate, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import httpx
@@ -84,7 +85,7 @@ def test_another_tenants_job_is_not_found(http: httpx.Client, platform: Platform
 
 
 def test_cancel_of_a_queued_job_is_immediate(http: httpx.Client) -> None:
-    job = submit(http, model="lonely", prompt="nobody serves this queue", max_tokens=5)
+    job = submit(http, model="parked", prompt="nobody serves this queue", max_tokens=5)
     response = http.post(f"/v1/jobs/{job['id']}/cancel")
     assert response.status_code == 200
     assert response.json()["status"] == "cancelled"
@@ -195,3 +196,20 @@ def _insert_job(platform: Platform, status: str, attempts: int, lease: str = "NU
             (job_id, status, attempts),
         )
     return job_id
+
+
+def test_queue_depth_is_exported(platform: Platform, http: httpx.Client) -> None:
+    for i in range(3):
+        submit(http, model="parked", prompt=f"waiting {i}", max_tokens=2, priority="batch")
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        metrics = httpx.get(f"{platform.api_url}/metrics").text
+        depth = [
+            line
+            for line in metrics.splitlines()
+            if line.startswith('inferq_queue_depth{queue="inferq.parked"}')
+        ]
+        if depth and float(depth[0].split()[-1]) >= 3:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"queue depth not exported: {depth}")

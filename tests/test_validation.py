@@ -143,3 +143,4 @@ def test_health_and_readiness(platform: Platform) -> None:
     assert set(ready["checks"]) == {"postgres", "redis", "broker"}
     metrics = httpx.get(f"{platform.api_url}/metrics").text
     assert "inferq_jobs_submitted_total" in metrics
+    assert "inferq_sse_connections" in metrics

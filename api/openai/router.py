@@ -1,0 +1,91 @@
+"""/v1/chat/completions, /v1/completions and /v1/models, as the OpenAI API has them."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Header, Request, Response
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from api.auth import Principal
+from api.deps import CurrentKey, SessionDep, StateDep
+from api.jobs.schemas import JobCreate
+from api.openai import service
+from api.openai.errors import OpenAIRoute
+from api.openai.schemas import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    CompletionRequest,
+    ErrorBody,
+    ModelCard,
+    ModelList,
+    OpenAIRequest,
+    TextCompletion,
+)
+from api.state import AppState
+
+router = APIRouter(
+    prefix="/v1",
+    tags=["openai"],
+    route_class=OpenAIRoute,
+    responses={code: {"model": ErrorBody} for code in (400, 401, 404, 429, 500)},
+)
+
+IdempotencyKey = Annotated[str | None, Header(max_length=255)]
+
+
+@router.post("/chat/completions", response_model=None, responses={200: {"model": ChatCompletion}})
+async def chat_completions(
+    body: ChatCompletionRequest,
+    request: Request,
+    key: CurrentKey,
+    session: SessionDep,
+    state: StateDep,
+    idempotency_key: IdempotencyKey = None,
+) -> Response:
+    """A chat completion run as a job; `X-Inferq-Job-Id` names the job."""
+    job = service.chat_job(body)
+    return await _answer(request, key, session, state, idempotency_key, job, body, "chat")
+
+
+@router.post("/completions", response_model=None, responses={200: {"model": TextCompletion}})
+async def completions(
+    body: CompletionRequest,
+    request: Request,
+    key: CurrentKey,
+    session: SessionDep,
+    state: StateDep,
+    idempotency_key: IdempotencyKey = None,
+) -> Response:
+    """A text completion run as a job; `X-Inferq-Job-Id` names the job."""
+    job = service.completion_job(body)
+    return await _answer(request, key, session, state, idempotency_key, job, body, "text")
+
+
+async def _answer(
+    request: Request,
+    key: Principal,
+    session: AsyncSession,
+    state: AppState,
+    idempotency_key: str | None,
+    job: JobCreate,
+    body: OpenAIRequest,
+    kind: Literal["chat", "text"],
+) -> Response:
+    created = await service.create(session, state, key, job, idempotency_key)
+    await session.commit()
+    await service.dispatch(state, created)
+    reply = service.Reply.of(created.job, kind, body)
+    if body.stream:
+        return service.stream(state, key, reply)
+    return await service.complete(request, state, key, reply)
+
+
+@router.get("/models", response_model=ModelList)
+async def models(key: CurrentKey, state: StateDep) -> ModelList:
+    return service.model_list(state.registry)
+
+
+@router.get("/models/{name:path}", response_model=ModelCard)
+async def model(name: str, key: CurrentKey, state: StateDep) -> ModelCard:
+    return service.model_card(state.registry, name)

@@ -1,0 +1,492 @@
+"""OpenAI-compatible completions run as inferq jobs: the same rows, queue and token stream.
+
+A request becomes a job (create, commit, enqueue); the answer is then read from the job's
+events: a non-streaming reply waits for `done` or `error` and reads the stored job, a
+streaming reply turns token events into OpenAI chunks. A client that disconnects before
+its answer is complete, streaming or not, cancels the job (as vLLM aborts the request),
+which frees the backend's slot; the job ends `cancelled` with its partial output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import anyio
+from fastapi import Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationError
+from sqlalchemy.ext.asyncio import AsyncSession
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from api.auth import Principal
+from api.errors import ApiError, InvalidRequest
+from api.events.service import JobEvents
+from api.jobs.schemas import JobCreate, Message
+from api.jobs.service import Created, cancel_job, create_job, enqueue, resolve_model
+from api.openai.errors import JOB_HEADER, OpenAIError
+from api.openai.schemas import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatMessage,
+    ChunkChoice,
+    CompletionRequest,
+    ContentPart,
+    Delta,
+    ErrorBody,
+    ModelCard,
+    ModelList,
+    OpenAIRequest,
+    TextChoice,
+    TextCompletion,
+    Usage,
+)
+from api.state import AppState
+from inferq.events import TERMINAL_EVENTS, Event, EventType
+from inferq.metrics import JOBS_SUBMITTED
+from inferq.models import Job, JobStatus
+from inferq.registry import Registry
+
+log = logging.getLogger("inferq.openai")
+
+# OpenAI's default for the legacy completions route (chat jobs use the platform's default).
+COMPLETIONS_MAX_TOKENS = 16
+
+# Parameters inferq does not implement, each with the values that ask for nothing (clients
+# often send those by default). Any other value, or an unknown parameter, is a clear 400.
+NEUTRAL: dict[str, tuple[object, ...]] = {
+    "frequency_penalty": (None, 0, 0.0),
+    "presence_penalty": (None, 0, 0.0),
+    "logit_bias": (None, {}),
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "parallel_tool_calls": (None, True, False),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "response_format": (None, {"type": "text"}),
+    "modalities": (None, ["text"]),
+    "audio": (None,),
+    "prediction": (None,),
+    "reasoning_effort": (None,),
+    "web_search_options": (None,),
+    "store": (None, False),
+    "service_tier": (None, "auto", "default"),
+    "best_of": (None, 1),
+    "echo": (None, False),
+    "suffix": (None, ""),
+}
+
+# Backend finish reasons (TGI's and OpenAI's) in OpenAI's words. A cancelled job ends with
+# `stop`: OpenAI has no word for it, and its status is on the job.
+FINISH_REASONS = {
+    "eos_token": "stop",
+    "stop_sequence": "stop",
+    "stop": "stop",
+    "length": "length",
+    "cancelled": "stop",
+    "tool_calls": "tool_calls",
+    "content_filter": "content_filter",
+}
+
+# The HTTP status of a failed job, by its error type; other failures are the server's.
+FAILURE_STATUS = {
+    "validation": 400,
+    "backend_rejected": 400,
+    "overloaded": 503,
+    "backend_unavailable": 502,
+    "connection": 502,
+    "timeout": 504,
+    "deadline_exceeded": 504,
+}
+
+
+def _unsupported(param: str, message: str, code: str = "unsupported_parameter") -> OpenAIError:
+    return OpenAIError(400, message, param=param, code=code)
+
+
+def _is_neutral(value: object, neutral: tuple[object, ...]) -> bool:
+    # Compare types too: `0 == False`, but `logprobs: 0` asks for log probabilities.
+    return any(type(value) is type(n) and value == n for n in neutral)
+
+
+def check_supported(body: OpenAIRequest) -> None:
+    """Refuse, with a 400 naming it, any parameter inferq would otherwise silently ignore."""
+    if body.n not in (None, 1):
+        raise _unsupported("n", "n must be 1: inferq generates one choice per request")
+    if body.stream_options is not None and not body.stream:
+        raise _unsupported("stream_options", "stream_options is only allowed with stream: true")
+    for name, value in (body.model_extra or {}).items():
+        neutral = NEUTRAL.get(name)
+        if neutral is None:
+            raise _unsupported(name, f"unrecognized parameter {name!r}", "unknown_parameter")
+        if not _is_neutral(value, neutral):
+            raise _unsupported(name, f"{name!r} is not supported by inferq")
+
+
+def _content(content: str | list[ContentPart] | None, where: str) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    for j, part in enumerate(content):
+        if part.type != "text" or part.text is None:
+            raise _unsupported(
+                f"{where}.content", f"{where}.content[{j}]: only text parts are supported"
+            )
+    return "\n".join(part.text or "" for part in content)
+
+
+def _message(i: int, message: ChatMessage) -> Message:
+    where = f"messages[{i}]"
+    if message.role in ("tool", "function"):
+        raise _unsupported(f"{where}.role", f"{where}: tool messages need tools, unsupported")
+    for name, value in (message.model_extra or {}).items():
+        if value not in (None, [], ""):
+            raise _unsupported(f"{where}.{name}", f"{where}.{name} is not supported by inferq")
+    role = "system" if message.role == "developer" else message.role
+    return Message(role=role, content=_content(message.content, where))
+
+
+def _prompt(prompt: str | list[str] | list[int] | list[list[int]]) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    if len(prompt) == 1 and isinstance(prompt[0], str):
+        return prompt[0]
+    if prompt and not isinstance(prompt[0], str):
+        raise _unsupported("prompt", "token-id prompts are not supported; send text")
+    raise _unsupported("prompt", "give exactly one prompt per request")
+
+
+def _job(body: OpenAIRequest, **inputs: Any) -> JobCreate:
+    try:
+        return JobCreate(
+            model=body.model,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            stop=body.stop,
+            seed=body.seed,
+            metadata=body.metadata or {},
+            **inputs,
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        raise OpenAIError(400, f"{param}: {first['msg']}", param=param) from exc
+
+
+def chat_job(body: ChatCompletionRequest) -> JobCreate:
+    check_supported(body)
+    messages = [_message(i, m) for i, m in enumerate(body.messages)]
+    return _job(body, messages=messages, max_tokens=body.max_completion_tokens or body.max_tokens)
+
+
+def completion_job(body: CompletionRequest) -> JobCreate:
+    """The prompt as is; on an `openai` model the worker sends it as one user message."""
+    check_supported(body)
+    return _job(
+        body, prompt=_prompt(body.prompt), max_tokens=body.max_tokens or COMPLETIONS_MAX_TOKENS
+    )
+
+
+async def create(
+    session: AsyncSession,
+    state: AppState,
+    key: Principal,
+    body: JobCreate,
+    idempotency_key: str | None,
+) -> Created:
+    try:
+        resolve_model(state.registry, body.model)
+    except InvalidRequest as exc:
+        raise OpenAIError(404, exc.message, param="model", code="model_not_found") from exc
+    return await create_job(session, state, key, body, idempotency_key)
+
+
+async def dispatch(state: AppState, created: Created) -> None:
+    """After the commit: hand a new job to the broker unless create_job already did."""
+    if created.replayed:
+        return
+    if not created.enqueued:
+        await enqueue(state, [created.job])
+    JOBS_SUBMITTED.labels(created.job.model).inc()
+
+
+def usage(input_tokens: int | None, output_tokens: int | None) -> Usage:
+    prompt, completion = input_tokens or 0, output_tokens or 0
+    return Usage(
+        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+    )
+
+
+def finish_reason(reason: str | None) -> str:
+    return FINISH_REASONS.get(reason or "stop", "stop")
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """The answer to one request: its job, and the shape the client asked for."""
+
+    job_id: uuid.UUID
+    model: str
+    created: int
+    kind: Literal["chat", "text"]
+    include_usage: bool = False
+
+    @classmethod
+    def of(cls, job: Job, kind: Literal["chat", "text"], body: OpenAIRequest) -> Reply:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return cls(job.id, job.model, int(job.created_at.timestamp()), kind, include_usage)
+
+    @property
+    def id(self) -> str:
+        return f"{'chatcmpl' if self.kind == 'chat' else 'cmpl'}-{self.job_id}"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {JOB_HEADER: str(self.job_id)}
+
+    def whole(self, text: str, reason: str, counts: Usage) -> BaseModel:
+        if self.kind == "text":
+            choice = TextChoice(text=text, finish_reason=reason)
+            return TextCompletion(**self._ids(), choices=[choice], usage=counts)
+        message = ChatChoice(message=AssistantMessage(content=text), finish_reason=reason)
+        return ChatCompletion(**self._ids(), choices=[message], usage=counts)
+
+    def chunk(self, text: str | None = None, reason: str | None = None) -> BaseModel:
+        """One streamed piece of text, or the closing chunk with the finish reason."""
+        if self.kind == "text":
+            return TextCompletion(
+                **self._ids(), choices=[TextChoice(text=text or "", finish_reason=reason)]
+            )
+        delta = Delta(content=text)
+        return ChatCompletionChunk(
+            **self._ids(), choices=[ChunkChoice(delta=delta, finish_reason=reason)]
+        )
+
+    def opening(self) -> list[BaseModel]:
+        """OpenAI opens a chat stream with the role; a text stream starts with text."""
+        if self.kind == "text":
+            return []
+        delta = Delta(role="assistant", content="")
+        return [ChatCompletionChunk(**self._ids(), choices=[ChunkChoice(delta=delta)])]
+
+    def usage_chunk(self, counts: Usage) -> BaseModel:
+        """The extra last chunk `include_usage` asks for: no choices, the usage."""
+        model = TextCompletion if self.kind == "text" else ChatCompletionChunk
+        return model(**self._ids(), choices=[], usage=counts)
+
+    def _ids(self) -> dict[str, Any]:
+        return {"id": self.id, "created": self.created, "model": self.model}
+
+
+def job_error(job_id: uuid.UUID, error_type: str | None, message: str) -> OpenAIError:
+    kind = error_type or "error"
+    status = FAILURE_STATUS.get(kind, 500)
+    return OpenAIError(status, message or f"the job failed ({kind})", code=kind, job_id=str(job_id))
+
+
+async def until_end(events: JobEvents) -> Event:
+    """The job's closing event (`done` or `error`)."""
+    async with contextlib.aclosing(aiter(events)) as stream:
+        async for event in stream:
+            if event.type in TERMINAL_EVENTS:
+                return event
+    raise OpenAIError(500, "the job's event stream ended without an end", code="stream_ended")
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def until_end_or_gone(request: Request, events: JobEvents) -> Event | None:
+    """The job's closing event, or None if the client disconnected first."""
+    ending = asyncio.ensure_future(until_end(events))
+    leaving = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({ending, leaving}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (ending, leaving):
+            task.cancel()
+        await asyncio.gather(ending, leaving, return_exceptions=True)
+    return ending.result() if ending in done else None
+
+
+async def abandon(state: AppState, key: Principal, job_id: uuid.UUID) -> None:
+    """Cancel the job of a client that went away; its answer has no reader left."""
+    log.info("client disconnected, cancelling its job", extra={"job_id": str(job_id)})
+    # Shielded: this runs while the response around it is being torn down.
+    with anyio.move_on_after(state.settings.cancel_wait_seconds + 5, shield=True):
+        async with state.sessions() as session:
+            with contextlib.suppress(ApiError):  # it ended meanwhile
+                await cancel_job(session, state, key, job_id)
+
+
+def job_events(state: AppState, job_id: uuid.UUID) -> JobEvents:
+    return JobEvents(state.redis, state.hub, state.sessions, job_id, None)
+
+
+async def complete(request: Request, state: AppState, key: Principal, reply: Reply) -> Response:
+    """Wait for the job to end, then answer with the stored job's output and usage."""
+    if await until_end_or_gone(request, job_events(state, reply.job_id)) is None:
+        await abandon(state, key, reply.job_id)
+        return Response(status_code=499, headers=reply.headers)
+    async with state.sessions() as session:
+        job = await session.get(Job, reply.job_id)
+    assert job is not None
+    if job.status not in (JobStatus.succeeded, JobStatus.cancelled):
+        raise job_error(job.id, job.error_type or job.status, job.error_message or "")
+    counts = usage(job.input_tokens, job.output_tokens)
+    body = reply.whole(job.output or "", finish_reason(job.finish_reason), counts)
+    return JSONResponse(body.model_dump(mode="json"), headers=reply.headers)
+
+
+class Diverged(Exception):
+    """A restarted generation's text differs from what the client was already sent."""
+
+
+@dataclass
+class Relay:
+    """What a stream has sent its client, so that a restarted generation can be followed.
+
+    A `reset` event means the job's generation started over (a worker or backend failed
+    mid-stream). Text already sent cannot be taken back, so the new attempt's text is held
+    until it has passed what was sent: if it starts with that text (as a seeded or greedy
+    generation does) the stream just goes on; if it differs, the stream ends with an error
+    and the job, which still finishes, holds the final output.
+    """
+
+    sent: str = ""
+    redo: str | None = None  # the restarted attempt's text while it is behind `sent`
+    ended: bool = False
+
+    def reset(self) -> None:
+        if self.sent:
+            self.redo = ""
+
+    def token(self, text: str) -> str:
+        """The part of `text` the client has not seen yet."""
+        if self.redo is None:
+            self.sent += text
+            return text
+        self.redo += text
+        if not (self.sent.startswith(self.redo) or self.redo.startswith(self.sent)):
+            raise Diverged
+        if len(self.redo) < len(self.sent):
+            return ""
+        new, self.sent, self.redo = self.redo[len(self.sent) :], self.redo, None
+        return new
+
+    def settle(self) -> None:
+        if self.redo is not None:  # the new attempt ended shorter than what was sent
+            raise Diverged
+
+
+def _sse(model: BaseModel, include_usage: bool = True) -> ServerSentEvent:
+    exclude = None if include_usage else {"usage"}
+    return ServerSentEvent(data=model.model_dump_json(exclude=exclude))
+
+
+def _error_event(error: OpenAIError) -> ServerSentEvent:
+    return ServerSentEvent(data=ErrorBody(error=error.detail).model_dump_json())
+
+
+@dataclass
+class ChunkStream:
+    """A job's events as OpenAI chunks: `data: {chunk}` ... `data: [DONE]`."""
+
+    state: AppState
+    key: Principal
+    reply: Reply
+    relay: Relay = field(default_factory=Relay)
+
+    async def __aiter__(self) -> AsyncIterator[ServerSentEvent]:
+        for chunk in self.reply.opening():
+            yield self._sse(chunk)
+        try:
+            async with contextlib.aclosing(
+                aiter(job_events(self.state, self.reply.job_id))
+            ) as events:
+                async for event in events:
+                    for out in self._translate(event):
+                        yield out
+                    if event.type in TERMINAL_EVENTS:
+                        break
+        except Diverged:
+            yield _error_event(self._diverged())
+        except OpenAIError as exc:
+            yield _error_event(exc)
+        self.relay.ended = True
+        yield ServerSentEvent(data="[DONE]")
+
+    def _translate(self, event: Event) -> list[ServerSentEvent]:
+        if event.type is EventType.reset:
+            self.relay.reset()
+        elif event.type is EventType.token:
+            text = self.relay.token(event.payload()["text"])
+            return [self._sse(self.reply.chunk(text))] if text else []
+        elif event.type is EventType.done:
+            return self._closing(event.payload())
+        elif event.type is EventType.error:
+            payload = event.payload()
+            raise job_error(self.reply.job_id, payload.get("type"), payload.get("message", ""))
+        return []
+
+    def _closing(self, done: dict[str, Any]) -> list[ServerSentEvent]:
+        if done.get("status") not in (JobStatus.succeeded, JobStatus.cancelled):
+            raise job_error(self.reply.job_id, done.get("status"), "the job did not finish")
+        self.relay.settle()
+        out = [self._sse(self.reply.chunk(reason=finish_reason(done.get("finish_reason"))))]
+        if self.reply.include_usage:
+            counts = done.get("usage") or {}
+            usage_chunk = self.reply.usage_chunk(
+                usage(counts.get("input_tokens"), counts.get("output_tokens"))
+            )
+            out.append(self._sse(usage_chunk))
+        return out
+
+    def _sse(self, chunk: BaseModel) -> ServerSentEvent:
+        return _sse(chunk, self.reply.include_usage)
+
+    def _diverged(self) -> OpenAIError:
+        return OpenAIError(
+            500,
+            "the generation restarted after a failure and its new text differs from the text"
+            f" already streamed; job {self.reply.job_id} holds the final output",
+            code="generation_restarted",
+            job_id=str(self.reply.job_id),
+        )
+
+    async def on_disconnect(self, _message: object) -> None:
+        if not self.relay.ended:
+            await abandon(self.state, self.key, self.reply.job_id)
+
+
+def stream(state: AppState, key: Principal, reply: Reply) -> EventSourceResponse:
+    chunks = ChunkStream(state, key, reply)
+    return EventSourceResponse(
+        aiter(chunks),
+        ping=int(state.settings.sse_ping_seconds),
+        sep="\n",
+        send_timeout=30,
+        headers={**reply.headers, "Cache-Control": "no-cache"},
+        client_close_handler_callable=chunks.on_disconnect,
+    )
+
+
+def model_list(registry: Registry) -> ModelList:
+    return ModelList(data=[ModelCard(id=name) for name in registry.names()])
+
+
+def model_card(registry: Registry, name: str) -> ModelCard:
+    if registry.get(name) is None:
+        raise OpenAIError(404, f"no model {name!r}", param="model", code="model_not_found")
+    return ModelCard(id=name)
