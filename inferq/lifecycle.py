@@ -89,14 +89,6 @@ def _held(claim_: Claim) -> Any:
     )
 
 
-def extend_lease(session: Session, claim_: Claim, lease_seconds: float) -> bool:
-    """Push the lease forward; False when the claim was lost (the job is someone else's)."""
-    result = session.execute(
-        update(Job).where(_held(claim_)).values(lease_expires_at=lease_until(lease_seconds))
-    )
-    return bool(result.rowcount)  # type: ignore[attr-defined]
-
-
 def finish(session: Session, claim_: Claim, outcome: Outcome) -> bool:
     """Record the end of a job; False when the claim was lost or the job already ended."""
     values: dict[str, Any] = {

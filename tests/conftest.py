@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -123,10 +125,14 @@ def _start_sim(name: str, logs: Path, env: dict[str, str], *args: str) -> Sim:
 
 
 @pytest.fixture(scope="session")
-def databases(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Databases]:
-    dbs = Databases.start(tmp_path_factory.mktemp("servers"))
+def databases() -> Iterator[Databases]:
+    # Not under pytest's temp dir: pytest prunes old numbered dirs, even a running session's
+    # when several sessions run at once, and the embedded Postgres must keep its data dir.
+    scratch = Path(tempfile.mkdtemp(prefix="inferq-test-servers-"))
+    dbs = Databases.start(scratch)
     yield dbs
     dbs.stop()
+    shutil.rmtree(scratch, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

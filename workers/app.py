@@ -37,7 +37,7 @@ def _open(**_: Any) -> None:
     configure_logging(settings.log_level)
     if settings.worker_metrics_port:
         start_http_server(settings.worker_metrics_port)
-    app.require_context()
+    app.require_context().leases.start()
 
 
 @signals.worker_shutdown.connect

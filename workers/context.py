@@ -16,6 +16,7 @@ from inferq.events import PUBLISH_SCRIPT
 from inferq.queue import Enqueuer, make_producer_app
 from inferq.registry import Registry
 from inferq.settings import Settings
+from workers.leases import LeaseKeeper
 
 
 @dataclass
@@ -27,11 +28,13 @@ class WorkerContext:
     publish_script: Any
     registry: Registry
     enqueuer: Enqueuer
+    leases: LeaseKeeper
     name: str
 
     @classmethod
     def create(cls, settings: Settings, pool_size: int = 10) -> WorkerContext:
         engine = make_sync_engine(settings.database_url, pool_size=pool_size)
+        sessions = sync_sessions(engine)
         client = redis.Redis.from_url(
             settings.redis_url,
             decode_responses=True,
@@ -43,15 +46,17 @@ class WorkerContext:
         return cls(
             settings=settings,
             engine=engine,
-            sessions=sync_sessions(engine),
+            sessions=sessions,
             redis=client,
             publish_script=client.register_script(PUBLISH_SCRIPT),
             registry=Registry.load(settings.models_file),
             enqueuer=Enqueuer(make_producer_app(settings), client),
+            leases=LeaseKeeper(sessions, settings.lease_seconds),
             name=f"{socket.gethostname()}:{os.getpid()}",
         )
 
     def close(self) -> None:
+        self.leases.stop()
         self.enqueuer.close()
         self.redis.close()
         self.engine.dispose()

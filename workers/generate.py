@@ -99,16 +99,17 @@ class Generation:
         self.restarts = 0
         self.parts: list[str] = []
         self.emitted = claim.attempt > 1  # an earlier attempt may have streamed tokens
-        self.next_lease = 0.0
 
     def run(self, spec: ModelSpec) -> None:
-        self._start_events()
+        self.ctx.leases.hold(self.claim.token)
         try:
+            self._start_events()
             outcome = self._with_retries(spec)
+            self.finish(outcome)
         except ClaimLost:
             log.warning("lease lost, another worker owns the job", extra=self._log())
-            return
-        self.finish(outcome)
+        finally:
+            self.ctx.leases.release(self.claim.token)
 
     def _start_events(self) -> None:
         events = [Event.make(EventType.status, status=JobStatus.running.value)]
@@ -134,7 +135,6 @@ class Generation:
     def _before_retry(self, state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
         log.warning("backend error, retrying: %s", exc, extra=self._log())
-        self._keep_lease(force=True)
         if self.emitted:
             self.restarts += 1
             self.publisher.send(
@@ -157,7 +157,8 @@ class Generation:
                 parts.append(delta)
                 if self.publisher.add_token(delta):
                     return self._cancelled(parts, first_token_at)
-                self._keep_lease()
+                if self.ctx.leases.lost(self.claim.token):
+                    raise ClaimLost
                 if time.monotonic() > deadline:
                     raise FatalBackendError(
                         "deadline_exceeded", "the generation ran past its deadline"
@@ -188,15 +189,6 @@ class Generation:
             output_tokens=len(parts),
             first_token_at=first_token_at,
         )
-
-    def _keep_lease(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now < self.next_lease:
-            return
-        self.next_lease = now + self.ctx.settings.lease_seconds / 3
-        with self.ctx.sessions.begin() as session:
-            if not lifecycle.extend_lease(session, self.claim, self.ctx.settings.lease_seconds):
-                raise ClaimLost
 
     def finish(self, outcome: Outcome) -> None:
         if outcome.status is not JobStatus.cancelled:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -22,6 +23,9 @@ from workers.context import WorkerContext
 log = logging.getLogger("inferq.sweeper")
 
 BATCH = 1000
+# Marks of messages that were consumed without a claim (e.g. a job cancelled while queued)
+# are dropped after this long; a job still waiting after it is merely enqueued once more.
+MARK_RETENTION_SECONDS = 24 * 3600
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,11 +40,17 @@ def _enqueue_item(registry: Registry, job_id: str, model: str, priority: str) ->
     return Enqueue(job_id, spec.queue if spec else f"inferq.{model}", priority)
 
 
-def _not_enqueued(ctx: WorkerContext, ids: list[str]) -> set[str]:
+def _not_enqueued(ctx: WorkerContext, ids: list[str], since: list[float] | None = None) -> set[str]:
+    """Ids with no enqueue mark (or, with `since`, no mark newer than the given time)."""
     if not ids:
         return set()
     scores = ctx.redis.zmscore(ENQUEUED_KEY, ids)
-    return {job_id for job_id, score in zip(ids, scores, strict=True) if score is None}
+    floors = since or [0.0] * len(ids)
+    return {
+        job_id
+        for job_id, score, floor in zip(ids, scores, floors, strict=True)
+        if score is None or score < floor
+    }
 
 
 def sweep(ctx: WorkerContext) -> SweepReport:
@@ -56,12 +66,16 @@ def sweep(ctx: WorkerContext) -> SweepReport:
             .limit(BATCH)
         ).all()
         expired = session.execute(
-            select(Job.id, Job.model, Job.priority)
+            select(Job.id, Job.model, Job.priority, Job.lease_expires_at)
             .where(Job.status == JobStatus.running, Job.lease_expires_at < func.now())
             .limit(BATCH)
         ).all()
     lost_ids = _not_enqueued(ctx, [str(r.id) for r in lost])
-    expired_ids = _not_enqueued(ctx, [str(r.id) for r in expired])
+    # A mark older than the lapsed lease belongs to an earlier delivery (a worker can take a
+    # message before the API has marked it), so only a newer one means "already re-enqueued".
+    expired_ids = _not_enqueued(
+        ctx, [str(r.id) for r in expired], [r.lease_expires_at.timestamp() for r in expired]
+    )
     items = [
         _enqueue_item(ctx.registry, str(r.id), r.model, r.priority)
         for r in [*lost, *expired]
@@ -70,6 +84,7 @@ def sweep(ctx: WorkerContext) -> SweepReport:
     if items:
         ctx.enqueuer.enqueue(items)
         log.warning("re-enqueued %d jobs", len(items))
+    ctx.redis.zremrangebyscore(ENQUEUED_KEY, "-inf", time.time() - MARK_RETENTION_SECONDS)
     return SweepReport(len(lost_ids), len(expired_ids), failed)
 
 

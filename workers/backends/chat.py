@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
@@ -10,7 +11,10 @@ from huggingface_hub import InferenceClient
 
 from inferq.registry import ModelSpec
 from workers.backends.base import GenerationRequest
+from workers.backends.errors import TRANSLATED
 from workers.backends.tgi import ClientStream
+
+log = logging.getLogger("inferq.worker")
 
 
 class ChatStream(ClientStream):
@@ -54,6 +58,39 @@ def chat_params(request: GenerationRequest, model: str | None) -> dict[str, Any]
     return params
 
 
+class OpenAIChatStream(ChatStream):
+    """Chat on an OpenAI-compatible server, with the server's own token counts.
+
+    They come from the last chunk when the server honours `stream_options.include_usage`
+    (vLLM, SGLang, TGI, llama.cpp's llama-server, OpenAI). llama-cpp-python's server never
+    streams usage: the prompt's count is then asked with a one-token request (its prompt
+    cache makes that cheap), and the completion's count is the number of streamed deltas,
+    which that server sends one per token (except when it joins the tokens of a split
+    character, or holds back text that may start a stop sequence).
+    """
+
+    def _deltas(self) -> Iterator[str]:
+        deltas = 0
+        for delta in super()._deltas():
+            deltas += 1
+            yield delta
+        if self.completion.output_tokens is None:
+            self.completion.output_tokens = deltas
+        if self.completion.input_tokens is None:
+            self.completion.input_tokens = self._prompt_tokens()
+
+    def _prompt_tokens(self) -> int | None:
+        try:
+            reply = self.client.chat_completion(
+                self.request.messages or [], model=self.model, max_tokens=1
+            )
+        except TRANSLATED as exc:
+            # The text is complete; a missing count must not fail or retry the generation.
+            log.warning("could not count the prompt's tokens: %s", exc)
+            return None
+        return reply.usage.prompt_tokens if reply.usage else None
+
+
 class OpenAIBackend:
     """Any OpenAI-compatible server (vLLM, SGLang, llama.cpp server, hosted APIs)."""
 
@@ -69,7 +106,7 @@ class OpenAIBackend:
         client = InferenceClient(
             base_url=self.spec.url, api_key=self.api_key or "-", timeout=self.timeout
         )
-        return ChatStream(client, request, model=self.spec.upstream_model or self.spec.name)
+        return OpenAIChatStream(client, request, model=self.spec.upstream_model or self.spec.name)
 
     def close(self) -> None:
         pass

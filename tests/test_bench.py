@@ -1,0 +1,86 @@
+"""`inferq bench --smoke`: the benchmark runs end to end and reports every phase."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+PHASES = ("stream", "submit", "fanout", "scale")
+
+
+def _bench_env() -> dict[str, str]:
+    """The test servers when given (the bench makes its own database there), else embedded."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INFERQ_BENCH_")}
+    for name in ("DATABASE_URL", "REDIS_URL"):
+        given = os.environ.get(f"INFERQ_TEST_{name}")
+        if given:
+            env[f"INFERQ_BENCH_{name}"] = given
+    return env
+
+
+def _run_smoke(out: Path) -> dict[str, Any]:
+    completed = subprocess.run(
+        [sys.executable, "-m", "inferq", "bench", "--smoke", "--out", str(out)],
+        env=_bench_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    return json.loads((out / "bench.json").read_text())
+
+
+def _assert_stream(stream: dict[str, Any]) -> None:
+    assert [level["concurrency"] for level in stream["levels"]] == [1, 4]
+    for level in stream["levels"]:
+        for path in ("direct", "platform"):
+            figures = level[path]
+            assert figures["errors"] == {}, (path, figures["errors"])
+            assert figures["ttft_ms"]["n"] == figures["requests"] > 0
+            assert 0 < figures["ttft_ms"]["p50"] <= figures["ttft_ms"]["p99"]
+            assert figures["itl_ms"]["p50"] > 0
+            assert figures["e2e_ms"]["p50"] >= figures["ttft_ms"]["p50"]
+            assert figures["tokens_per_s"] > 0
+        assert level["overhead"]["tokens_per_s_ratio"] > 0
+
+
+def _assert_submit(submit: dict[str, Any]) -> None:
+    assert submit["levels"]
+    for level in submit["levels"]:
+        assert level["accepted"] == level["jobs"] > 0
+        assert level["jobs_per_s"] > 0
+        assert 0 < level["latency_ms"]["p50"] <= level["latency_ms"]["p99"]
+
+
+def _assert_fanout(fanout: dict[str, Any]) -> None:
+    assert fanout["connections_held"] == fanout["target_clients"] > 0
+    assert fanout["api_rss_peak_mib"] > 0
+    assert fanout["delivery_lag_ms"]["n"] > 0
+    assert fanout["delivery_lag_ms"]["p50"] is not None
+
+
+def _assert_scale(scale: dict[str, Any]) -> None:
+    assert [level["workers"] for level in scale["levels"]][0] == 1
+    for level in scale["levels"]:
+        assert level["succeeded"] == level["jobs"] > 0
+        assert level["jobs_per_s"] > 0
+        assert 1 <= level["workers_used"] <= level["workers"]
+        assert level["efficiency"] > 0
+    assert scale["levels"][0]["efficiency"] == 1.0
+
+
+def test_bench_smoke_reports_every_phase(tmp_path: Path) -> None:
+    result = _run_smoke(tmp_path)
+    assert all(result[phase] is not None for phase in PHASES)
+    _assert_stream(result["stream"])
+    _assert_submit(result["submit"])
+    _assert_fanout(result["fanout"])
+    _assert_scale(result["scale"])
+    assert set(result["cpu"]) == set(PHASES)
+    assert result["environment"]["cpu_count"] >= 1
+    assert result["config"]["stream"]["sim"]["itl_ms"] > 0
+    assert (tmp_path / "stream-latency.png").stat().st_size > 0
