@@ -39,6 +39,11 @@ BAD_BODIES = [
     pytest.param(
         {"model": "sim", "prompt": "x", "webhook": {"url": "not a url"}}, 422, id="bad-webhook"
     ),
+    pytest.param(
+        {"model": "sim", "prompt": "x", "webhook": {"url": "https://example.org/h"}},
+        422,
+        id="webhook-not-supported-yet",
+    ),
     pytest.param([1, 2], 422, id="body-not-an-object"),
 ]
 

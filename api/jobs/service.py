@@ -43,6 +43,11 @@ def resolve_model(registry: Registry, name: str) -> ModelSpec:
     return spec
 
 
+def check_supported(body: JobCreate) -> None:
+    if body.webhook is not None:
+        raise InvalidRequest("webhooks are not supported yet: poll the job or read its events")
+
+
 def check_size(body: JobCreate, settings: Settings) -> None:
     size = len(body.prompt or "") + sum(len(m.content) for m in body.messages or [])
     if size > settings.max_prompt_chars:
@@ -96,6 +101,7 @@ async def create_job(
     body: JobCreate,
     idempotency_key: str | None,
 ) -> Created:
+    check_supported(body)
     check_size(body, state.settings)
     spec = resolve_model(state.registry, body.model)
     values = job_values(body, spec, key)

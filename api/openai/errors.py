@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -12,6 +13,8 @@ from fastapi.routing import APIRoute
 
 from api.errors import ApiError
 from api.openai.schemas import ErrorBody, ErrorDetail
+
+log = logging.getLogger("inferq.openai")
 
 JOB_HEADER = "X-Inferq-Job-Id"
 
@@ -88,5 +91,8 @@ class OpenAIRoute(APIRoute):
                 return render(from_api_error(exc))
             except RequestValidationError as exc:
                 return render(from_validation(exc))
+            except Exception:
+                log.exception("unexpected error on %s", request.url.path)
+                return render(OpenAIError(500, "internal error", code="internal_error"))
 
         return guarded

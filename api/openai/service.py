@@ -13,9 +13,9 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import anyio
 from fastapi import Request, Response
@@ -293,10 +293,17 @@ def job_error(job_id: uuid.UUID, error_type: str | None, message: str) -> OpenAI
     return OpenAIError(status, message or f"the job failed ({kind})", code=kind, job_id=str(job_id))
 
 
-async def until_end(events: JobEvents) -> Event:
+def follow(state: AppState, job_id: uuid.UUID) -> contextlib.aclosing[AsyncGenerator[Event, None]]:
+    """The job's events from its start; closing them leaves the hub."""
+    events = JobEvents(state.redis, state.hub, state.sessions, job_id, None)
+    # JobEvents.__aiter__ is an async generator, which can be closed.
+    return contextlib.aclosing(cast(AsyncGenerator[Event, None], aiter(events)))
+
+
+async def until_end(state: AppState, job_id: uuid.UUID) -> Event:
     """The job's closing event (`done` or `error`)."""
-    async with contextlib.aclosing(aiter(events)) as stream:
-        async for event in stream:
+    async with follow(state, job_id) as events:
+        async for event in events:
             if event.type in TERMINAL_EVENTS:
                 return event
     raise OpenAIError(500, "the job's event stream ended without an end", code="stream_ended")
@@ -307,9 +314,9 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-async def until_end_or_gone(request: Request, events: JobEvents) -> Event | None:
+async def until_end_or_gone(request: Request, state: AppState, job_id: uuid.UUID) -> Event | None:
     """The job's closing event, or None if the client disconnected first."""
-    ending = asyncio.ensure_future(until_end(events))
+    ending = asyncio.ensure_future(until_end(state, job_id))
     leaving = asyncio.ensure_future(_disconnected(request))
     try:
         done, _ = await asyncio.wait({ending, leaving}, return_when=asyncio.FIRST_COMPLETED)
@@ -330,13 +337,9 @@ async def abandon(state: AppState, key: Principal, job_id: uuid.UUID) -> None:
                 await cancel_job(session, state, key, job_id)
 
 
-def job_events(state: AppState, job_id: uuid.UUID) -> JobEvents:
-    return JobEvents(state.redis, state.hub, state.sessions, job_id, None)
-
-
 async def complete(request: Request, state: AppState, key: Principal, reply: Reply) -> Response:
     """Wait for the job to end, then answer with the stored job's output and usage."""
-    if await until_end_or_gone(request, job_events(state, reply.job_id)) is None:
+    if await until_end_or_gone(request, state, reply.job_id) is None:
         await abandon(state, key, reply.job_id)
         return Response(status_code=499, headers=reply.headers)
     async with state.sessions() as session:
@@ -412,9 +415,7 @@ class ChunkStream:
         for chunk in self.reply.opening():
             yield self._sse(chunk)
         try:
-            async with contextlib.aclosing(
-                aiter(job_events(self.state, self.reply.job_id))
-            ) as events:
+            async with follow(self.state, self.reply.job_id) as events:
                 async for event in events:
                     for out in self._translate(event):
                         yield out
