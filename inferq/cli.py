@@ -171,3 +171,39 @@ def up(port: int, models_file: Path | None, data_dir: Path, concurrency: int) ->
     from inferq.standalone import run_standalone
 
     sys.exit(run_standalone(port, models_file, data_dir, concurrency))
+
+
+@main.command()
+@click.option(
+    "--phases",
+    default="stream,submit,fanout,scale",
+    show_default=True,
+    help="comma-separated phases to run",
+)
+@click.option("--smoke", is_flag=True, help="tiny sizes that finish in seconds")
+@click.option(
+    "--out",
+    "out_dir",
+    default="bench-results",
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+)
+@click.option(
+    "--database-url",
+    envvar="INFERQ_BENCH_DATABASE_URL",
+    help="Postgres admin URL; the run creates (and drops) its own database on that server "
+    "[env INFERQ_BENCH_DATABASE_URL; default: embedded]",
+)
+@click.option(
+    "--redis-url",
+    envvar="INFERQ_BENCH_REDIS_URL",
+    help="Redis URL; nothing is flushed, the run's queues carry its id "
+    "[env INFERQ_BENCH_REDIS_URL; default: embedded]",
+)
+def bench(
+    phases: str, smoke: bool, out_dir: Path, database_url: str | None, redis_url: str | None
+) -> None:
+    """Measure the platform against its backend: stream, submit, fan-out, scale."""
+    from inferq.bench.command import run_command
+
+    sys.exit(run_command(phases, smoke, out_dir, database_url, redis_url))

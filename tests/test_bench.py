@@ -64,7 +64,7 @@ def _assert_fanout(fanout: dict[str, Any]) -> None:
 
 
 def _assert_scale(scale: dict[str, Any]) -> None:
-    assert [level["workers"] for level in scale["levels"]][0] == 1
+    assert scale["levels"][0]["workers"] == 1
     for level in scale["levels"]:
         assert level["succeeded"] == level["jobs"] > 0
         assert level["jobs_per_s"] > 0

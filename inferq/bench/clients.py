@@ -1,0 +1,163 @@
+"""One timed request, through the platform (submit + SSE) or straight to the simulator."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from httpx_sse import aconnect_sse
+
+# Explicit bounds: `read` is the longest gap between two events of one stream.
+TIMEOUT = httpx.Timeout(connect=30.0, read=120.0, write=30.0, pool=300.0)
+
+
+def async_client(connections: int, **kwargs: Any) -> httpx.AsyncClient:
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    return httpx.AsyncClient(limits=limits, timeout=TIMEOUT, **kwargs)
+
+
+@dataclass
+class Timing:
+    """Clock readings of one request (time.perf_counter seconds) and its token count."""
+
+    start: float
+    first_token: float | None = None
+    last_token: float | None = None
+    end: float | None = None
+    tokens: int = 0
+    submitted: float | None = None  # platform: when the 202 arrived
+    # Platform: the first token was flushed before the event stream opened, so it came in the
+    # replay and t_first is late (the request's mean ITL reads low).
+    first_token_replayed: bool = False
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.first_token is not None and self.end is not None
+
+    @property
+    def ttft_ms(self) -> float:
+        assert self.first_token is not None
+        return (self.first_token - self.start) * 1000
+
+    @property
+    def itl_ms(self) -> float | None:
+        """Mean inter-token latency of the request; None with fewer than two tokens."""
+        if self.tokens < 2 or self.first_token is None or self.last_token is None:
+            return None
+        return (self.last_token - self.first_token) * 1000 / (self.tokens - 1)
+
+    @property
+    def submit_ms(self) -> float | None:
+        return None if self.submitted is None else (self.submitted - self.start) * 1000
+
+    @property
+    def e2e_ms(self) -> float:
+        assert self.end is not None
+        return (self.end - self.start) * 1000
+
+    def token(self) -> None:
+        now = time.perf_counter()
+        if self.first_token is None:
+            self.first_token = now
+        self.last_token = now
+
+
+@dataclass(frozen=True)
+class Request:
+    """The same request shape for both paths."""
+
+    prompt: str
+    max_tokens: int
+    seed: int
+
+    def job(self, model: str) -> dict[str, Any]:
+        return {
+            "model": model,
+            "prompt": self.prompt,
+            "max_tokens": self.max_tokens,
+            "seed": self.seed,
+            "cache": False,
+        }
+
+    def tgi(self) -> dict[str, Any]:
+        """What the platform's TGI backend sends for this job (workers/backends/tgi.py)."""
+        parameters = {
+            "max_new_tokens": self.max_tokens,
+            "return_full_text": False,
+            "seed": self.seed,
+            "details": True,
+            "do_sample": True,
+        }
+        return {"inputs": self.prompt, "parameters": parameters, "stream": True}
+
+
+async def platform(http: httpx.AsyncClient, model: str, request: Request) -> Timing:
+    """Submit a job, then read its events to the end; tokens from `done.usage`."""
+    timing = Timing(time.perf_counter())
+    response = await http.post("/v1/jobs", json=request.job(model))
+    timing.submitted = time.perf_counter()
+    if response.status_code != 202:
+        timing.error = f"submit {response.status_code}"
+        return timing
+    url = f"/v1/jobs/{response.json()['id']}/events"
+    async with aconnect_sse(http, "GET", url) as source:
+        if source.response.status_code != 200:
+            timing.error = f"events {source.response.status_code}"
+            return timing
+        opened_ms = time.time() * 1000
+        async for event in source.aiter_sse():
+            if event.event == "token":
+                json.loads(event.data)
+                if timing.first_token is None:
+                    timing.first_token_replayed = _flush_ms(event.id) < opened_ms
+                timing.token()
+            elif event.event == "reset":
+                timing.first_token = None
+            elif event.event in ("done", "error"):
+                _finish_platform(timing, event.event, json.loads(event.data))
+                break
+    if timing.end is None and timing.error is None:
+        timing.error = "stream ended without done"
+    return timing
+
+
+def _flush_ms(event_id: str) -> int:
+    """The Redis server time (ms) of the worker's flush, from the stream id "ms-seq"."""
+    return int(event_id.partition("-")[0] or 0)
+
+
+def _finish_platform(timing: Timing, kind: str, data: dict[str, Any]) -> None:
+    timing.end = time.perf_counter()
+    if kind == "error":
+        timing.error = f"job error {data.get('type')}"
+    elif data.get("status") != "succeeded":
+        timing.error = f"job {data.get('status')}"
+    else:
+        timing.tokens = int((data.get("usage") or {}).get("output_tokens") or 0)
+
+
+async def direct(http: httpx.AsyncClient, url: str, request: Request) -> Timing:
+    """Read the simulator's /generate_stream; one SSE event per token, the last has the text."""
+    timing = Timing(time.perf_counter())
+    async with aconnect_sse(http, "POST", f"{url}/generate_stream", json=request.tgi()) as source:
+        if source.response.status_code != 200:
+            timing.error = f"generate_stream {source.response.status_code}"
+            return timing
+        async for event in source.aiter_sse():
+            data = json.loads(event.data)
+            if "error" in data:
+                timing.error = f"backend {data.get('error_type')}"
+                return timing
+            if not data["token"]["special"]:
+                timing.token()
+                timing.tokens += 1
+            if data.get("generated_text") is not None:
+                timing.end = time.perf_counter()
+                break
+    if timing.end is None and timing.error is None:
+        timing.error = "stream ended without generated_text"
+    return timing

@@ -1,0 +1,243 @@
+"""The platform's processes for one run: simulators, one API, workers, each in its own group."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psutil
+import psycopg
+import redis
+
+from inferq.bench.config import SimParams
+from inferq.bench.servers import DataServers, libpq_url
+from inferq.embedded import free_port
+from inferq.queue import ENQUEUED_KEY, make_producer_app
+from inferq.settings import Settings
+
+READY_TIMEOUT_S = 60.0
+# Celery's Redis transport keeps one list per priority step, plus kombu's binding sets.
+PRIORITY_STEPS = range(1, 10)
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU of one process (not of its children), None once it is gone."""
+    try:
+        times = psutil.Process(pid).cpu_times()
+    except psutil.Error:
+        return None
+    return float(times.user + times.system)
+
+
+@dataclass
+class Child:
+    """One process started by the bench, in its own process group so it stops with its children."""
+
+    role: str
+    popen: subprocess.Popen[bytes]
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def terminate(self) -> None:
+        if self.alive():
+            os.killpg(self.pid, signal.SIGTERM)
+
+    def wait(self, deadline: float) -> None:
+        """Wait for the end until `deadline` (monotonic), then kill the group."""
+        try:
+            self.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.killpg(self.pid, signal.SIGKILL)
+            self.popen.wait(timeout=10)
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One `[models.NAME]` table of a models file."""
+
+    name: str
+    url: str
+    queue: str
+    max_tokens: int
+
+    def toml(self) -> str:
+        return (
+            f'[models.{self.name}]\nbackend = "tgi"\nurl = "{self.url}"\n'
+            f'queue = "{self.queue}"\nmax_tokens = {self.max_tokens}\n'
+        )
+
+
+@dataclass(frozen=True)
+class Sim:
+    url: str
+    params: SimParams
+    child: Child
+
+
+def wait_http(url: str, child: Child, timeout: float = READY_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not child.alive():
+            raise RuntimeError(f"{child.role} exited with {child.popen.returncode} (see its log)")
+        try:
+            if httpx.get(url, timeout=1).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{child.role}: {url} did not answer within {timeout}s")
+
+
+def _clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("INFERQ_")}
+
+
+@dataclass
+class Cluster:
+    """Starts and stops the run's processes; every queue name carries the run id."""
+
+    servers: DataServers
+    logs: Path
+    run_id: str = field(default_factory=lambda: secrets.token_hex(4))
+    api_key: str = field(default_factory=lambda: "iq_bench_" + secrets.token_urlsafe(24))
+    children: list[Child] = field(default_factory=list)
+    # CPU seconds of the children already stopped, by role, for the per-phase accounting.
+    retired_cpu: dict[str, float] = field(default_factory=dict)
+    queues: set[str] = field(default_factory=set)
+
+    def queue(self, model: str) -> str:
+        name = f"inferq.bench.{self.run_id}.{model}"
+        self.queues.add(name)
+        return name
+
+    def env(self, models_file: Path) -> dict[str, str]:
+        return {
+            **_clean_env(),
+            "INFERQ_DATABASE_URL": self.servers.database_url,
+            "INFERQ_REDIS_URL": self.servers.redis_url,
+            "INFERQ_MODELS_FILE": str(models_file),
+            "INFERQ_BOOTSTRAP_KEY": self.api_key,
+            # Event streams of finished jobs need not outlive the run by long.
+            "INFERQ_STREAM_TTL_SECONDS": "600",
+        }
+
+    def models_file(self, name: str, entries: list[ModelEntry]) -> Path:
+        path = self.logs / f"models-{name}.toml"
+        path.write_text("\n".join(entry.toml() for entry in entries))
+        return path
+
+    def spawn(self, role: str, args: list[str], env: dict[str, str]) -> Child:
+        with (self.logs / f"{role}.log").open("ab") as log:
+            popen = subprocess.Popen(
+                [sys.executable, "-m", *args],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        child = Child(role, popen)
+        self.children.append(child)
+        return child
+
+    def start_sim(self, role: str, params: SimParams) -> Sim:
+        """`python -m inferq.sim`, which has every latency knob as a flag."""
+        port = free_port()
+        child = self.spawn(role, ["inferq.sim", "--port", str(port), *params.args()], _clean_env())
+        return Sim(f"http://127.0.0.1:{port}", params, child)
+
+    def start_api(self, models_file: Path) -> tuple[str, Child]:
+        port = free_port()
+        child = self.spawn("api", ["inferq", "api", "--port", str(port)], self.env(models_file))
+        return f"http://127.0.0.1:{port}", child
+
+    def start_worker(
+        self, node: str, models: list[str], concurrency: int, models_file: Path
+    ) -> Child:
+        args = ["inferq", "worker", "--models", ",".join(models)]
+        args += ["--concurrency", str(concurrency), "--name", self.node_name(node)]
+        return self.spawn(f"worker-{node}", args, self.env(models_file))
+
+    def node_name(self, node: str) -> str:
+        return f"{node}-{self.run_id}@bench"
+
+    def wait_workers(self, nodes: list[str], children: list[Child]) -> None:
+        """Wait until each Celery node answers a control ping (it consumes from then on)."""
+        settings = Settings(
+            database_url=self.servers.database_url, redis_url=self.servers.redis_url
+        )
+        app = make_producer_app(settings)
+        wanted = {self.node_name(n) for n in nodes}
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        try:
+            while time.monotonic() < deadline:
+                dead = [child.role for child in children if not child.alive()]
+                if dead:
+                    raise RuntimeError(f"{', '.join(dead)} exited (see the logs)")
+                replies = app.control.ping(destination=sorted(wanted), timeout=0.5)
+                if wanted <= {name for reply in replies for name in reply}:
+                    return
+            raise RuntimeError(f"workers not ready within {READY_TIMEOUT_S}s: {sorted(wanted)}")
+        finally:
+            app.close()
+
+    def cpu(self) -> dict[str, float]:
+        """CPU seconds so far of every child by role, stopped ones included."""
+        seconds = dict(self.retired_cpu)
+        for child in self.children:
+            used = cpu_seconds(child.pid)
+            if used is not None:
+                seconds[child.role] = seconds.get(child.role, 0.0) + used
+        return seconds
+
+    def stop(self, children: list[Child], timeout: float = 15.0) -> None:
+        """SIGTERM them all at once, then wait for each (SIGKILL past the timeout)."""
+        for child in children:
+            used = cpu_seconds(child.pid)
+            self.retired_cpu[child.role] = self.retired_cpu.get(child.role, 0.0) + (used or 0.0)
+            child.terminate()
+        deadline = time.monotonic() + timeout
+        for child in children:
+            child.wait(deadline)
+            if child in self.children:
+                self.children.remove(child)
+
+    def clear_queue(self, queue: str) -> None:
+        """Delete one of the run's queues (every priority step) and kombu's bindings of it."""
+        keys = [queue, *(f"{queue}:{step}" for step in PRIORITY_STEPS)]
+        keys += [f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}"]
+        client = redis.Redis.from_url(self.servers.redis_url)
+        try:
+            client.delete(*keys)
+            client.zrem("_kombu.binding_deadlines", queue)
+        finally:
+            client.close()
+
+    def forget_jobs(self) -> None:
+        """Drop the run's job ids from the shared record of enqueued jobs."""
+        with psycopg.connect(libpq_url(self.servers.database_url)) as conn:
+            ids = [str(row[0]) for row in conn.execute("SELECT id FROM jobs")]
+        client = redis.Redis.from_url(self.servers.redis_url)
+        try:
+            for start in range(0, len(ids), 1000):
+                client.zrem(ENQUEUED_KEY, *ids[start : start + 1000])
+        finally:
+            client.close()
+
+    def close(self) -> None:
+        """Stop every child; leave nothing of the run's in the shared Redis database."""
+        self.stop(list(self.children))
+        for queue in sorted(self.queues):
+            self.clear_queue(queue)
+        self.forget_jobs()

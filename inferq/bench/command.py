@@ -1,0 +1,45 @@
+"""`inferq bench`: parse the options, run, say where the results are."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from types import FrameType
+
+import click
+from rich.console import Console
+
+from inferq.bench.config import BenchConfig, Phase
+from inferq.bench.report import CHART_FILE, JSON_FILE
+from inferq.bench.runner import run_bench
+
+TABLE_WIDTH = 160
+
+
+def parse_phases(text: str) -> tuple[Phase, ...]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    try:
+        chosen = {Phase(name) for name in names}
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--phases") from None
+    return tuple(phase for phase in Phase if phase in chosen)
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def run_command(
+    phases: str, smoke: bool, out_dir: Path, database_url: str | None, redis_url: str | None
+) -> int:
+    config = (BenchConfig.smoke() if smoke else BenchConfig.full()).with_phases(
+        parse_phases(phases)
+    )
+    # SIGTERM unwinds like Ctrl-C, so that the run's processes and database are cleaned up.
+    signal.signal(signal.SIGTERM, _interrupt)
+    console = Console()
+    if not console.is_terminal:
+        console.width = TABLE_WIDTH  # a log file has room for the whole table
+    run_bench(config, out_dir, database_url, redis_url, console)
+    console.print(f"results: {out_dir / JSON_FILE}, chart: {out_dir / CHART_FILE}")
+    return 0

@@ -1,0 +1,237 @@
+"""bench.json, the printed tables and the stream-latency chart."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.table import Table
+
+from inferq.bench.stats import Difference, Percentiles
+
+if TYPE_CHECKING:
+    from inferq.bench.runner import BenchResult
+    from inferq.bench.stream import StreamResult
+
+JSON_FILE = "bench.json"
+CHART_FILE = "stream-latency.png"
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN: missing figures become null."""
+    if isinstance(value, float):
+        return None if math.isnan(value) else round(value, 4)
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    return value
+
+
+def to_json(result: BenchResult) -> str:
+    return json.dumps(_clean(dataclasses.asdict(result)), indent=2)
+
+
+def write(result: BenchResult, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / JSON_FILE).write_text(to_json(result) + "\n")
+    if result.stream is not None:
+        chart(result.stream, out_dir / CHART_FILE)
+
+
+def chart(result: StreamResult, path: Path) -> None:
+    """TTFT and ITL, p50 and p99, platform against direct, across concurrency."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [level.concurrency for level in result.levels]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, metric, title in (
+        (axes[0], "ttft_ms", "time to first token"),
+        (axes[1], "itl_ms", "inter-token latency"),
+    ):
+        for route, color in (("platform", "tab:red"), ("direct", "tab:blue")):
+            for q, style in (("p50", "-"), ("p99", "--")):
+                ys = [getattr(getattr(getattr(lvl, route), metric), q) for lvl in result.levels]
+                ax.plot(xs, ys, style, color=color, marker="o", label=f"{route} {q}")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(xs, [str(x) for x in xs])
+        ax.set_xlabel("concurrent clients")
+        ax.set_ylabel("ms")
+        ax.set_ylim(bottom=0)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("inferq stream latency: platform vs simulator direct")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _ms(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.1f}"
+
+
+def _triples(*distributions: Percentiles | Difference) -> list[str]:
+    """p50, p95, p99 of each distribution, in a row."""
+    return [_ms(getattr(d, q)) for d in distributions for q in ("p50", "p95", "p99")]
+
+
+def _errors(errors: dict[str, int]) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in errors.items()) or "0"
+
+
+def print_tables(result: BenchResult, console: Console) -> None:
+    for table in _tables(result):
+        console.print(table)
+
+
+def _tables(result: BenchResult) -> list[Table]:
+    tables = []
+    if result.stream is not None:
+        tables.append(stream_table(result.stream))
+    if result.submit is not None:
+        tables.append(submit_table(result))
+    if result.fanout is not None:
+        tables.append(fanout_table(result))
+    if result.scale is not None:
+        tables.append(scale_table(result))
+    tables.append(cpu_table(result))
+    tables.append(targets_table(result))
+    return tables
+
+
+def stream_table(result: StreamResult) -> Table:
+    table = Table(title="stream: platform vs direct (ms; Δ = platform - direct)")
+    for column in (
+        "C",
+        "path",
+        "submit p50",
+        "TTFT p50",
+        "p95",
+        "p99",
+        "ITL p50",
+        "p95",
+        "p99",
+        "E2E p50",
+        "p95",
+        "p99",
+        "tok/s",
+        "errors",
+    ):
+        table.add_column(column, justify="right")
+    for level in result.levels:
+        for name, path in (("direct", level.direct), ("platform", level.platform)):
+            table.add_row(
+                str(level.concurrency),
+                name,
+                _ms(path.submit_ms.p50),
+                *_triples(path.ttft_ms, path.itl_ms, path.e2e_ms),
+                f"{path.tokens_per_s:.0f}",
+                _errors(path.errors),
+            )
+        o = level.overhead
+        table.add_row(
+            "",
+            "Δ / ratio",
+            "",
+            *_triples(o.ttft_ms, o.itl_ms, o.e2e_ms),
+            f"x{o.tokens_per_s_ratio:.3f}",
+            "",
+            end_section=True,
+        )
+    return table
+
+
+def submit_table(result: BenchResult) -> Table:
+    assert result.submit is not None
+    table = Table(title=f"submit: {result.submit.note}")
+    for column in ("submitters", "jobs", "jobs/s", "p50 ms", "p95 ms", "p99 ms", "errors"):
+        table.add_column(column, justify="right")
+    for level in result.submit.levels:
+        lat = level.latency_ms
+        table.add_row(
+            str(level.concurrency),
+            str(level.accepted),
+            f"{level.jobs_per_s:.0f}",
+            _ms(lat.p50),
+            _ms(lat.p95),
+            _ms(lat.p99),
+            _errors(level.errors),
+        )
+    return table
+
+
+def fanout_table(result: BenchResult) -> Table:
+    f = result.fanout
+    assert f is not None
+    table = Table(title="fan-out: SSE clients on one API process")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    rows = [
+        ("clients (target)", str(f.target_clients)),
+        ("connections held (≥1 event, open to the end)", str(f.connections_held)),
+        ("  of which had an event by the end of the ramp", str(f.held_at_hold_start)),
+        ("jobs streaming / client processes", f"{f.jobs} / {f.client_processes}"),
+        (
+            "API resident memory before → peak (MiB)",
+            f"{f.api_rss_before_mib} → {f.api_rss_peak_mib}",
+        ),
+        (
+            "delivery lag p50 / p95 / p99 (ms)",
+            " / ".join(_triples(f.delivery_lag_ms)),
+        ),
+        ("lag samples", str(f.delivery_lag_ms.n)),
+        ("client CPU share per process", ", ".join(str(s) for s in f.client_cpu_share)),
+        ("errors", _errors(f.errors)),
+    ]
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def scale_table(result: BenchResult) -> Table:
+    assert result.scale is not None
+    table = Table(title="scale: workers with their own simulators on one queue")
+    for column in ("workers", "jobs", "succeeded", "span s", "jobs/s", "tok/s", "efficiency"):
+        table.add_column(column, justify="right")
+    for level in result.scale.levels:
+        table.add_row(
+            str(level.workers),
+            str(level.jobs),
+            str(level.succeeded),
+            f"{level.span_s:.2f}",
+            f"{level.jobs_per_s:.1f}",
+            f"{level.tokens_per_s:.0f}",
+            f"{level.efficiency:.3f}",
+        )
+    return table
+
+
+def cpu_table(result: BenchResult) -> Table:
+    table = Table(
+        title="CPU by phase (cores used on average; the machine has "
+        f"{result.environment.cpu_count})"
+    )
+    for column in ("phase", "wall s", "machine busy", "busiest processes"):
+        table.add_column(column)
+    for phase, usage in result.cpu.items():
+        top = ", ".join(f"{role} {cores}" for role, cores in usage.top(5))
+        table.add_row(phase, f"{usage.wall_s:.0f}", f"{usage.cores_busy:.2f}", top)
+    return table
+
+
+def targets_table(result: BenchResult) -> Table:
+    table = Table(title="issue 5 targets")
+    for column in ("target", "measured", "met"):
+        table.add_column(column)
+    marks = {True: "[green]yes", False: "[red]no", None: "-"}
+    for check in result.targets:
+        table.add_row(check.target, check.measured, marks[check.met])
+    return table

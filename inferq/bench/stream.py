@@ -1,0 +1,186 @@
+"""Phase 1: C closed-loop clients through the platform versus straight to the simulator."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import httpx
+
+from inferq.bench import clients
+from inferq.bench.clients import Request, Timing
+from inferq.bench.config import StreamConfig
+from inferq.bench.stats import Difference, Percentiles, ratio
+
+Send = Callable[[httpx.AsyncClient, Request], Awaitable[Timing]]
+Tick = Callable[[], None]
+# A request not finished after this many times its unloaded length (or the minimum) is lost.
+DEADLINE_FACTOR = 20
+MIN_DEADLINE_S = 60.0
+
+
+@dataclass(frozen=True)
+class PathStats:
+    """One path (platform or direct) at one concurrency."""
+
+    requests: int
+    errors: dict[str, int]
+    ttft_ms: Percentiles
+    itl_ms: Percentiles
+    e2e_ms: Percentiles
+    output_tokens: int
+    wall_s: float
+    tokens_per_s: float
+    submit_ms: Percentiles  # platform only: the POST /v1/jobs part of TTFT
+    first_token_replayed: int  # platform only: see Timing.first_token_replayed
+
+    @classmethod
+    def of(cls, timings: list[Timing], wall_s: float) -> PathStats:
+        ok = [t for t in timings if t.ok]
+        tokens = sum(t.tokens for t in ok)
+        return cls(
+            requests=len(timings),
+            errors=dict(Counter(t.error or "no token" for t in timings if not t.ok)),
+            ttft_ms=Percentiles.of([t.ttft_ms for t in ok]),
+            itl_ms=Percentiles.of([t.itl_ms for t in ok if t.itl_ms is not None]),
+            e2e_ms=Percentiles.of([t.e2e_ms for t in ok]),
+            output_tokens=tokens,
+            wall_s=round(wall_s, 3),
+            tokens_per_s=tokens / wall_s if wall_s else 0.0,
+            submit_ms=Percentiles.of([t.submit_ms for t in ok if t.submit_ms is not None]),
+            first_token_replayed=sum(t.first_token_replayed for t in ok),
+        )
+
+
+@dataclass(frozen=True)
+class Overhead:
+    """Platform minus direct (ms), and platform tokens/s over direct tokens/s."""
+
+    ttft_ms: Difference
+    itl_ms: Difference
+    e2e_ms: Difference
+    tokens_per_s_ratio: float
+
+
+@dataclass(frozen=True)
+class StreamLevel:
+    concurrency: int
+    requests_per_client: int
+    direct: PathStats
+    platform: PathStats
+    overhead: Overhead
+
+
+@dataclass(frozen=True)
+class StreamTargets:
+    """Where each path sends its requests."""
+
+    api_url: str
+    api_key: str
+    model: str
+    sim_url: str
+
+
+def make_request(config: StreamConfig, client: int, round_: int) -> Request:
+    """The same prompt shape for both paths: a numbered prompt of `prompt_words` words."""
+    words = " ".join(f"w{(client * 7 + i) % 97}" for i in range(config.prompt_words - 4))
+    prompt = f"bench client {client} round {round_} {words}"
+    return Request(prompt, config.sim.output_tokens, seed=client * 10_000 + round_)
+
+
+async def closed_loop(
+    http: httpx.AsyncClient, send: Send, config: StreamConfig, clients_: int, tick: Tick
+) -> tuple[list[Timing], float]:
+    """`clients_` clients, starts staggered over one request's length; returns timings and wall."""
+    rounds = config.requests_per_client(clients_)
+    request_s = config.sim.request_s
+    deadline_s = max(MIN_DEADLINE_S, DEADLINE_FACTOR * request_s)
+    timings: list[Timing] = []
+
+    async def client(index: int) -> None:
+        await asyncio.sleep(request_s * index / clients_)
+        for round_ in range(rounds):
+            request = make_request(config, index, round_)
+            timings.append(await _guarded(send, http, request, deadline_s))
+            tick()
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client(i) for i in range(clients_)))
+    return timings, time.perf_counter() - start
+
+
+async def _guarded(
+    send: Send, http: httpx.AsyncClient, request: Request, deadline_s: float
+) -> Timing:
+    """One request; a transport error or a request past its deadline is an error, not a crash.
+
+    The deadline matters: a job whose worker task died stays `running` (no sweeper runs
+    here), and its event stream stays open on keep-alive pings.
+    """
+    started = time.perf_counter()
+    try:
+        async with asyncio.timeout(deadline_s):
+            return await send(http, request)
+    except TimeoutError:
+        return Timing(started, error=f"no end within {deadline_s:.0f}s")
+    except httpx.HTTPError as exc:
+        return Timing(started, error=type(exc).__name__)
+
+
+async def run_level(
+    config: StreamConfig, targets: StreamTargets, clients_: int, tick: Tick
+) -> StreamLevel:
+    """Direct, then the platform, with the same clients and requests."""
+    connections = clients_ * 2 + 8
+    async with clients.async_client(connections) as http:
+        direct_timings, direct_wall = await closed_loop(
+            http, lambda h, r: clients.direct(h, targets.sim_url, r), config, clients_, tick
+        )
+    headers = {"Authorization": f"Bearer {targets.api_key}"}
+    async with clients.async_client(connections, base_url=targets.api_url, headers=headers) as http:
+        platform_timings, platform_wall = await closed_loop(
+            http, lambda h, r: clients.platform(h, targets.model, r), config, clients_, tick
+        )
+    direct = PathStats.of(direct_timings, direct_wall)
+    platform = PathStats.of(platform_timings, platform_wall)
+    overhead = Overhead(
+        ttft_ms=platform.ttft_ms.minus(direct.ttft_ms),
+        itl_ms=platform.itl_ms.minus(direct.itl_ms),
+        e2e_ms=platform.e2e_ms.minus(direct.e2e_ms),
+        tokens_per_s_ratio=ratio(platform.tokens_per_s, direct.tokens_per_s),
+    )
+    return StreamLevel(clients_, config.requests_per_client(clients_), direct, platform, overhead)
+
+
+async def warm_up(config: StreamConfig, targets: StreamTargets) -> None:
+    """A few unmeasured requests on each path: connections, caches, first-import costs."""
+    headers = {"Authorization": f"Bearer {targets.api_key}"}
+    async with clients.async_client(8, base_url=targets.api_url, headers=headers) as http:
+        requests = [make_request(config, 9_000 + i, 0) for i in range(config.warmup_requests)]
+        await asyncio.gather(*(clients.platform(http, targets.model, r) for r in requests))
+        await asyncio.gather(*(clients.direct(http, targets.sim_url, r) for r in requests))
+
+
+def total_requests(config: StreamConfig) -> int:
+    """Requests of the whole phase, both paths (for the progress bar)."""
+    return sum(2 * c * config.requests_per_client(c) for c in config.concurrency)
+
+
+@dataclass(frozen=True)
+class StreamResult:
+    model: str
+    note: str
+    levels: list[StreamLevel]
+
+
+NOTE = (
+    "Closed loop: each client runs a fixed number of requests back to back (requests_per_client),"
+    " client starts staggered over one request's length; direct first, then the platform, at each"
+    " concurrency. TTFT: from the start of the submit request (platform) or of the"
+    " /generate_stream request (direct) to the first token's arrival. ITL: per request"
+    " (t_last - t_first) / (tokens - 1), tokens from done.usage.output_tokens (platform) or the"
+    " token events (direct). Tokens/s: output tokens of the level over its wall time."
+)
