@@ -33,11 +33,11 @@ def make_async_engine(url: str, pool_size: int = 20) -> AsyncEngine:
     )
 
 
-def make_sync_engine(url: str, pool_size: int = 10) -> Engine:
+def make_sync_engine(url: str, pool_size: int = 10, max_overflow: int | None = None) -> Engine:
     return create_engine(
         driver_url(url, "psycopg"),
         pool_size=pool_size,
-        max_overflow=pool_size,
+        max_overflow=pool_size if max_overflow is None else max_overflow,
         pool_pre_ping=True,
         connect_args={"options": f"-c statement_timeout={STATEMENT_TIMEOUT_MS}"},
     )

@@ -100,7 +100,10 @@ def platform_key() -> str:
 
 def _api_pubsub_connections(platform: Platform) -> list[str]:
     """The API's Redis connections that hold subscriptions (its hub's, if all is well)."""
-    clients = redis_client(platform.redis_url).client_list()
+    client = redis_client(platform.redis_url)
+    db = client.connection_pool.connection_kwargs.get("db", 0)
+    # Only this session's API: other sessions may share the server on other databases.
+    clients = [c for c in client.client_list() if int(c.get("db", -1)) == int(db)]
     return [
         f"{c['addr']} sub={c['sub']} age={c['age']} cmd={c['cmd']}"
         for c in clients

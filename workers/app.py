@@ -21,9 +21,9 @@ log = logging.getLogger("inferq.worker")
 class InferqCelery(Celery):
     context: WorkerContext | None = None
 
-    def require_context(self) -> WorkerContext:
+    def require_context(self, threads: int = 8) -> WorkerContext:
         if self.context is None:
-            self.context = WorkerContext.create(get_settings())
+            self.context = WorkerContext.create(get_settings(), threads)
         return self.context
 
 
@@ -32,12 +32,13 @@ app.conf.update(celery_config(get_settings()))
 
 
 @signals.worker_init.connect
-def _open(**_: Any) -> None:
+def _open(sender: Any = None, **_: Any) -> None:
     settings = get_settings()
     configure_logging(settings.log_level)
     if settings.worker_metrics_port:
         start_http_server(settings.worker_metrics_port)
-    app.require_context().leases.start()
+    threads = int(getattr(sender, "concurrency", None) or 8)
+    app.require_context(threads).leases.start()
 
 
 @signals.worker_shutdown.connect

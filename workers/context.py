@@ -32,17 +32,23 @@ class WorkerContext:
     name: str
 
     @classmethod
-    def create(cls, settings: Settings, pool_size: int = 10) -> WorkerContext:
-        engine = make_sync_engine(settings.database_url, pool_size=pool_size)
+    def create(cls, settings: Settings, threads: int = 8) -> WorkerContext:
+        """Pools sized for `threads` generations at once: every thread may hold a connection."""
+        engine = make_sync_engine(
+            settings.database_url, pool_size=max(4, threads // 4), max_overflow=threads
+        )
         sessions = sync_sessions(engine)
-        client = redis.Redis.from_url(
+        # Blocking: a thread waits for a free connection rather than failing its job.
+        pool = redis.BlockingConnectionPool.from_url(
             settings.redis_url,
+            max_connections=threads + 8,
+            timeout=30,
             decode_responses=True,
             socket_timeout=30,
             socket_connect_timeout=10,
             health_check_interval=30,
-            max_connections=pool_size * 2 + 4,
         )
+        client = redis.Redis.from_pool(pool)
         return cls(
             settings=settings,
             engine=engine,

@@ -10,7 +10,6 @@ from fastapi import APIRouter, Header, Query, Response
 from api.deps import CurrentKey, SessionDep, StateDep
 from api.jobs import service
 from api.jobs.schemas import JobCreate, JobList, JobOut
-from inferq.metrics import JOBS_SUBMITTED
 from inferq.models import JobStatus
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -25,14 +24,9 @@ async def submit(
     response: Response,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> JobOut:
-    created = await service.create_job(session, state, key, body, idempotency_key)
-    await session.commit()
+    created = await service.submit_job(session, state, key, body, idempotency_key)
     if created.replayed:
         response.headers["Idempotent-Replayed"] = "true"
-    elif not created.enqueued:
-        await service.enqueue(state, [created.job])
-    if not created.replayed:
-        JOBS_SUBMITTED.labels(created.job.model).inc()
     response.headers["Location"] = f"/v1/jobs/{created.job.id}"
     return service.to_out(created.job)
 

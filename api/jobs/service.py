@@ -19,6 +19,7 @@ from api.jobs.schemas import ErrorInfo, JobCreate, JobOut, Links, Timings, Usage
 from api.state import AppState
 from inferq.db import uuid7
 from inferq.events import cancel_key, script_args, script_keys, terminal_events
+from inferq.metrics import JOBS_SUBMITTED
 from inferq.models import Job, JobStatus
 from inferq.queue import ENQUEUED_KEY, Enqueue
 from inferq.registry import ModelSpec, Registry
@@ -122,6 +123,23 @@ async def create_job(
     if job is not None:
         return Created(job, replayed=False)
     return Created(await _replay(session, key, idempotency_key, digest), replayed=True)
+
+
+async def submit_job(
+    session: AsyncSession,
+    state: AppState,
+    key: Principal,
+    body: JobCreate,
+    idempotency_key: str | None,
+) -> Created:
+    """Create the job, commit it, then hand it to the broker (unless the batcher did both)."""
+    created = await create_job(session, state, key, body, idempotency_key)
+    await session.commit()
+    if not created.replayed:
+        if not created.enqueued:
+            await enqueue(state, [created.job])
+        JOBS_SUBMITTED.labels(created.job.model).inc()
+    return created
 
 
 async def _replay(session: AsyncSession, key: Principal, idem: str, digest: str) -> Job:

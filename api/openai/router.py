@@ -73,8 +73,6 @@ async def _answer(
     kind: Literal["chat", "text"],
 ) -> Response:
     created = await service.create(session, state, key, job, idempotency_key)
-    await session.commit()
-    await service.dispatch(state, created)
     reply = service.Reply.of(created.job, kind, body)
     if body.stream:
         return service.stream(state, key, reply)

@@ -28,7 +28,7 @@ from api.auth import Principal
 from api.errors import ApiError, InvalidRequest
 from api.events.service import JobEvents
 from api.jobs.schemas import JobCreate, Message
-from api.jobs.service import Created, cancel_job, create_job, enqueue, resolve_model
+from api.jobs.service import Created, cancel_job, resolve_model, submit_job
 from api.openai.errors import JOB_HEADER, OpenAIError
 from api.openai.schemas import (
     AssistantMessage,
@@ -51,7 +51,6 @@ from api.openai.schemas import (
 )
 from api.state import AppState
 from inferq.events import TERMINAL_EVENTS, Event, EventType
-from inferq.metrics import JOBS_SUBMITTED
 from inferq.models import Job, JobStatus
 from inferq.registry import Registry
 
@@ -207,16 +206,7 @@ async def create(
         resolve_model(state.registry, body.model)
     except InvalidRequest as exc:
         raise OpenAIError(404, exc.message, param="model", code="model_not_found") from exc
-    return await create_job(session, state, key, body, idempotency_key)
-
-
-async def dispatch(state: AppState, created: Created) -> None:
-    """After the commit: hand a new job to the broker unless create_job already did."""
-    if created.replayed:
-        return
-    if not created.enqueued:
-        await enqueue(state, [created.job])
-    JOBS_SUBMITTED.labels(created.job.model).inc()
+    return await submit_job(session, state, key, body, idempotency_key)
 
 
 def usage(input_tokens: int | None, output_tokens: int | None) -> Usage:
