@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 
+from api import tasks
 from inferq.events import Event, channel
 
 log = logging.getLogger("inferq.hub")
@@ -39,10 +40,7 @@ class Hub:
         self._reader = asyncio.create_task(self._read(), name="inferq-hub")
 
     async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
+        await tasks.cancel(self._reader)
         await self._pubsub.aclose()
 
     @property

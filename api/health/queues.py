@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 import redis.asyncio as aioredis
 
+from api import tasks
 from inferq.metrics import QUEUE_DEPTH
 from inferq.queue import PRIORITY_SEP
 from inferq.registry import Registry
@@ -41,10 +41,7 @@ class QueueDepthMonitor:
         self._task = asyncio.create_task(self._run(), name="inferq-queue-depth")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await tasks.cancel(self._task)
 
     async def _run(self) -> None:
         while True:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import insert
 
+from api import tasks
 from api.state import AppState
 from inferq.models import Job
 from inferq.queue import Enqueue
@@ -42,10 +42,7 @@ class SubmitBatcher:
         self._task = asyncio.create_task(self._run(), name="inferq-submit-batcher")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await tasks.cancel(self._task)
 
     async def submit(self, values: dict[str, Any]) -> Job:
         """Commit the job and hand it to the broker; returns the stored job."""
