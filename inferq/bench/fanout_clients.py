@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import httpx
 from httpx_sse import aconnect_sse
 
-from inferq.bench.clients import TIMEOUT
+from inferq.bench.clients import ClientShards
 
 
 @dataclass(frozen=True)
@@ -73,16 +73,16 @@ def run_clients(assignment: Assignment) -> ClientReport:
 async def _hold_all(assignment: Assignment) -> ClientReport:
     report = ClientReport(clients=len(assignment.clients))
     errors: Counter[str] = Counter()
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
     headers = {"Authorization": f"Bearer {assignment.api_key}"}
-    async with httpx.AsyncClient(
-        base_url=assignment.api_url, headers=headers, limits=limits, timeout=TIMEOUT
-    ) as http:
+    users = len(assignment.clients)
+    async with ClientShards(users, base_url=assignment.api_url, headers=headers) as shards:
         jobs = assignment.job_ids
         await asyncio.gather(
             *(
-                _hold(http, jobs[index % len(jobs)], index, assignment.schedule, report, errors)
-                for index in assignment.clients
+                _hold(
+                    shards[n], jobs[index % len(jobs)], index, assignment.schedule, report, errors
+                )
+                for n, index in enumerate(assignment.clients)
             )
         )
     report.errors = dict(errors)

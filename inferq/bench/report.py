@@ -123,6 +123,7 @@ def stream_table(result: StreamResult) -> Table:
         "p95",
         "p99",
         "tok/s",
+        "bench CPU",
         "errors",
     ):
         table.add_column(column, justify="right")
@@ -134,6 +135,7 @@ def stream_table(result: StreamResult) -> Table:
                 _ms(path.submit_ms.p50),
                 *_triples(path.ttft_ms, path.itl_ms, path.e2e_ms),
                 f"{path.tokens_per_s:.0f}",
+                f"{path.client_cpu_share:.2f}",
                 _errors(path.errors),
             )
         o = level.overhead
@@ -144,6 +146,7 @@ def stream_table(result: StreamResult) -> Table:
             *_triples(o.ttft_ms, o.itl_ms, o.e2e_ms),
             f"x{o.tokens_per_s_ratio:.3f}",
             "",
+            "",
             end_section=True,
         )
     return table
@@ -152,7 +155,8 @@ def stream_table(result: StreamResult) -> Table:
 def submit_table(result: BenchResult) -> Table:
     assert result.submit is not None
     table = Table(title=f"submit: {result.submit.note}")
-    for column in ("submitters", "jobs", "jobs/s", "p50 ms", "p95 ms", "p99 ms", "errors"):
+    columns = ("submitters", "jobs", "jobs/s", "p50 ms", "p95 ms", "p99 ms", "bench CPU", "errors")
+    for column in columns:
         table.add_column(column, justify="right")
     for level in result.submit.levels:
         lat = level.latency_ms
@@ -163,6 +167,7 @@ def submit_table(result: BenchResult) -> Table:
             _ms(lat.p50),
             _ms(lat.p95),
             _ms(lat.p99),
+            f"{level.client_cpu_share:.2f}",
             _errors(level.errors),
         )
     return table

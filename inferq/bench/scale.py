@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 import httpx
 import psycopg
 
-from inferq.bench import clients
+from inferq.bench.clients import ClientShards
 from inferq.bench.cluster import Child, Cluster, ModelEntry, wait_http
 from inferq.bench.config import ScaleConfig
 from inferq.bench.servers import libpq_url
@@ -103,10 +103,8 @@ async def _burst(target: ScaleTarget, config: ScaleConfig, jobs: int, tick: Tick
             ids.append(response.json()["id"])
             tick()
 
-    async with clients.async_client(
-        config.submitters, base_url=target.api_url, headers=headers
-    ) as http:
-        await asyncio.gather(*(submitter(http) for _ in range(config.submitters)))
+    async with ClientShards(config.submitters, base_url=target.api_url, headers=headers) as shards:
+        await asyncio.gather(*(submitter(shards[i]) for i in range(config.submitters)))
     return ids
 
 

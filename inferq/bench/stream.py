@@ -7,11 +7,12 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 
 from inferq.bench import clients
-from inferq.bench.clients import Request, Timing
+from inferq.bench.clients import ClientShards, Request, Timing
 from inferq.bench.config import StreamConfig
 from inferq.bench.stats import Difference, Percentiles, ratio
 
@@ -20,6 +21,13 @@ Tick = Callable[[], None]
 # A request not finished after this many times its unloaded length (or the minimum) is lost.
 DEADLINE_FACTOR = 20
 MIN_DEADLINE_S = 60.0
+
+
+@dataclass(frozen=True)
+class LoopRun:
+    timings: list[Timing]
+    wall_s: float
+    client_cpu_s: float  # this process's CPU over the run: near wall_s means client-bound
 
 
 @dataclass(frozen=True)
@@ -37,8 +45,11 @@ class PathStats:
     submit_ms: Percentiles  # platform only: the POST /v1/jobs part of TTFT
     first_token_replayed: int  # platform only: see Timing.first_token_replayed
 
+    client_cpu_share: float  # the bench process's CPU / wall: near 1.0, it was the bottleneck
+
     @classmethod
-    def of(cls, timings: list[Timing], wall_s: float) -> PathStats:
+    def of(cls, run: LoopRun) -> PathStats:
+        timings, wall_s = run.timings, run.wall_s
         ok = [t for t in timings if t.ok]
         tokens = sum(t.tokens for t in ok)
         return cls(
@@ -52,6 +63,7 @@ class PathStats:
             tokens_per_s=tokens / wall_s if wall_s else 0.0,
             submit_ms=Percentiles.of([t.submit_ms for t in ok if t.submit_ms is not None]),
             first_token_replayed=sum(t.first_token_replayed for t in ok),
+            client_cpu_share=round(ratio(run.client_cpu_s, wall_s), 3),
         )
 
 
@@ -83,6 +95,10 @@ class StreamTargets:
     model: str
     sim_url: str
 
+    def api_client(self) -> dict[str, Any]:
+        """AsyncClient arguments for the platform's API."""
+        return {"base_url": self.api_url, "headers": {"Authorization": f"Bearer {self.api_key}"}}
+
 
 def make_request(config: StreamConfig, client: int, round_: int) -> Request:
     """The same prompt shape for both paths: a numbered prompt of `prompt_words` words."""
@@ -92,9 +108,9 @@ def make_request(config: StreamConfig, client: int, round_: int) -> Request:
 
 
 async def closed_loop(
-    http: httpx.AsyncClient, send: Send, config: StreamConfig, clients_: int, tick: Tick
-) -> tuple[list[Timing], float]:
-    """`clients_` clients, starts staggered over one request's length; returns timings and wall."""
+    shards: ClientShards, send: Send, config: StreamConfig, clients_: int, tick: Tick
+) -> LoopRun:
+    """`clients_` clients, starts staggered over one request's length."""
     rounds = config.requests_per_client(clients_)
     request_s = config.sim.request_s
     deadline_s = max(MIN_DEADLINE_S, DEADLINE_FACTOR * request_s)
@@ -104,12 +120,12 @@ async def closed_loop(
         await asyncio.sleep(request_s * index / clients_)
         for round_ in range(rounds):
             request = make_request(config, index, round_)
-            timings.append(await _guarded(send, http, request, deadline_s))
+            timings.append(await _guarded(send, shards[index], request, deadline_s))
             tick()
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     await asyncio.gather(*(client(i) for i in range(clients_)))
-    return timings, time.perf_counter() - start
+    return LoopRun(timings, time.perf_counter() - start, time.process_time() - cpu)
 
 
 async def _guarded(
@@ -134,18 +150,15 @@ async def run_level(
     config: StreamConfig, targets: StreamTargets, clients_: int, tick: Tick
 ) -> StreamLevel:
     """Direct, then the platform, with the same clients and requests."""
-    connections = clients_ * 2 + 8
-    async with clients.async_client(connections) as http:
-        direct_timings, direct_wall = await closed_loop(
-            http, lambda h, r: clients.direct(h, targets.sim_url, r), config, clients_, tick
+    async with ClientShards(clients_) as shards:
+        direct_run = await closed_loop(
+            shards, lambda h, r: clients.direct(h, targets.sim_url, r), config, clients_, tick
         )
-    headers = {"Authorization": f"Bearer {targets.api_key}"}
-    async with clients.async_client(connections, base_url=targets.api_url, headers=headers) as http:
-        platform_timings, platform_wall = await closed_loop(
-            http, lambda h, r: clients.platform(h, targets.model, r), config, clients_, tick
+    async with ClientShards(clients_, **targets.api_client()) as shards:
+        platform_run = await closed_loop(
+            shards, lambda h, r: clients.platform(h, targets.model, r), config, clients_, tick
         )
-    direct = PathStats.of(direct_timings, direct_wall)
-    platform = PathStats.of(platform_timings, platform_wall)
+    direct, platform = PathStats.of(direct_run), PathStats.of(platform_run)
     overhead = Overhead(
         ttft_ms=platform.ttft_ms.minus(direct.ttft_ms),
         itl_ms=platform.itl_ms.minus(direct.itl_ms),
@@ -157,11 +170,10 @@ async def run_level(
 
 async def warm_up(config: StreamConfig, targets: StreamTargets) -> None:
     """A few unmeasured requests on each path: connections, caches, first-import costs."""
-    headers = {"Authorization": f"Bearer {targets.api_key}"}
-    async with clients.async_client(8, base_url=targets.api_url, headers=headers) as http:
-        requests = [make_request(config, 9_000 + i, 0) for i in range(config.warmup_requests)]
-        await asyncio.gather(*(clients.platform(http, targets.model, r) for r in requests))
-        await asyncio.gather(*(clients.direct(http, targets.sim_url, r) for r in requests))
+    requests = [make_request(config, 9_000 + i, 0) for i in range(config.warmup_requests)]
+    async with ClientShards(len(requests), **targets.api_client()) as shards:
+        await asyncio.gather(*(clients.platform(shards[0], targets.model, r) for r in requests))
+        await asyncio.gather(*(clients.direct(shards[0], targets.sim_url, r) for r in requests))
 
 
 def total_requests(config: StreamConfig) -> int:

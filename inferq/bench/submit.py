@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from inferq.bench import clients
+from inferq.bench.clients import ClientShards
 from inferq.bench.config import SubmitConfig
 from inferq.bench.stats import Percentiles
 
@@ -27,6 +27,7 @@ class SubmitLevel:
     wall_s: float
     jobs_per_s: float
     latency_ms: Percentiles
+    client_cpu_share: float  # the bench process's CPU / wall: near 1.0, it was the bottleneck
 
 
 @dataclass(frozen=True)
@@ -38,14 +39,14 @@ class SubmitResult:
 
 
 async def run_level(
-    http: httpx.AsyncClient, model: str, concurrency: int, jobs: int, tick: Tick
+    shards: ClientShards, model: str, concurrency: int, jobs: int, tick: Tick
 ) -> SubmitLevel:
     """`concurrency` closed-loop submitters share `jobs` submissions."""
     remaining = iter(range(jobs))
     latencies: list[float] = []
     errors: Counter[str] = Counter()
 
-    async def submitter() -> None:
+    async def submitter(http: httpx.AsyncClient) -> None:
         for index in remaining:
             body = {"model": model, "prompt": f"submit {index}", "max_tokens": 16, "seed": index}
             started = time.perf_counter()
@@ -60,8 +61,8 @@ async def run_level(
                     errors[f"HTTP {response.status_code}"] += 1
             tick()
 
-    start = time.perf_counter()
-    await asyncio.gather(*(submitter() for _ in range(concurrency)))
+    start, cpu = time.perf_counter(), time.process_time()
+    await asyncio.gather(*(submitter(shards[i]) for i in range(concurrency)))
     wall = time.perf_counter() - start
     return SubmitLevel(
         concurrency=concurrency,
@@ -71,6 +72,7 @@ async def run_level(
         wall_s=round(wall, 3),
         jobs_per_s=len(latencies) / wall if wall else 0.0,
         latency_ms=Percentiles.of(latencies),
+        client_cpu_share=round((time.process_time() - cpu) / wall, 3) if wall else 0.0,
     )
 
 
@@ -81,8 +83,8 @@ async def run(
     headers = {"Authorization": f"Bearer {api_key}"}
     widest = max(config.concurrency)
     results: list[SubmitLevel] = []
-    async with clients.async_client(widest + 4, base_url=api_url, headers=headers) as http:
-        await run_level(http, model, min(4, widest), WARMUP_JOBS, lambda: None)
+    async with ClientShards(widest, base_url=api_url, headers=headers) as shards:
+        await run_level(shards, model, min(4, widest), WARMUP_JOBS, lambda: None)
         for concurrency in config.concurrency:
-            results.append(await run_level(http, model, concurrency, config.jobs_per_level, tick))
+            results.append(await run_level(shards, model, concurrency, config.jobs_per_level, tick))
     return results
