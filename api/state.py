@@ -24,6 +24,7 @@ from inferq.settings import Settings
 class AppState:
     settings: Settings
     engine: AsyncEngine
+    autocommit: AsyncEngine  # the same pool, for single statements
     sessions: async_sessionmaker
     redis: aioredis.Redis
     publish_script: Any
@@ -58,6 +59,7 @@ class AppState:
         return cls(
             settings=settings,
             engine=engine,
+            autocommit=engine.execution_options(isolation_level="AUTOCOMMIT"),
             sessions=async_sessions(engine),
             redis=client,
             publish_script=client.register_script(PUBLISH_SCRIPT),

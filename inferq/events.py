@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -54,6 +54,8 @@ class Event:
     type: EventType
     data: str  # JSON text
     id: str = ""
+    # The event as sent to clients, rendered once by whoever fans it out to many.
+    wire: bytes = field(default=b"", compare=False, repr=False)
 
     def payload(self) -> dict[str, Any]:
         return json.loads(self.data)

@@ -24,6 +24,7 @@ class WorkerContext:
     settings: Settings
     engine: Engine
     sessions: sessionmaker
+    statements: sessionmaker  # autocommit: one round trip for a single-statement change
     redis: redis.Redis
     publish_script: Any
     registry: Registry
@@ -53,11 +54,15 @@ class WorkerContext:
             settings=settings,
             engine=engine,
             sessions=sessions,
+            statements=sync_sessions(engine.execution_options(isolation_level="AUTOCOMMIT")),
             redis=client,
             publish_script=client.register_script(PUBLISH_SCRIPT),
             registry=Registry.load(settings.models_file),
             enqueuer=Enqueuer(make_producer_app(settings), client),
-            leases=LeaseKeeper(sessions, settings.lease_seconds),
+            leases=LeaseKeeper(
+                sync_sessions(engine.execution_options(isolation_level="AUTOCOMMIT")),
+                settings.lease_seconds,
+            ),
             name=f"{socket.gethostname()}:{os.getpid()}",
         )
 

@@ -43,7 +43,7 @@ class ClaimLost(Exception):
 def run_job(ctx: WorkerContext, job_id: str) -> None:
     """Run one delivery of a job; a duplicate or late delivery returns without effect."""
     ctx.redis.zrem(ENQUEUED_KEY, job_id)
-    with ctx.sessions.begin() as session:
+    with ctx.statements.begin() as session:
         claim = lifecycle.claim(
             session,
             uuid.UUID(job_id),
@@ -193,7 +193,7 @@ class Generation:
     def finish(self, outcome: Outcome) -> None:
         if outcome.status is not JobStatus.cancelled:
             self.publisher.flush()
-        with self.ctx.sessions.begin() as session:
+        with self.ctx.statements.begin() as session:
             recorded = lifecycle.finish(session, self.claim, outcome)
         if not recorded:
             log.warning("finish refused: job already ended or taken over", extra=self._log())

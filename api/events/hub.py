@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import redis.asyncio as aioredis
 
 from api import tasks
+from api.events.wire import rendered
 from inferq.events import Event, channel
 
 log = logging.getLogger("inferq.hub")
@@ -99,7 +100,7 @@ class Hub:
             if state.confirmed >= state.sent:
                 state.ready.set()
         elif kind == "message":
-            event = Event.from_message(_text(message["data"]))
+            event = rendered(Event.from_message(_text(message["data"])))
             for queue in state.queues:
                 queue.put_nowait(event)
 

@@ -8,11 +8,12 @@ from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query
-from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette import EventSourceResponse
 
 from api.deps import CurrentKey, SessionDep, StateDep
 from api.errors import InvalidRequest
 from api.events.service import JobEvents
+from api.events.wire import encode
 from api.jobs.service import get_job
 from inferq.metrics import SSE_CONNECTIONS
 
@@ -28,11 +29,12 @@ def _resume_point(last_event_id: str | None, after: str | None) -> str | None:
     return value
 
 
-async def _sse(events: JobEvents) -> AsyncIterator[ServerSentEvent]:
+async def _sse(events: JobEvents) -> AsyncIterator[bytes]:
+    """Each group of events that arrived together goes out in one write."""
     SSE_CONNECTIONS.inc()
     try:
-        async for event in events:
-            yield ServerSentEvent(data=event.data, event=event.type.value, id=event.id or None)
+        async for batch in events.batches():
+            yield b"".join(encode(event) for event in batch)
     finally:
         SSE_CONNECTIONS.dec()
 
@@ -47,10 +49,9 @@ async def job_events(
     after: Annotated[str | None, Query(description="resume after this event id")] = None,
 ) -> EventSourceResponse:
     """Server-sent events: status, token, reset, done, error; resume with Last-Event-ID."""
-    await get_job(session, key, job_id)  # 404 unless the job is this tenant's
-    events = JobEvents(
-        state.redis, state.hub, state.sessions, job_id, _resume_point(last_event_id, after)
-    )
+    job = await get_job(session, key, job_id)  # 404 unless the job is this tenant's
+    resume = _resume_point(last_event_id, after)
+    events = JobEvents(state.redis, state.hub, state.sessions, job_id, resume, snapshot=job)
     return EventSourceResponse(
         _sse(events),
         ping=int(state.settings.sse_ping_seconds),

@@ -36,6 +36,7 @@ class JobEvents:
         sessions: async_sessionmaker,
         job_id: uuid.UUID,
         after: str | None,
+        snapshot: Job | None = None,
     ) -> None:
         self.redis = redis
         self.hub = hub
@@ -44,18 +45,25 @@ class JobEvents:
         self.key = stream_key(str(job_id))
         self.last = after or "0-0"
         self.ended = False
+        self.snapshot = snapshot  # the job as the caller last read it, to spare a query
 
     async def __aiter__(self) -> AsyncIterator[Event]:
+        async for batch in self.batches():
+            for event in batch:
+                yield event
+
+    async def batches(self) -> AsyncIterator[list[Event]]:
+        """The events in the groups they became available in (one write each)."""
         async with self.hub.subscribe(str(self.job_id)) as live:
             replayed = await self._read_stream()
             if not replayed and await self._stream_gone():
-                async for event in self._from_database(initial=True):
-                    yield event
-            for event in replayed:
-                yield event
+                replayed = [event async for event in self._from_database(initial=True)]
+            if replayed:
+                yield replayed
             while not self.ended:
-                for event in await self._next_live(live):
-                    yield event
+                batch = await self._next_live(live)
+                if batch:
+                    yield batch
 
     def _accept(self, event: Event) -> bool:
         """Take an event only if it comes after the last one sent; remember the end."""
@@ -91,8 +99,10 @@ class JobEvents:
 
     async def _from_database(self, initial: bool) -> AsyncIterator[Event]:
         """Without a Redis stream: a finished job is rebuilt from its row; else its status."""
-        async with self.sessions() as session:
-            job = await session.scalar(select(Job).where(Job.id == self.job_id))
+        job = self.snapshot if initial else None
+        if job is None:
+            async with self.sessions() as session:
+                job = await session.scalar(select(Job).where(Job.id == self.job_id))
         if job is None:
             return
         status = JobStatus(job.status)

@@ -73,7 +73,8 @@ class SubmitBatcher:
                 pending.done.set_result(job)
 
     async def _insert(self, rows: list[dict[str, Any]]) -> list[Job]:
-        async with self._state.engine.begin() as conn:
+        # One multi-row INSERT is atomic on its own: no BEGIN/COMMIT round trips.
+        async with self._state.autocommit.connect() as conn:
             result = await conn.execute(
                 insert(Job).returning(Job.id, Job.created_at, sort_by_parameter_order=True),
                 [_columns(row) for row in rows],
