@@ -64,7 +64,10 @@ def chart(result: StreamResult, path: Path) -> None:
         ax.set_xticks(xs, [str(x) for x in xs])
         ax.set_xlabel("concurrent clients")
         ax.set_ylabel("ms")
-        ax.set_ylim(bottom=0)
+        if metric == "ttft_ms":
+            ax.set_yscale("log")  # the platform's TTFT may run to seconds under load
+        else:
+            ax.set_ylim(bottom=0)
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend()
