@@ -17,10 +17,14 @@ from inferq.events import Event, channel
 
 log = logging.getLogger("inferq.hub")
 
+# Live events held for one slow reader; past this it catches up from the Redis stream, so a
+# stalled client costs bounded memory and no per-send timer.
+LIVE_BACKLOG = 1000
+
 
 @dataclass
 class _Channel:
-    queues: set[asyncio.Queue[Event]] = field(default_factory=set)
+    queues: set[asyncio.Queue[Event | None]] = field(default_factory=set)
     sent: int = 0  # SUBSCRIBE commands sent for this channel
     confirmed: int = 0  # subscribe confirmations received
     ready: asyncio.Event = field(default_factory=asyncio.Event)
@@ -49,10 +53,10 @@ class Hub:
         return sum(len(c.queues) for c in self._channels.values())
 
     @contextlib.asynccontextmanager
-    async def subscribe(self, job_id: str) -> AsyncIterator[asyncio.Queue[Event]]:
+    async def subscribe(self, job_id: str) -> AsyncIterator[asyncio.Queue[Event | None]]:
         """Yield a queue of the job's live events, once Redis has confirmed the subscription."""
         name = channel(job_id)
-        queue: asyncio.Queue[Event] = asyncio.Queue()
+        queue: asyncio.Queue[Event | None] = asyncio.Queue(maxsize=LIVE_BACKLOG)
         async with self._lock:
             state = self._channels.setdefault(name, _Channel())
             state.queues.add(queue)
@@ -66,7 +70,7 @@ class Hub:
         finally:
             await self._leave(name, state, queue)
 
-    async def _leave(self, name: str, state: _Channel, queue: asyncio.Queue[Event]) -> None:
+    async def _leave(self, name: str, state: _Channel, queue: asyncio.Queue[Event | None]) -> None:
         async with self._lock:
             state.queues.discard(queue)
             # With a SUBSCRIBE still unconfirmed the state stays, so that its late confirmation
@@ -102,7 +106,17 @@ class Hub:
         elif kind == "message":
             event = rendered(Event.from_message(_text(message["data"])))
             for queue in state.queues:
-                queue.put_nowait(event)
+                _offer(queue, event)
+
+
+def _offer(queue: asyncio.Queue[Event | None], event: Event) -> None:
+    """Queue a live event; a reader too far behind gets None: "read the stream instead"."""
+    try:
+        queue.put_nowait(event)
+    except asyncio.QueueFull:
+        while not queue.empty():
+            queue.get_nowait()
+        queue.put_nowait(None)
 
 
 def _text(value: object) -> str:

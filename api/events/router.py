@@ -55,6 +55,5 @@ async def job_events(
     return EventSourceResponse(
         _sse(events),
         ping=int(state.settings.sse_ping_seconds),
-        send_timeout=30,
         headers={"Cache-Control": "no-cache"},
     )

@@ -84,18 +84,24 @@ class JobEvents:
     async def _stream_gone(self) -> bool:
         return not await self.redis.exists(self.key)
 
-    async def _next_live(self, live: asyncio.Queue[Event]) -> list[Event]:
+    async def _next_live(self, live: asyncio.Queue[Event | None]) -> list[Event]:
         try:
-            event = await asyncio.wait_for(live.get(), timeout=CATCH_UP_SECONDS)
+            async with asyncio.timeout(CATCH_UP_SECONDS):
+                first = await live.get()
         except TimeoutError:
-            caught_up = await self._read_stream()
-            if not caught_up and await self._stream_gone():
-                return [e async for e in self._from_database(initial=False)]
-            return caught_up
-        batch = [event]
+            return await self._catch_up()
+        batch = [first]
         while not live.empty():
             batch.append(live.get_nowait())
-        return [e for e in batch if not self.ended and self._accept(e)]
+        if None in batch:  # this reader fell behind and the hub dropped its backlog
+            return await self._catch_up()
+        return [e for e in batch if e is not None and not self.ended and self._accept(e)]
+
+    async def _catch_up(self) -> list[Event]:
+        caught_up = await self._read_stream()
+        if not caught_up and await self._stream_gone():
+            return [e async for e in self._from_database(initial=False)]
+        return caught_up
 
     async def _from_database(self, initial: bool) -> AsyncIterator[Event]:
         """Without a Redis stream: a finished job is rebuilt from its row; else its status."""

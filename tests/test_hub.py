@@ -1,0 +1,59 @@
+"""The API's pub/sub hub and event reader against a real Redis, without HTTP in between."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import redis.asyncio as aioredis
+
+from api.events import hub as hub_module
+from api.events import service as events_service
+from api.events.hub import Hub
+from api.events.service import JobEvents
+from inferq.events import (
+    PUBLISH_SCRIPT,
+    Event,
+    EventType,
+    script_args,
+    script_keys,
+    terminal_events,
+)
+from tests.servers import Databases
+
+
+# With the periodic catch-up pushed out of reach, only the hub's overflow signal can bring
+# the reader the events it missed; were it broken, the test would hang into this timeout.
+@pytest.mark.timeout(30)
+async def test_a_reader_that_falls_behind_catches_up_from_the_stream(
+    databases: Databases, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(hub_module, "LIVE_BACKLOG", 4)
+    monkeypatch.setattr(events_service, "CATCH_UP_SECONDS", 3600)
+    redis = aioredis.Redis.from_url(databases.redis_url, decode_responses=True)
+    hub = Hub(redis)
+    await hub.start()
+    job_id = uuid.uuid4()
+    publish = redis.register_script(PUBLISH_SCRIPT)
+    reader = JobEvents(redis, hub, None, job_id, None)  # type: ignore[arg-type]
+    batches = reader.batches()
+    try:
+        texts = [f" t{i}" for i in range(40)]
+        first = [Event.make(EventType.status, status="running")]
+        await publish(keys=script_keys(str(job_id)), args=script_args(first, 1000, 0))
+        assert [e.type for e in await anext(batches)] == [EventType.status]
+        # Forty flushes while the reader is busy elsewhere: far more than its backlog holds.
+        for text in texts:
+            token = [Event.make(EventType.token, text=text)]
+            await publish(keys=script_keys(str(job_id)), args=script_args(token, 1000, 0))
+        end = terminal_events("succeeded", "length", {"output_tokens": 40})
+        await publish(keys=script_keys(str(job_id)), args=script_args(end, 1000, 60))
+        received = [e async for batch in batches for e in batch]
+    finally:
+        await batches.aclose()
+        await hub.close()
+        await redis.aclose()
+    tokens = [e.payload()["text"] for e in received if e.type is EventType.token]
+    assert "".join(tokens) == "".join(texts)
+    assert received[-1].type is EventType.done
+    assert hub.listeners == 0
