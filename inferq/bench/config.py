@@ -98,11 +98,14 @@ class BenchConfig:
     fanout: FanoutConfig
     scale: ScaleConfig
     phases: tuple[Phase, ...] = field(default=tuple(Phase))
+    # Celery's threads pool is one process, so one core of Python: a node that must carry
+    # thousands of tokens a second runs a worker process per core.
+    worker_processes: int = 2
 
     @property
     def worker_concurrency(self) -> int:
-        """The stream phase's worker runs every client's job at once."""
-        return max(self.stream.concurrency) + 8
+        """Threads per stream worker: together they run every client's job at once."""
+        return -(-max(self.stream.concurrency) // self.worker_processes) + 8
 
     @classmethod
     def full(cls) -> BenchConfig:
@@ -162,6 +165,7 @@ class BenchConfig:
                 jobs_per_worker=8,
                 submitters=8,
             ),
+            worker_processes=1,
         )
 
     def with_phases(self, phases: tuple[Phase, ...]) -> BenchConfig:

@@ -54,7 +54,7 @@ class Platform:
 
     api_url: str
     api: Child
-    worker: Child
+    workers: list[Child]
     stream_sim: Sim
     fanout_sim: Sim
 
@@ -75,12 +75,16 @@ def start_platform(cluster: Cluster, config: BenchConfig) -> Platform:
     ]
     models = cluster.models_file("platform", entries)
     api_url, api = cluster.start_api(models)
-    worker = cluster.start_worker("main", ["stream", "fanout"], config.worker_concurrency, models)
+    names = [f"main-{i}" for i in range(config.worker_processes)]
+    workers = [
+        cluster.start_worker(name, ["stream", "fanout"], config.worker_concurrency, models)
+        for name in names
+    ]
     for sim in (stream_sim, fanout_sim):
         wait_http(f"{sim.url}/health", sim.child)
     wait_http(f"{api_url}/readyz", api)
-    cluster.wait_workers(["main"], [worker])
-    return Platform(api_url, api, worker, stream_sim, fanout_sim)
+    cluster.wait_workers(names, workers)
+    return Platform(api_url, api, workers, stream_sim, fanout_sim)
 
 
 class Bench:
