@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import redis as sync_redis_lib
 import redis.asyncio as aioredis
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
@@ -30,7 +29,7 @@ class AppState:
     publish_script: Any
     registry: Registry
     enqueuer: Enqueuer
-    sync_redis: sync_redis_lib.Redis
+    broker: aioredis.Redis  # the broker's Redis (the same client when it is one server)
     key_cache: dict[str, Any] = field(default_factory=dict)
     hub: Hub = None  # type: ignore[assignment]  # started in the lifespan
     batcher: SubmitBatcher = None  # type: ignore[assignment]  # started in the lifespan
@@ -38,24 +37,8 @@ class AppState:
     @classmethod
     def create(cls, settings: Settings) -> AppState:
         engine = make_async_engine(settings.database_url, settings.db_pool_size)
-        # A blocking pool: a burst of readers waits for a connection instead of failing.
-        pool = aioredis.BlockingConnectionPool.from_url(
-            settings.redis_url,
-            max_connections=settings.redis_pool_size,
-            timeout=10,
-            decode_responses=True,
-            socket_timeout=30,
-            socket_connect_timeout=10,
-            health_check_interval=30,
-            client_name="inferq-api",
-        )
-        client = aioredis.Redis.from_pool(pool)
-        sync_client = sync_redis_lib.Redis.from_url(
-            settings.redis_url,
-            decode_responses=True,
-            socket_timeout=30,
-            socket_connect_timeout=10,
-        )
+        client = _redis(settings.redis_url, settings.redis_pool_size)
+        broker = client if settings.broker == settings.redis_url else _redis(settings.broker, 16)
         return cls(
             settings=settings,
             engine=engine,
@@ -64,12 +47,28 @@ class AppState:
             redis=client,
             publish_script=client.register_script(PUBLISH_SCRIPT),
             registry=Registry.load(settings.models_file),
-            enqueuer=Enqueuer(make_producer_app(settings), sync_client),
-            sync_redis=sync_client,
+            enqueuer=Enqueuer(make_producer_app(settings)),
+            broker=broker,
         )
 
     async def close(self) -> None:
         self.enqueuer.close()
-        self.sync_redis.close()
+        if self.broker is not self.redis:
+            await self.broker.aclose()
         await self.redis.aclose()
         await self.engine.dispose()
+
+
+def _redis(url: str, max_connections: int) -> aioredis.Redis:
+    # A blocking pool: a burst of readers waits for a connection instead of failing.
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=10,
+        decode_responses=True,
+        socket_timeout=30,
+        socket_connect_timeout=10,
+        health_check_interval=30,
+        client_name="inferq-api",
+    )
+    return aioredis.Redis.from_pool(pool)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import time
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from celery import Celery
+from kombu import serialization
 
 from inferq.settings import Settings
 
@@ -64,37 +68,80 @@ class Enqueue:
     priority: str = "interactive"
 
 
-class Enqueuer:
-    """Publishes generate tasks and records which job ids reached the broker."""
+def list_key(queue: str, priority: int) -> str:
+    """The Redis list kombu keeps a queue's messages of one priority in."""
+    return f"{queue}{PRIORITY_SEP}{priority}" if priority else queue
 
-    def __init__(self, app: Celery, redis: Any) -> None:
+
+class MessageBuilder:
+    """Celery task messages for `inferq.generate`, exactly as kombu's Redis transport stores them.
+
+    Celery builds the message (`as_task_v2`) and kombu serializes its body; only the last step
+    of kombu's publish, one LPUSH onto the queue's list, is left to the caller, so that a batch
+    of messages and their enqueue marks go to Redis in one pipelined round trip.
+    """
+
+    def __init__(self, app: Celery) -> None:
         self._app = app
-        self._redis = redis  # sync redis.Redis
 
-    def enqueue(self, items: Iterable[Enqueue]) -> None:
-        """Publish in one Redis pipeline (kombu's batch), then mark the ids as handed over."""
+    def build(self, item: Enqueue) -> tuple[str, str]:
+        """(Redis list key, payload) for one job."""
+        message = self._app.amqp.as_task_v2(
+            item.job_id, GENERATE_TASK, args=[item.job_id], kwargs={}, ignore_result=True
+        )
+        content_type, encoding, body = serialization.dumps(message.body, serializer="json")
+        raw = body.encode(encoding) if isinstance(body, str) else body
+        priority = PRIORITIES.get(item.priority, 0)
+        payload = {
+            "body": base64.b64encode(raw).decode("ascii"),
+            "content-encoding": encoding,
+            "content-type": content_type,
+            "headers": message.headers,
+            "properties": {
+                **message.properties,
+                "reply_to": self._app.thread_oid,
+                "delivery_mode": 2,
+                "delivery_info": {"exchange": "", "routing_key": item.queue},
+                "priority": priority,
+                "body_encoding": "base64",
+                "delivery_tag": str(uuid.uuid4()),
+            },
+        }
+        return list_key(item.queue, priority), json.dumps(payload)
+
+
+def _queue_commands(pipe: Any, builder: MessageBuilder, items: list[Enqueue]) -> None:
+    # The messages first, then their marks: a failure in between leaves a message without a
+    # mark (the sweeper re-enqueues it: a harmless duplicate), never a mark without a message.
+    for item in items:
+        key, payload = builder.build(item)
+        pipe.lpush(key, payload)
+    now = time.time()
+    pipe.zadd(ENQUEUED_KEY, {item.job_id: now for item in items})
+
+
+class Enqueuer:
+    """Publishes generate tasks and marks their job ids, in one round trip per batch."""
+
+    def __init__(self, app: Celery) -> None:
+        self._app = app
+        self._builder = MessageBuilder(app)
+
+    def enqueue(self, redis: Any, items: Iterable[Enqueue]) -> None:
+        """Through a sync client (redis.Redis) on the broker."""
         items = list(items)
-        if not items:
-            return
-        with self._app.producer_or_acquire() as producer, producer.batch():
-            for item in items:
-                self._app.send_task(
-                    GENERATE_TASK,
-                    args=[item.job_id],
-                    task_id=item.job_id,
-                    queue=item.queue,
-                    priority=PRIORITIES.get(item.priority, 0),
-                    producer=producer,
-                )
-        # Marked after the publish: a crash in between leaves no mark, so the sweeper
-        # re-enqueues (a harmless duplicate) rather than trusting a message that never left.
-        now = time.time()
-        self._redis.zadd(ENQUEUED_KEY, {item.job_id: now for item in items})
+        if items:
+            with redis.pipeline(transaction=False) as pipe:
+                _queue_commands(pipe, self._builder, items)
+                pipe.execute()
 
-    def ping(self) -> None:
-        """Raise unless the broker answers."""
-        with self._app.connection_for_write() as conn:
-            conn.ensure_connection(max_retries=1, timeout=2)
+    async def enqueue_async(self, redis: Any, items: Iterable[Enqueue]) -> None:
+        """The same through an asyncio client (redis.asyncio.Redis on the broker)."""
+        items = list(items)
+        if items:
+            async with redis.pipeline(transaction=False) as pipe:
+                _queue_commands(pipe, self._builder, items)
+                await pipe.execute()
 
     def close(self) -> None:
         self._app.close()

@@ -56,6 +56,12 @@ class Settings(BaseSettings):
         return self.broker_url or self.redis_url
 
     @model_validator(mode="after")
+    def _broker_is_redis(self) -> Settings:
+        if not self.broker.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("the broker must be Redis (redis://, rediss:// or unix://)")
+        return self
+
+    @model_validator(mode="after")
     def _refuse_default_secrets(self) -> Settings:
         if self.environment == "production" and self.flower_basic_auth.get_secret_value() == (
             "admin:inferq"

@@ -7,7 +7,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
-import redis
+from redis import BlockingConnectionPool, Redis
 from sqlalchemy import Engine
 from sqlalchemy.orm import sessionmaker
 
@@ -25,7 +25,8 @@ class WorkerContext:
     engine: Engine
     sessions: sessionmaker
     statements: sessionmaker  # autocommit: one round trip for a single-statement change
-    redis: redis.Redis
+    redis: Redis
+    broker: Redis  # the broker's Redis (the same client when it is one server)
     publish_script: Any
     registry: Registry
     enqueuer: Enqueuer
@@ -39,17 +40,8 @@ class WorkerContext:
             settings.database_url, pool_size=max(4, threads // 4), max_overflow=threads
         )
         sessions = sync_sessions(engine)
-        # Blocking: a thread waits for a free connection rather than failing its job.
-        pool = redis.BlockingConnectionPool.from_url(
-            settings.redis_url,
-            max_connections=threads + 8,
-            timeout=30,
-            decode_responses=True,
-            socket_timeout=30,
-            socket_connect_timeout=10,
-            health_check_interval=30,
-        )
-        client = redis.Redis.from_pool(pool)
+        client = _redis(settings.redis_url, threads + 8)
+        broker = client if settings.broker == settings.redis_url else _redis(settings.broker, 8)
         return cls(
             settings=settings,
             engine=engine,
@@ -58,7 +50,8 @@ class WorkerContext:
             redis=client,
             publish_script=client.register_script(PUBLISH_SCRIPT),
             registry=Registry.load(settings.models_file),
-            enqueuer=Enqueuer(make_producer_app(settings), client),
+            enqueuer=Enqueuer(make_producer_app(settings)),
+            broker=broker,
             leases=LeaseKeeper(
                 sync_sessions(engine.execution_options(isolation_level="AUTOCOMMIT")),
                 settings.lease_seconds,
@@ -69,5 +62,21 @@ class WorkerContext:
     def close(self) -> None:
         self.leases.stop()
         self.enqueuer.close()
+        if self.broker is not self.redis:
+            self.broker.close()
         self.redis.close()
         self.engine.dispose()
+
+
+def _redis(url: str, max_connections: int) -> Redis:
+    # Blocking: a thread waits for a free connection rather than failing its job.
+    pool = BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=30,
+        decode_responses=True,
+        socket_timeout=30,
+        socket_connect_timeout=10,
+        health_check_interval=30,
+    )
+    return Redis.from_pool(pool)

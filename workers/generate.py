@@ -42,7 +42,7 @@ class ClaimLost(Exception):
 
 def run_job(ctx: WorkerContext, job_id: str) -> None:
     """Run one delivery of a job; a duplicate or late delivery returns without effect."""
-    ctx.redis.zrem(ENQUEUED_KEY, job_id)
+    ctx.broker.zrem(ENQUEUED_KEY, job_id)
     with ctx.statements.begin() as session:
         claim = lifecycle.claim(
             session,

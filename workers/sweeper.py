@@ -44,7 +44,7 @@ def _not_enqueued(ctx: WorkerContext, ids: list[str], since: list[float] | None 
     """Ids with no enqueue mark (or, with `since`, no mark newer than the given time)."""
     if not ids:
         return set()
-    scores = ctx.redis.zmscore(ENQUEUED_KEY, ids)
+    scores = ctx.broker.zmscore(ENQUEUED_KEY, ids)
     floors = since or [0.0] * len(ids)
     return {
         job_id
@@ -82,9 +82,9 @@ def sweep(ctx: WorkerContext) -> SweepReport:
         if str(r.id) in lost_ids | expired_ids
     ]
     if items:
-        ctx.enqueuer.enqueue(items)
+        ctx.enqueuer.enqueue(ctx.broker, items)
         log.warning("re-enqueued %d jobs", len(items))
-    ctx.redis.zremrangebyscore(ENQUEUED_KEY, "-inf", time.time() - MARK_RETENTION_SECONDS)
+    ctx.broker.zremrangebyscore(ENQUEUED_KEY, "-inf", time.time() - MARK_RETENTION_SECONDS)
     return SweepReport(len(lost_ids), len(expired_ids), failed)
 
 

@@ -34,7 +34,7 @@ async def _postgres(state: AppState) -> None:
 
 
 async def _broker(state: AppState) -> None:
-    await asyncio.to_thread(state.enqueuer.ping)
+    await state.broker.ping()
 
 
 @router.get("/readyz")

@@ -86,7 +86,7 @@ class SubmitBatcher:
         registry = self._state.registry
         items = [Enqueue(str(j.id), registry.get(j.model).queue, j.priority) for j in jobs]  # type: ignore[union-attr]
         try:
-            await asyncio.to_thread(self._state.enqueuer.enqueue, items)
+            await self._state.enqueuer.enqueue_async(self._state.broker, items)
         except Exception:
             # The jobs are committed: the sweeper enqueues them within seconds.
             log.exception("enqueue failed; leaving %d jobs to the sweeper", len(items))

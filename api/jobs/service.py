@@ -158,7 +158,7 @@ async def _replay(session: AsyncSession, key: Principal, idem: str, digest: str)
 async def enqueue(state: AppState, jobs: list[Job]) -> None:
     """Hand the jobs to the broker (after their rows are committed)."""
     items = [Enqueue(str(j.id), state.registry.get(j.model).queue, j.priority) for j in jobs]  # type: ignore[union-attr]
-    await asyncio.to_thread(state.enqueuer.enqueue, items)
+    await state.enqueuer.enqueue_async(state.broker, items)
 
 
 async def get_job(session: AsyncSession, key: Principal, job_id: uuid.UUID) -> Job:
@@ -233,7 +233,7 @@ async def _publish_end(state: AppState, job_id: str) -> None:
         keys=script_keys(job_id),
         args=script_args(events, settings.stream_maxlen, settings.stream_ttl_seconds),
     )
-    await state.redis.zrem(ENQUEUED_KEY, job_id)
+    await state.broker.zrem(ENQUEUED_KEY, job_id)
 
 
 async def _wait_until_ended(
