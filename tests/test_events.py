@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+import subprocess
+import sys
 import threading
 import time
 
@@ -196,3 +198,28 @@ def _wait_until(predicate, timeout: float = 20.0) -> None:  # type: ignore[no-un
         if time.monotonic() > deadline:
             pytest.fail(f"condition not met within {timeout}s")
         time.sleep(0.02)
+
+
+def test_submit_command_streams_tokens_as_they_arrive(platform: Platform) -> None:
+    env = {**platform.env, "INFERQ_API_URL": platform.api_url, "INFERQ_API_KEY": platform_key()}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "inferq",
+            "submit",
+            "stream me",
+            "--model",
+            "sim",
+            "--max-tokens",
+            "12",
+            "--stream",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    expected = platform.sims["fast"].generate("stream me", 12, seed=None)["generated_text"]
+    assert result.stdout.strip() == expected.strip()
