@@ -8,7 +8,6 @@ import pytest
 import redis.asyncio as aioredis
 
 from api.events import hub as hub_module
-from api.events import service as events_service
 from api.events.hub import Hub
 from api.events.service import JobEvents
 from inferq.events import (
@@ -29,7 +28,7 @@ async def test_a_reader_that_falls_behind_catches_up_from_the_stream(
     databases: Databases, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(hub_module, "LIVE_BACKLOG", 4)
-    monkeypatch.setattr(events_service, "CATCH_UP_SECONDS", 3600)
+    monkeypatch.setattr(hub_module, "QUIET_SECONDS", 3600)
     redis = aioredis.Redis.from_url(databases.redis_url, decode_responses=True)
     hub = Hub(redis)
     await hub.start()
@@ -57,3 +56,31 @@ async def test_a_reader_that_falls_behind_catches_up_from_the_stream(
     assert "".join(tokens) == "".join(texts)
     assert received[-1].type is EventType.done
     assert hub.listeners == 0
+
+
+async def test_readers_of_a_quiet_channel_re_read_the_stream(
+    databases: Databases, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An event published while nobody could hear it (pub/sub is at most once) still arrives."""
+    monkeypatch.setattr(hub_module, "QUIET_SECONDS", 0.2)
+    redis = aioredis.Redis.from_url(databases.redis_url, decode_responses=True)
+    hub = Hub(redis)
+    await hub.start()
+    job_id = str(uuid.uuid4())
+    reader = JobEvents(redis, hub, None, uuid.UUID(job_id), None)  # type: ignore[arg-type]
+    batches = reader.batches()
+    try:
+        start = [Event.make(EventType.status, status="running")]
+        publish = redis.register_script(PUBLISH_SCRIPT)
+        await publish(keys=script_keys(job_id), args=script_args(start, 1000, 0))
+        assert [e.type for e in await anext(batches)] == [EventType.status]
+        # Written to the stream only, as if the PUBLISH had been lost in a reconnect.
+        end = terminal_events("succeeded", "length", {"output_tokens": 0})
+        for event in end:
+            await redis.xadd(script_keys(job_id)[0], {"e": event.type.value, "d": event.data})
+        received = [e async for batch in batches for e in batch]
+    finally:
+        await batches.aclose()
+        await hub.close()
+        await redis.aclose()
+    assert [e.type for e in received] == [EventType.status, EventType.done]

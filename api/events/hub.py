@@ -20,6 +20,10 @@ log = logging.getLogger("inferq.hub")
 # Live events held for one slow reader; past this it catches up from the Redis stream, so a
 # stalled client costs bounded memory and no per-send timer.
 LIVE_BACKLOG = 1000
+# A channel quiet for this long has its readers re-read the stream, in case a message was
+# lost (pub/sub drops what is published while the connection is down). One sweep for all
+# readers is far cheaper than a timer around every reader's wait.
+QUIET_SECONDS = 5.0
 
 
 @dataclass
@@ -28,6 +32,7 @@ class _Channel:
     sent: int = 0  # SUBSCRIBE commands sent for this channel
     confirmed: int = 0  # subscribe confirmations received
     ready: asyncio.Event = field(default_factory=asyncio.Event)
+    fed: bool = False  # a message arrived since the last quiet sweep
 
 
 class Hub:
@@ -37,14 +42,17 @@ class Hub:
         self._pubsub = redis.pubsub()
         self._channels: dict[str, _Channel] = {}
         self._reader: asyncio.Task[None] | None = None
+        self._sweeper: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
 
     async def start(self) -> None:
         # A private channel keeps the connection open while no job is watched.
         await self._pubsub.subscribe(f"inferq:hub:{os.getpid()}:{id(self)}")
         self._reader = asyncio.create_task(self._read(), name="inferq-hub")
+        self._sweeper = asyncio.create_task(self._sweep_quiet(), name="inferq-hub-quiet")
 
     async def close(self) -> None:
+        await tasks.cancel(self._sweeper)
         await tasks.cancel(self._reader)
         await self._pubsub.aclose()
 
@@ -93,6 +101,16 @@ class Hub:
             if message is not None:
                 self._dispatch(message)
 
+    async def _sweep_quiet(self) -> None:
+        while True:
+            await asyncio.sleep(QUIET_SECONDS)
+            for state in list(self._channels.values()):
+                if not state.fed:
+                    for queue in state.queues:
+                        if queue.empty():
+                            queue.put_nowait(None)
+                state.fed = False
+
     def _dispatch(self, message: dict[str, object]) -> None:
         kind = message["type"]
         name = _text(message["channel"])
@@ -104,6 +122,7 @@ class Hub:
             if state.confirmed >= state.sent:
                 state.ready.set()
         elif kind == "message":
+            state.fed = True
             event = rendered(Event.from_message(_text(message["data"])))
             for queue in state.queues:
                 _offer(queue, event)

@@ -21,10 +21,6 @@ from inferq.events import (
 )
 from inferq.models import Job, JobStatus
 
-# How long a quiet live stream waits before reading the Redis stream directly, in case a
-# pub/sub message was lost (e.g. across a Redis reconnect).
-CATCH_UP_SECONDS = 5.0
-
 
 class JobEvents:
     """Replays a job's stream after `after`, then follows it live until `done` or `error`."""
@@ -85,15 +81,10 @@ class JobEvents:
         return not await self.redis.exists(self.key)
 
     async def _next_live(self, live: asyncio.Queue[Event | None]) -> list[Event]:
-        try:
-            async with asyncio.timeout(CATCH_UP_SECONDS):
-                first = await live.get()
-        except TimeoutError:
-            return await self._catch_up()
-        batch = [first]
+        batch = [await live.get()]
         while not live.empty():
             batch.append(live.get_nowait())
-        if None in batch:  # this reader fell behind and the hub dropped its backlog
+        if None in batch:  # the hub says: you fell behind, or the channel went quiet
             return await self._catch_up()
         return [e for e in batch if e is not None and not self.ended and self._accept(e)]
 
