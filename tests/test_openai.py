@@ -12,7 +12,7 @@ import openai
 import pytest
 from openai import AsyncOpenAI, OpenAI
 
-from api.openai.service import Diverged, Relay
+from api.openai.streaming import Diverged, Relay
 from inferq.events import stream_key
 from inferq.registry import Registry
 from tests.conftest import BOOTSTRAP_KEY, Platform, wait_for

@@ -10,7 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from api.auth import Principal
 from api.deps import CurrentKey, SessionDep, StateDep
 from api.jobs.schemas import JobCreate
-from api.openai import service
+from api.openai import service, streaming
 from api.openai.errors import OpenAIRoute
 from api.openai.schemas import (
     ChatCompletion,
@@ -75,7 +75,7 @@ async def _answer(
     created = await service.create(session, state, key, job, idempotency_key)
     reply = service.Reply.of(created.job, kind, body)
     if body.stream:
-        return service.stream(state, key, reply)
+        return streaming.stream(state, key, reply)
     return await service.complete(request, state, key, reply)
 
 
