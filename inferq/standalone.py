@@ -5,15 +5,13 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import httpx
-
 from inferq.embedded import EmbeddedPostgres, EmbeddedRedis
 from inferq.migrate import upgrade
+from inferq.processes import Child, stop_all, wait_http
 
 SIM_PORT = 8081
 FLOWER_PORT = 5555
@@ -28,27 +26,12 @@ def dev_key(data_dir: Path) -> str:
     return path.read_text().strip()
 
 
-def _spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    out = log.open("ab")
-    return subprocess.Popen(
-        [sys.executable, "-m", "inferq", *args],
-        env=env,
-        stdout=out,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-
-
-def _wait_http(url: str, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=1).status_code < 500:
-                return True
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    return False
+def _ready(url: str) -> bool:
+    try:
+        wait_http(url, timeout=30.0)
+    except RuntimeError:
+        return False
+    return True
 
 
 def run_standalone(port: int, models_file: Path | None, data_dir: Path, concurrency: int) -> int:
@@ -68,22 +51,25 @@ def run_standalone(port: int, models_file: Path | None, data_dir: Path, concurre
     }
     if models_file is not None:
         env["INFERQ_MODELS_FILE"] = str(models_file.resolve())
+    commands = {
+        "sim": ["sim", "--port", str(SIM_PORT)],
+        "api": ["api", "--port", str(port)],
+        "worker": ["worker", "--concurrency", str(concurrency)],
+        "beat": ["beat", "--schedule", str(data_dir / "beat-schedule")],
+        "flower": ["flower", "--port", str(FLOWER_PORT)],
+    }
     children = [
-        _spawn(["sim", "--port", str(SIM_PORT)], env, logs / "sim.log"),
-        _spawn(["api", "--port", str(port)], env, logs / "api.log"),
-        _spawn(["worker", "--concurrency", str(concurrency)], env, logs / "worker.log"),
-        _spawn(["beat", "--schedule", str(data_dir / "beat-schedule")], env, logs / "beat.log"),
-        _spawn(["flower", "--port", str(FLOWER_PORT)], env, logs / "flower.log"),
+        Child.spawn(role, args, env, logs / f"{role}.log") for role, args in commands.items()
     ]
     try:
-        ready = _wait_http(f"http://127.0.0.1:{port}/readyz")
+        ready = _ready(f"http://127.0.0.1:{port}/readyz")
         _banner(port, key, data_dir, ready)
         _watch(children)
     except KeyboardInterrupt:
         pass
     finally:
         print("\nstopping inferq ...", flush=True)
-        _stop(children)
+        stop_all(children, timeout=10)
         redis_server.stop()
         postgres.stop()
     return 0
@@ -108,21 +94,9 @@ Ctrl-C stops everything.""",
     )
 
 
-def _watch(children: list[subprocess.Popen[bytes]]) -> None:
+def _watch(children: list[Child]) -> None:
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    while all(child.poll() is None for child in children):
+    while all(child.alive() for child in children):
         time.sleep(0.5)
-    dead = [c.args for c in children if c.poll() is not None]
-    print(f"a process exited: {dead}; stopping", file=sys.stderr)
-
-
-def _stop(children: list[subprocess.Popen[bytes]]) -> None:
-    for child in children:
-        if child.poll() is None:
-            os.killpg(child.pid, signal.SIGTERM)
-    deadline = time.monotonic() + 10
-    for child in children:
-        try:
-            child.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            os.killpg(child.pid, signal.SIGKILL)
+    dead = [child.role for child in children if not child.alive()]
+    print(f"{', '.join(dead)} exited (see its log); stopping", file=sys.stderr)

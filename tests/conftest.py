@@ -16,8 +16,8 @@ import pytest
 
 from inferq.migrate import upgrade
 from tests.servers import (
+    Child,
     Databases,
-    Process,
     create_database,
     drop_database,
     free_port,
@@ -32,7 +32,7 @@ TERMINAL = {"succeeded", "failed", "cancelled", "expired"}
 @dataclass
 class Sim:
     url: str
-    process: Process
+    process: Child
 
     def state(self) -> dict[str, Any]:
         return httpx.get(f"{self.url}/sim/state", timeout=5).json()
@@ -60,15 +60,15 @@ class Platform:
     redis_url: str
     logs: Path
     sims: dict[str, Sim]
-    processes: list[Process] = field(default_factory=list)
+    processes: list[Child] = field(default_factory=list)
 
     def client(self, key: str = BOOTSTRAP_KEY) -> httpx.Client:
         return httpx.Client(
             base_url=self.api_url, timeout=30, headers={"Authorization": f"Bearer {key}"}
         )
 
-    def spawn(self, *args: str, name: str, **env: str) -> Process:
-        process = Process(list(args), {**self.env, **env}, self.logs / f"{name}.log").start()
+    def spawn(self, *args: str, name: str, **env: str) -> Child:
+        process = Child.spawn(name, list(args), {**self.env, **env}, self.logs / f"{name}.log")
         self.processes.append(process)
         return process
 
@@ -118,9 +118,11 @@ max_tokens = 16
 
 def _start_sim(name: str, logs: Path, env: dict[str, str], *args: str) -> Sim:
     port = free_port()
-    process = Process(["sim", "--port", str(port), *args], env, logs / f"sim-{name}.log").start()
+    process = Child.spawn(
+        f"sim-{name}", ["sim", "--port", str(port), *args], env, logs / f"sim-{name}.log"
+    )
     url = f"http://127.0.0.1:{port}"
-    wait_http(f"{url}/health", process=process.popen)
+    wait_http(f"{url}/health", process)
     return Sim(url, process)
 
 
@@ -189,7 +191,7 @@ def platform(databases: Databases, tmp_path_factory: pytest.TempPathFactory) -> 
         name="worker",
     )
     platform.spawn("beat", "--schedule", str(scratch / "beat-schedule"), name="beat")
-    wait_http(f"{platform.api_url}/readyz", process=api.popen)
+    wait_http(f"{platform.api_url}/readyz", api)
     yield platform
     for process in reversed(platform.processes):
         process.stop()

@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
-import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 import psycopg
 import redis
 from sqlalchemy.engine import make_url
 
 from inferq.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
+from inferq.processes import Child, wait_http
 
 
 def create_database(admin_url: str) -> tuple[str, str]:
@@ -64,63 +60,13 @@ class Databases:
             server.stop()  # type: ignore[attr-defined]
 
 
-def wait_http(url: str, timeout: float = 30.0, process: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"process exited with {process.returncode} before {url} answered")
-        try:
-            if httpx.get(url, timeout=1).status_code < 500:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"{url} did not answer within {timeout}s")
-
-
-@dataclass
-class Process:
-    """An inferq command run as an operator would, in its own process group."""
-
-    args: list[str]
-    env: dict[str, str]
-    log: Path
-    popen: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Process:
-        out = self.log.open("ab")
-        self.popen = subprocess.Popen(
-            [sys.executable, "-m", "inferq", *self.args],
-            env=self.env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        return self
-
-    def kill(self) -> None:
-        """SIGKILL the whole process group: no clean shutdown, no acks."""
-        if self.popen is not None and self.popen.poll() is None:
-            os.killpg(self.popen.pid, signal.SIGKILL)
-            self.popen.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.popen is None or self.popen.poll() is not None:
-            return
-        os.killpg(self.popen.pid, signal.SIGTERM)
-        try:
-            self.popen.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.kill()
-
-
 def redis_client(url: str) -> redis.Redis:
     return redis.Redis.from_url(url, decode_responses=True)
 
 
 __all__ = [
+    "Child",
     "Databases",
-    "Process",
     "create_database",
     "drop_database",
     "free_port",

@@ -14,7 +14,7 @@ import pytest
 
 from inferq.events import stream_key
 from tests.conftest import Platform, submit, wait_for
-from tests.servers import Process, redis_client
+from tests.servers import Child, redis_client
 from tests.sse import Transcript, aread, read
 
 
@@ -178,7 +178,7 @@ def test_worker_killed_mid_generation_is_replaced_and_readers_see_reset(
     assert transcript.output() == stored["output"]
 
 
-def _lonely_worker(platform: Platform, name: str) -> Process:
+def _lonely_worker(platform: Platform, name: str) -> Child:
     """A worker of its own for the `lonely` model, which the session's worker does not serve."""
     return platform.spawn(
         "worker",

@@ -16,7 +16,7 @@ def test_flower_api_lists_the_running_worker(platform: Platform) -> None:
         "flower", "--port", str(port), name="flower", INFERQ_FLOWER_BASIC_AUTH="ops:secret"
     )
     url = f"http://127.0.0.1:{port}"
-    wait_http(f"{url}/healthcheck", timeout=60, process=flower.popen)
+    wait_http(f"{url}/healthcheck", flower)
     assert httpx.get(f"{url}/api/workers").status_code == 401
     deadline = time.monotonic() + 60
     workers: dict = {}

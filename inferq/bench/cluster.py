@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import os
 import secrets
-import signal
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 import psutil
 import psycopg
 import redis
@@ -19,6 +15,7 @@ import redis
 from inferq.bench.config import SimParams
 from inferq.bench.servers import DataServers, libpq_url
 from inferq.embedded import free_port
+from inferq.processes import Child, stop_all
 from inferq.queue import ENQUEUED_KEY, make_producer_app
 from inferq.settings import Settings
 
@@ -34,33 +31,6 @@ def cpu_seconds(pid: int) -> float | None:
     except psutil.Error:
         return None
     return float(times.user + times.system)
-
-
-@dataclass
-class Child:
-    """One process started by the bench, in its own process group so it stops with its children."""
-
-    role: str
-    popen: subprocess.Popen[bytes]
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def terminate(self) -> None:
-        if self.alive():
-            os.killpg(self.pid, signal.SIGTERM)
-
-    def wait(self, deadline: float) -> None:
-        """Wait for the end until `deadline` (monotonic), then kill the group."""
-        try:
-            self.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            os.killpg(self.pid, signal.SIGKILL)
-            self.popen.wait(timeout=10)
 
 
 @dataclass(frozen=True)
@@ -84,20 +54,6 @@ class Sim:
     url: str
     params: SimParams
     child: Child
-
-
-def wait_http(url: str, child: Child, timeout: float = READY_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not child.alive():
-            raise RuntimeError(f"{child.role} exited with {child.popen.returncode} (see its log)")
-        try:
-            if httpx.get(url, timeout=1).status_code < 500:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"{child.role}: {url} did not answer within {timeout}s")
 
 
 def _clean_env() -> dict[str, str]:
@@ -139,15 +95,8 @@ class Cluster:
         return path
 
     def spawn(self, role: str, args: list[str], env: dict[str, str]) -> Child:
-        with (self.logs / f"{role}.log").open("ab") as log:
-            popen = subprocess.Popen(
-                [sys.executable, "-m", *args],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        child = Child(role, popen)
+        """`python -m ARGS`: a module and its arguments."""
+        child = Child.spawn(role, ["-m", *args], env, self.logs / f"{role}.log")
         self.children.append(child)
         return child
 
@@ -206,10 +155,8 @@ class Cluster:
         for child in children:
             used = cpu_seconds(child.pid)
             self.retired_cpu[child.role] = self.retired_cpu.get(child.role, 0.0) + (used or 0.0)
-            child.terminate()
-        deadline = time.monotonic() + timeout
+        stop_all(children, timeout)
         for child in children:
-            child.wait(deadline)
             if child in self.children:
                 self.children.remove(child)
 

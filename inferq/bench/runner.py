@@ -23,11 +23,12 @@ from rich.progress import (
 )
 
 from inferq.bench import fanout, report, scale, stream, submit, targets
-from inferq.bench.cluster import Child, Cluster, ModelEntry, Sim, wait_http
+from inferq.bench.cluster import Cluster, ModelEntry, Sim
 from inferq.bench.config import BenchConfig, Phase
 from inferq.bench.environment import Environment
 from inferq.bench.monitor import CpuMeter, CpuUsage
 from inferq.bench.servers import data_servers
+from inferq.processes import Child, wait_http
 
 # Every model the API knows; the main worker serves `stream` and `fanout`, none serves `void`,
 # and `scale` is served by the scale phase's own workers.

@@ -11,10 +11,11 @@ import httpx
 import psycopg
 
 from inferq.bench.clients import ClientShards
-from inferq.bench.cluster import Child, Cluster, ModelEntry, wait_http
+from inferq.bench.cluster import Cluster, ModelEntry
 from inferq.bench.config import ScaleConfig
 from inferq.bench.servers import libpq_url
 from inferq.bench.stats import ratio
+from inferq.processes import Child, wait_http
 
 Tick = Callable[[], None]
 TERMINAL = ["succeeded", "failed", "cancelled", "expired"]
