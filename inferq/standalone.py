@@ -35,6 +35,10 @@ def _ready(url: str) -> bool:
 
 
 def run_standalone(port: int, models_file: Path | None, data_dir: Path, concurrency: int) -> int:
+    # Ctrl-C and SIGTERM both stop everything, even where SIGINT was inherited as ignored
+    # (a background job of a script).
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _interrupt)
     data_dir = data_dir.resolve()
     logs = data_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -94,8 +98,11 @@ Ctrl-C stops everything.""",
     )
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def _watch(children: list[Child]) -> None:
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     while all(child.alive() for child in children):
         time.sleep(0.5)
     dead = [child.role for child in children if not child.alive()]
