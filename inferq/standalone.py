@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
@@ -40,10 +41,27 @@ def run_standalone(port: int, models_file: Path | None, data_dir: Path, concurre
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _interrupt)
     data_dir = data_dir.resolve()
+    with contextlib.ExitStack() as running:
+        with contextlib.suppress(KeyboardInterrupt):
+            _run(port, models_file, data_dir, concurrency, running)
+        print("\nstopping inferq ...", flush=True)
+    return 0
+
+
+def _run(
+    port: int,
+    models_file: Path | None,
+    data_dir: Path,
+    concurrency: int,
+    running: contextlib.ExitStack,
+) -> None:
+    """Start everything, each stop registered on `running` as soon as it has started."""
     logs = data_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     postgres = EmbeddedPostgres.start(data_dir)
+    running.callback(postgres.stop)
     redis_server = EmbeddedRedis.start(data_dir / "redis", port=None)
+    running.callback(redis_server.stop)
     database_url = postgres.create_database("inferq")
     upgrade(database_url)
     key = dev_key(data_dir)
@@ -62,21 +80,13 @@ def run_standalone(port: int, models_file: Path | None, data_dir: Path, concurre
         "beat": ["beat", "--schedule", str(data_dir / "beat-schedule")],
         "flower": ["flower", "--port", str(FLOWER_PORT)],
     }
-    children = [
-        Child.spawn(role, args, env, logs / f"{role}.log") for role, args in commands.items()
-    ]
-    try:
-        ready = _ready(f"http://127.0.0.1:{port}/readyz")
-        _banner(port, key, data_dir, ready)
-        _watch(children)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        print("\nstopping inferq ...", flush=True)
-        stop_all(children, timeout=10)
-        redis_server.stop()
-        postgres.stop()
-    return 0
+    children: list[Child] = []
+    running.callback(stop_all, children, 10)
+    for role, args in commands.items():
+        children.append(Child.spawn(role, args, env, logs / f"{role}.log"))
+    ready = _ready(f"http://127.0.0.1:{port}/readyz")
+    _banner(port, key, data_dir, ready)
+    _watch(children)
 
 
 def _banner(port: int, key: str, data_dir: Path, ready: bool) -> None:
