@@ -162,15 +162,25 @@ def submit(prompt: str, model: str, max_tokens: int, stream: bool, url: str, key
 
 
 @main.command()
-@click.option("--port", default=8000, show_default=True)
+@click.option("--port", default=8000, show_default=True, help="the API's port")
 @click.option("--models", "models_file", type=click.Path(exists=True, path_type=Path))
 @click.option("--data-dir", default=".inferq", show_default=True, type=click.Path(path_type=Path))
 @click.option("--concurrency", default=32, show_default=True)
-def up(port: int, models_file: Path | None, data_dir: Path, concurrency: int) -> None:
+@click.option("--sim-port", default=8081, show_default=True)
+@click.option("--flower-port", default=5555, show_default=True)
+def up(
+    port: int,
+    models_file: Path | None,
+    data_dir: Path,
+    concurrency: int,
+    sim_port: int,
+    flower_port: int,
+) -> None:
     """Run everything on embedded Postgres and Redis, with the simulator."""
-    from inferq.standalone import run_standalone
+    from inferq.standalone import Ports, run_standalone
 
-    sys.exit(run_standalone(port, models_file, data_dir, concurrency))
+    ports = Ports(api=port, sim=sim_port, flower=flower_port)
+    sys.exit(run_standalone(ports, models_file, data_dir, concurrency))
 
 
 @main.command()

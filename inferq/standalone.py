@@ -8,14 +8,26 @@ import secrets
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from inferq.embedded import EmbeddedPostgres, EmbeddedRedis
 from inferq.migrate import upgrade
 from inferq.processes import Child, stop_all, wait_http
 
-SIM_PORT = 8081
-FLOWER_PORT = 5555
+
+@dataclass(frozen=True)
+class Ports:
+    api: int = 8000
+    sim: int = 8081
+    flower: int = 5555
+
+
+DEFAULT_MODELS = """[models.sim]
+backend = "tgi"
+url = "http://127.0.0.1:{port}"
+max_tokens = 512
+"""
 
 
 def dev_key(data_dir: Path) -> str:
@@ -35,7 +47,7 @@ def _ready(url: str) -> bool:
     return True
 
 
-def run_standalone(port: int, models_file: Path | None, data_dir: Path, concurrency: int) -> int:
+def run_standalone(ports: Ports, models_file: Path | None, data_dir: Path, concurrency: int) -> int:
     # Ctrl-C and SIGTERM both stop everything, even where SIGINT was inherited as ignored
     # (a background job of a script).
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -43,13 +55,13 @@ def run_standalone(port: int, models_file: Path | None, data_dir: Path, concurre
     data_dir = data_dir.resolve()
     with contextlib.ExitStack() as running:
         with contextlib.suppress(KeyboardInterrupt):
-            _run(port, models_file, data_dir, concurrency, running)
+            _run(ports, models_file, data_dir, concurrency, running)
         print("\nstopping inferq ...", flush=True)
     return 0
 
 
 def _run(
-    port: int,
+    ports: Ports,
     models_file: Path | None,
     data_dir: Path,
     concurrency: int,
@@ -71,36 +83,38 @@ def _run(
         "INFERQ_REDIS_URL": redis_server.url,
         "INFERQ_BOOTSTRAP_KEY": key,
     }
-    if models_file is not None:
-        env["INFERQ_MODELS_FILE"] = str(models_file.resolve())
+    if models_file is None:  # one model, `sim`, on the simulator started below
+        models_file = data_dir / "models.toml"
+        models_file.write_text(DEFAULT_MODELS.format(port=ports.sim))
+    env["INFERQ_MODELS_FILE"] = str(models_file.resolve())
     commands = {
-        "sim": ["sim", "--port", str(SIM_PORT)],
-        "api": ["api", "--port", str(port)],
+        "sim": ["sim", "--port", str(ports.sim)],
+        "api": ["api", "--port", str(ports.api)],
         "worker": ["worker", "--concurrency", str(concurrency)],
         "beat": ["beat", "--schedule", str(data_dir / "beat-schedule")],
-        "flower": ["flower", "--port", str(FLOWER_PORT)],
+        "flower": ["flower", "--port", str(ports.flower)],
     }
     children: list[Child] = []
     running.callback(stop_all, children, 10)
     for role, args in commands.items():
         children.append(Child.spawn(role, args, env, logs / f"{role}.log"))
-    ready = _ready(f"http://127.0.0.1:{port}/readyz")
-    _banner(port, key, data_dir, ready)
+    ready = _ready(f"http://127.0.0.1:{ports.api}/readyz")
+    _banner(ports, key, data_dir, ready)
     _watch(children)
 
 
-def _banner(port: int, key: str, data_dir: Path, ready: bool) -> None:
+def _banner(ports: Ports, key: str, data_dir: Path, ready: bool) -> None:
     state = "ready" if ready else "starting (see logs)"
     print(
         f"""
 inferq is {state}
-  API          http://127.0.0.1:{port}      (docs: /docs)
-  Flower       http://127.0.0.1:{FLOWER_PORT}      (admin / inferq)
-  simulator    http://127.0.0.1:{SIM_PORT}      (model "sim")
+  API          http://127.0.0.1:{ports.api}      (docs: /docs)
+  Flower       http://127.0.0.1:{ports.flower}      (admin / inferq)
+  simulator    http://127.0.0.1:{ports.sim}      (model "sim")
   dev API key  {key}
   data, logs   {data_dir}
 
-  curl -s http://127.0.0.1:{port}/v1/jobs -H "Authorization: Bearer {key}" \\
+  curl -s http://127.0.0.1:{ports.api}/v1/jobs -H "Authorization: Bearer {key}" \\
        -H "Content-Type: application/json" -d '{{"model": "sim", "prompt": "Hello"}}'
 
 Ctrl-C stops everything.""",
