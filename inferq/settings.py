@@ -49,6 +49,7 @@ class Settings(BaseSettings):
     db_pool_size: int = 20
     redis_pool_size: int = 64
     worker_metrics_port: int | None = None  # serve the worker's /metrics on this port
+    worker_db_connections: int = 16  # at most this many Postgres connections per worker
     log_level: str = "INFO"
 
     @property

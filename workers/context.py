@@ -35,9 +35,17 @@ class WorkerContext:
 
     @classmethod
     def create(cls, settings: Settings, threads: int = 8) -> WorkerContext:
-        """Pools sized for `threads` generations at once: every thread may hold a connection."""
+        """Pools sized for `threads` generations at once.
+
+        Every thread may hold a Redis connection while it streams; Postgres is used only for
+        a claim and a finish, so a bounded pool serves many threads and keeps a large worker
+        within the server's `max_connections` (a thread waits briefly for a connection).
+        """
+        db_connections = min(threads, settings.worker_db_connections)
         engine = make_sync_engine(
-            settings.database_url, pool_size=max(4, threads // 4), max_overflow=threads
+            settings.database_url,
+            pool_size=max(2, db_connections // 2),
+            max_overflow=db_connections - max(2, db_connections // 2),
         )
         sessions = sync_sessions(engine)
         client = _redis(settings.redis_url, threads + 8)
