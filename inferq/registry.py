@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
 
 DEFAULT_SIM_URL = "http://127.0.0.1:8081"
 
@@ -19,6 +20,7 @@ class ModelSpec(BaseModel):
     url: str
     upstream_model: str | None = None  # model name sent to an OpenAI-compatible server
     api_key_env: str | None = None  # name of the variable that holds the backend's key
+    api_key: SecretStr | None = Field(None, exclude=True)  # read from it when the file loads
     queue: str = ""
     max_tokens: int = Field(512, gt=0)
     context_tokens: int = Field(4096, gt=0)
@@ -33,6 +35,9 @@ class ModelSpec(BaseModel):
     def model_post_init(self, _context: object) -> None:
         if not self.queue:
             self.queue = f"inferq.{self.name}"
+        if self.api_key_env and self.api_key is None:
+            secret = os.environ.get(self.api_key_env)
+            self.api_key = SecretStr(secret) if secret else None
 
     def cost_usd(self, input_tokens: int, output_tokens: int) -> float:
         return (

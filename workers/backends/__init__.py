@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 from inferq.registry import ModelSpec
 from workers.backends.base import (
     BackendError,
@@ -29,7 +27,7 @@ __all__ = [
 
 def open_stream(spec: ModelSpec, request: GenerationRequest, timeout: float) -> BackendStream:
     """Start generating `request` on the model's backend."""
-    api_key = os.environ.get(spec.api_key_env) if spec.api_key_env else None
+    api_key = spec.api_key.get_secret_value() if spec.api_key else None
     if spec.backend == "openai":
         return OpenAIBackend(spec, api_key, timeout).stream(request)
     if request.messages is not None:
