@@ -12,6 +12,10 @@ from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validat
 DEFAULT_SIM_URL = "http://127.0.0.1:8081"
 
 
+def default_queue(model: str) -> str:
+    return f"inferq.{model}"
+
+
 class ModelSpec(BaseModel):
     """One servable model, as written in the models file."""
 
@@ -34,7 +38,7 @@ class ModelSpec(BaseModel):
 
     def model_post_init(self, _context: object) -> None:
         if not self.queue:
-            self.queue = f"inferq.{self.name}"
+            self.queue = default_queue(self.name)
         if self.api_key_env and self.api_key is None:
             secret = os.environ.get(self.api_key_env)
             self.api_key = SecretStr(secret) if secret else None
@@ -59,6 +63,11 @@ class Registry:
 
     def get(self, name: str) -> ModelSpec | None:
         return self._models.get(name)
+
+    def queue_of(self, name: str) -> str:
+        """The queue a job for `name` goes to (a model since removed keeps its default)."""
+        spec = self._models.get(name)
+        return spec.queue if spec else default_queue(name)
 
     def names(self) -> list[str]:
         return list(self._models)

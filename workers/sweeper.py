@@ -17,7 +17,6 @@ from sqlalchemy import and_, func, select, update
 from inferq.events import script_args, script_keys, terminal_events
 from inferq.models import Job, JobStatus
 from inferq.queue import ENQUEUED_KEY, Enqueue
-from inferq.registry import Registry
 from workers.context import WorkerContext
 
 log = logging.getLogger("inferq.sweeper")
@@ -33,11 +32,6 @@ class SweepReport:
     requeued_lost: int = 0
     requeued_expired: int = 0
     failed: int = 0
-
-
-def _enqueue_item(registry: Registry, job_id: str, model: str, priority: str) -> Enqueue:
-    spec = registry.get(model)
-    return Enqueue(job_id, spec.queue if spec else f"inferq.{model}", priority)
 
 
 def _not_enqueued(ctx: WorkerContext, ids: list[str], since: list[float] | None = None) -> set[str]:
@@ -76,10 +70,11 @@ def sweep(ctx: WorkerContext) -> SweepReport:
     expired_ids = _not_enqueued(
         ctx, [str(r.id) for r in expired], [r.lease_expires_at.timestamp() for r in expired]
     )
+    wanted = lost_ids | expired_ids
     items = [
-        _enqueue_item(ctx.registry, str(r.id), r.model, r.priority)
+        Enqueue(str(r.id), ctx.registry.queue_of(r.model), r.priority)
         for r in [*lost, *expired]
-        if str(r.id) in lost_ids | expired_ids
+        if str(r.id) in wanted
     ]
     if items:
         ctx.enqueuer.enqueue(ctx.broker, items)

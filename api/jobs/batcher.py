@@ -10,9 +10,9 @@ from typing import Any
 from sqlalchemy import insert
 
 from api import tasks
+from api.jobs import service
 from api.state import AppState
 from inferq.models import Job
-from inferq.queue import Enqueue
 
 log = logging.getLogger("inferq.api")
 
@@ -83,13 +83,11 @@ class SubmitBatcher:
         return [_transient_job(row, created[row["id"]]) for row in rows]
 
     async def _enqueue(self, jobs: list[Job]) -> None:
-        registry = self._state.registry
-        items = [Enqueue(str(j.id), registry.get(j.model).queue, j.priority) for j in jobs]  # type: ignore[union-attr]
         try:
-            await self._state.enqueuer.enqueue_async(self._state.broker, items)
+            await service.enqueue(self._state, jobs)
         except Exception:
             # The jobs are committed: the sweeper enqueues them within seconds.
-            log.exception("enqueue failed; leaving %d jobs to the sweeper", len(items))
+            log.exception("enqueue failed; leaving %d jobs to the sweeper", len(jobs))
 
 
 def _columns(values: dict[str, Any]) -> dict[str, Any]:

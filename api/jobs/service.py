@@ -157,7 +157,7 @@ async def _replay(session: AsyncSession, key: Principal, idem: str, digest: str)
 
 async def enqueue(state: AppState, jobs: list[Job]) -> None:
     """Hand the jobs to the broker (after their rows are committed)."""
-    items = [Enqueue(str(j.id), state.registry.get(j.model).queue, j.priority) for j in jobs]  # type: ignore[union-attr]
+    items = [Enqueue(str(j.id), state.registry.queue_of(j.model), j.priority) for j in jobs]
     await state.enqueuer.enqueue_async(state.broker, items)
 
 
