@@ -15,8 +15,12 @@ if TYPE_CHECKING:
 from inferq.db import async_sessions, make_async_engine
 from inferq.events import PUBLISH_SCRIPT
 from inferq.queue import Enqueuer, make_producer_app
+from inferq.redis_clients import async_client
 from inferq.registry import Registry
 from inferq.settings import Settings
+
+# The API's connections carry this name in Redis's CLIENT LIST.
+API_CLIENT = "inferq-api"
 
 
 @dataclass
@@ -37,8 +41,12 @@ class AppState:
     @classmethod
     def create(cls, settings: Settings) -> AppState:
         engine = make_async_engine(settings.database_url, settings.db_pool_size)
-        client = _redis(settings.redis_url, settings.redis_pool_size)
-        broker = client if settings.broker == settings.redis_url else _redis(settings.broker, 16)
+        client = async_client(settings.redis_url, settings.redis_pool_size, name=API_CLIENT)
+        broker = (
+            client
+            if settings.broker == settings.redis_url
+            else async_client(settings.broker, 16, name=API_CLIENT)
+        )
         return cls(
             settings=settings,
             engine=engine,
@@ -57,18 +65,3 @@ class AppState:
             await self.broker.aclose()
         await self.redis.aclose()
         await self.engine.dispose()
-
-
-def _redis(url: str, max_connections: int) -> aioredis.Redis:
-    # A blocking pool: a burst of readers waits for a connection instead of failing.
-    pool = aioredis.BlockingConnectionPool.from_url(
-        url,
-        max_connections=max_connections,
-        timeout=10,
-        decode_responses=True,
-        socket_timeout=30,
-        socket_connect_timeout=10,
-        health_check_interval=30,
-        client_name="inferq-api",
-    )
-    return aioredis.Redis.from_pool(pool)

@@ -7,13 +7,14 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
-from redis import BlockingConnectionPool, Redis
+from redis import Redis
 from sqlalchemy import Engine
 from sqlalchemy.orm import sessionmaker
 
 from inferq.db import make_sync_engine, sync_sessions
 from inferq.events import PUBLISH_SCRIPT
 from inferq.queue import Enqueuer, make_producer_app
+from inferq.redis_clients import sync_client
 from inferq.registry import Registry
 from inferq.settings import Settings
 from workers.leases import LeaseKeeper
@@ -48,8 +49,10 @@ class WorkerContext:
             max_overflow=db_connections - max(2, db_connections // 2),
         )
         sessions = sync_sessions(engine)
-        client = _redis(settings.redis_url, threads + 8)
-        broker = client if settings.broker == settings.redis_url else _redis(settings.broker, 8)
+        client = sync_client(settings.redis_url, threads + 8)
+        broker = (
+            client if settings.broker == settings.redis_url else sync_client(settings.broker, 8)
+        )
         return cls(
             settings=settings,
             engine=engine,
@@ -74,17 +77,3 @@ class WorkerContext:
             self.broker.close()
         self.redis.close()
         self.engine.dispose()
-
-
-def _redis(url: str, max_connections: int) -> Redis:
-    # Blocking: a thread waits for a free connection rather than failing its job.
-    pool = BlockingConnectionPool.from_url(
-        url,
-        max_connections=max_connections,
-        timeout=30,
-        decode_responses=True,
-        socket_timeout=30,
-        socket_connect_timeout=10,
-        health_check_interval=30,
-    )
-    return Redis.from_pool(pool)
