@@ -35,15 +35,13 @@ def cancel_key(job_id: str) -> str:
 # the stream's TTL, and answer whether the job's cancel flag is set.
 # KEYS: stream, channel, cancel flag. ARGV: maxlen, ttl (0 = none), then (type, data) pairs.
 PUBLISH_SCRIPT = """
-local last = false
 for i = 3, #ARGV, 2 do
   local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*',
                         'e', ARGV[i], 'd', ARGV[i + 1])
   redis.call('PUBLISH', KEYS[2], id .. '\\n' .. ARGV[i] .. '\\n' .. ARGV[i + 1])
-  last = id
 end
 if tonumber(ARGV[2]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
-return {redis.call('EXISTS', KEYS[3]), last}
+return redis.call('EXISTS', KEYS[3])
 """
 
 
@@ -94,6 +92,15 @@ def parse_stream_id(stream_id: str) -> tuple[int, int]:
         return int(ms), int(seq or 0)
     except ValueError:
         return (0, 0)
+
+
+def usage(
+    input_tokens: int | None = None,
+    output_tokens: int | None = None,
+    cost_usd: float | None = None,
+) -> dict[str, Any]:
+    """The `usage` object of a `done` event."""
+    return {"input_tokens": input_tokens, "output_tokens": output_tokens, "cost_usd": cost_usd}
 
 
 def terminal_events(

@@ -17,7 +17,7 @@ from tenacity import (
 )
 
 from inferq import lifecycle
-from inferq.events import Event, EventType, terminal_events
+from inferq.events import Event, EventType, terminal_events, usage
 from inferq.lifecycle import Claim, Outcome
 from inferq.models import JobStatus
 from inferq.queue import ENQUEUED_KEY
@@ -203,17 +203,13 @@ class Generation:
         log.info("job finished", extra={**self._log(), "status": outcome.status.value})
 
     def _closing_events(self, outcome: Outcome) -> list[Event]:
-        usage: dict[str, Any] = {
-            "input_tokens": outcome.input_tokens,
-            "output_tokens": outcome.output_tokens,
-            "cost_usd": outcome.cost_usd,
-        }
+        counts = usage(outcome.input_tokens, outcome.output_tokens, outcome.cost_usd)
         error = (
             (outcome.error_type or "error", outcome.error_message or "")
             if outcome.status is JobStatus.failed
             else None
         )
-        return terminal_events(outcome.status.value, outcome.finish_reason, usage, error)
+        return terminal_events(outcome.status.value, outcome.finish_reason, counts, error)
 
     def _log(self) -> dict[str, Any]:
         return {"job_id": str(self.claim.job_id), "attempt": self.claim.attempt}

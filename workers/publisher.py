@@ -37,7 +37,7 @@ class TokenPublisher:
             events = [self._token_event(), *events]
         if not events:
             return self.cancelled
-        flag, _last_id = self._script(
+        flag = self._script(
             keys=self._keys, args=script_args(events, self._maxlen, self._ttl if final else 0)
         )
         self.cancelled = bool(flag)

@@ -18,6 +18,7 @@ from inferq.events import (
     parse_stream_id,
     stream_key,
     terminal_events,
+    usage,
 )
 from inferq.models import Job, JobStatus
 
@@ -112,12 +113,9 @@ class JobEvents:
             yield Event.make(EventType.reset, attempt=job.attempts)
         if job.output:
             yield Event.make(EventType.token, text=job.output)
-        usage = {
-            "input_tokens": job.input_tokens,
-            "output_tokens": job.output_tokens,
-            "cost_usd": float(job.cost_usd) if job.cost_usd is not None else None,
-        }
+        cost = float(job.cost_usd) if job.cost_usd is not None else None
+        counts = usage(job.input_tokens, job.output_tokens, cost)
         error = (job.error_type, job.error_message or "") if job.error_type else None
-        for event in terminal_events(status.value, job.finish_reason, usage, error):
+        for event in terminal_events(status.value, job.finish_reason, counts, error):
             self._accept(event)
             yield event

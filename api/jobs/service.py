@@ -18,7 +18,7 @@ from api.errors import Conflict, InvalidRequest, NotFound
 from api.jobs.schemas import ErrorInfo, JobCreate, JobOut, Links, Timings, Usage
 from api.state import AppState
 from inferq.db import uuid7
-from inferq.events import cancel_key, script_args, script_keys, terminal_events
+from inferq.events import cancel_key, script_args, script_keys, terminal_events, usage
 from inferq.metrics import JOBS_SUBMITTED
 from inferq.models import Job, JobStatus
 from inferq.queue import ENQUEUED_KEY, Enqueue
@@ -226,7 +226,7 @@ async def _publish_end(state: AppState, job_id: str) -> None:
     events = terminal_events(
         JobStatus.cancelled.value,
         "cancelled",
-        {"input_tokens": None, "output_tokens": None, "cost_usd": None},
+        usage(),
     )
     settings = state.settings
     await state.publish_script(
