@@ -11,8 +11,8 @@ from workers.backends.base import (
     GenerationRequest,
     RetryableBackendError,
 )
-from workers.backends.chat import ChatStream, OpenAIBackend
-from workers.backends.tgi import TgiTextBackend, make_client
+from workers.backends.chat import ChatStream, openai_stream
+from workers.backends.tgi import TextGenerationStream, make_client
 
 __all__ = [
     "BackendError",
@@ -29,8 +29,9 @@ def open_stream(spec: ModelSpec, request: GenerationRequest, timeout: float) -> 
     """Start generating `request` on the model's backend."""
     api_key = spec.api_key.get_secret_value() if spec.api_key else None
     if spec.backend == "openai":
-        return OpenAIBackend(spec, api_key, timeout).stream(request)
+        return openai_stream(spec, request, api_key, timeout)
+    client = make_client(spec, api_key, timeout)
     if request.messages is not None:
         # TGI's Messages API applies the model's chat template.
-        return ChatStream(make_client(spec, api_key, timeout), request, model="tgi")
-    return TgiTextBackend(spec, api_key, timeout).stream(request)
+        return ChatStream(client, request, model="tgi")
+    return TextGenerationStream(client, request)

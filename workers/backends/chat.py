@@ -91,25 +91,15 @@ class OpenAIChatStream(ChatStream):
         return reply.usage.prompt_tokens if reply.usage else None
 
 
-class OpenAIBackend:
+def openai_stream(
+    spec: ModelSpec, request: GenerationRequest, api_key: str | None, timeout: float
+) -> OpenAIChatStream:
     """Any OpenAI-compatible server (vLLM, SGLang, llama.cpp server, hosted APIs)."""
-
-    def __init__(self, spec: ModelSpec, api_key: str | None, timeout: float) -> None:
-        self.spec = spec
-        self.api_key = api_key
-        self.timeout = timeout
-
-    def stream(self, request: GenerationRequest) -> ChatStream:
-        # A bare prompt is sent as one user message: chat is what every such server speaks.
-        if request.messages is None:
-            request = _as_chat(request)
-        client = InferenceClient(
-            base_url=self.spec.url, api_key=self.api_key or "-", timeout=self.timeout
-        )
-        return OpenAIChatStream(client, request, model=self.spec.upstream_model or self.spec.name)
-
-    def close(self) -> None:
-        pass
+    # A bare prompt is sent as one user message: chat is what every such server speaks.
+    if request.messages is None:
+        request = _as_chat(request)
+    client = InferenceClient(base_url=spec.url, api_key=api_key or "-", timeout=timeout)
+    return OpenAIChatStream(client, request, model=spec.upstream_model or spec.name)
 
 
 def _as_chat(request: GenerationRequest) -> GenerationRequest:

@@ -76,17 +76,3 @@ def tgi_params(request: GenerationRequest) -> dict[str, Any]:
         params["temperature"] = request.temperature
         params["top_p"] = request.top_p
     return params
-
-
-class TgiTextBackend:
-    def __init__(self, spec: ModelSpec, api_key: str | None, timeout: float) -> None:
-        self.spec = spec
-        self.api_key = api_key
-        self.timeout = timeout
-
-    def stream(self, request: GenerationRequest) -> ClientStream:
-        client = make_client(self.spec, self.api_key, self.timeout)
-        return TextGenerationStream(client, request)
-
-    def close(self) -> None:
-        pass
