@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from inferq.events import stream_key
-from tests.conftest import Platform, submit, wait_for
+from tests.conftest import BOOTSTRAP_KEY, Platform, submit, wait_for
 from tests.servers import Child, redis_client
 from tests.sse import Transcript, aread, read
 
@@ -82,7 +82,7 @@ async def _fan_out(
         base_url=platform.api_url,
         limits=limits,
         timeout=60,
-        headers={"Authorization": f"Bearer {platform_key()}"},
+        headers={"Authorization": f"Bearer {BOOTSTRAP_KEY}"},
     ) as client:
         tasks = [
             asyncio.create_task(aread(client, job_id))
@@ -92,12 +92,6 @@ async def _fan_out(
         await asyncio.sleep(0.5)
         subscriptions.append(_api_pubsub_connections(platform))
         return await asyncio.gather(*tasks)
-
-
-def platform_key() -> str:
-    from tests.conftest import BOOTSTRAP_KEY
-
-    return BOOTSTRAP_KEY
 
 
 def _api_pubsub_connections(platform: Platform) -> list[str]:
@@ -201,7 +195,7 @@ def _wait_until(predicate, timeout: float = 20.0) -> None:  # type: ignore[no-un
 
 
 def test_submit_command_streams_tokens_as_they_arrive(platform: Platform) -> None:
-    env = {**platform.env, "INFERQ_API_URL": platform.api_url, "INFERQ_API_KEY": platform_key()}
+    env = {**platform.env, "INFERQ_API_URL": platform.api_url, "INFERQ_API_KEY": BOOTSTRAP_KEY}
     result = subprocess.run(
         [
             sys.executable,

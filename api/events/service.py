@@ -41,6 +41,7 @@ class JobEvents:
         self.job_id = job_id
         self.key = stream_key(str(job_id))
         self.last = after or "0-0"
+        self._last_position = parse_stream_id(self.last)  # parsed once, compared per event
         self.ended = False
         self.snapshot = snapshot  # the job as the caller last read it, to spare a query
 
@@ -64,10 +65,11 @@ class JobEvents:
 
     def _accept(self, event: Event) -> bool:
         """Take an event only if it comes after the last one sent; remember the end."""
-        if event.id and parse_stream_id(event.id) <= parse_stream_id(self.last):
-            return False
         if event.id:
-            self.last = event.id
+            position = parse_stream_id(event.id)
+            if position <= self._last_position:
+                return False
+            self.last, self._last_position = event.id, position
         if event.type in TERMINAL_EVENTS:
             self.ended = True
         return True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
@@ -20,9 +21,10 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-async def _check(name: str, probe: asyncio.Future | object) -> tuple[str, str]:
+async def _check(name: str, probe: Awaitable[object]) -> tuple[str, str]:
     try:
-        await asyncio.wait_for(probe, timeout=2.0)  # type: ignore[arg-type]
+        async with asyncio.timeout(2.0):
+            await probe
         return name, "ok"
     except Exception as exc:
         return name, f"error: {exc.__class__.__name__}: {exc}"
