@@ -16,7 +16,9 @@ from inferq.registry import Registry
 from inferq.settings import Settings
 
 
-def get_state(request: Request) -> AppState:
+# Every dependency is `async def`: FastAPI runs a plain `def` dependency in a worker thread,
+# which costs a thread hand-off (and a slot of a 40-thread pool) on every request.
+async def get_state(request: Request) -> AppState:
     return request.app.state.inferq  # type: ignore[no-any-return]
 
 
@@ -39,15 +41,15 @@ async def get_session(state: StateDep) -> AsyncIterator[AsyncSession]:
 SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
 
 
-def get_settings(state: StateDep) -> Settings:
+async def get_settings(state: StateDep) -> Settings:
     return state.settings
 
 
-def get_registry(state: StateDep) -> Registry:
+async def get_registry(state: StateDep) -> Registry:
     return state.registry
 
 
-def get_redis(state: StateDep) -> aioredis.Redis:
+async def get_redis(state: StateDep) -> aioredis.Redis:
     return state.redis
 
 

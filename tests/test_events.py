@@ -11,6 +11,7 @@ import time
 
 import httpx
 import pytest
+from httpx_sse import connect_sse
 
 from inferq.events import stream_key
 from tests.conftest import BOOTSTRAP_KEY, Platform, submit, wait_for
@@ -72,6 +73,28 @@ def test_reader_of_a_queued_job_sees_its_status_then_the_end(http: httpx.Client)
     reader.join(timeout=10)
     assert transcript.of_type("status")[0] == {"status": "queued"}
     assert transcript.of_type("done")[-1]["status"] == "cancelled"
+
+
+def _open_sse_connections(http: httpx.Client) -> float:
+    for line in http.get("/metrics").text.splitlines():
+        if line.startswith("inferq_sse_connections "):
+            return float(line.split()[1])
+    raise AssertionError("no inferq_sse_connections gauge")
+
+
+def test_a_reader_that_hangs_up_on_a_silent_job_is_let_go(http: httpx.Client) -> None:
+    """No event will come to notice the hang-up by; the server must see the disconnect."""
+    job = submit(http, model="parked", prompt="nobody will finish me", max_tokens=3)
+    before = _open_sse_connections(http)
+    with connect_sse(http, "GET", f"/v1/jobs/{job['id']}/events") as source:
+        events = source.iter_sse()  # held: dropping the iterator closes the connection
+        assert next(events).event == "status"
+        assert _open_sse_connections(http) == before + 1
+    deadline = time.monotonic() + 10
+    while _open_sse_connections(http) > before:
+        assert time.monotonic() < deadline, "the stream outlived its client"
+        time.sleep(0.05)
+    assert http.post(f"/v1/jobs/{job['id']}/cancel").status_code == 200
 
 
 async def _fan_out(

@@ -8,6 +8,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from api.events import hub as hub_module
+from api.events import router as events_router
 from api.events.hub import Hub
 from api.events.service import JobEvents
 from inferq.events import (
@@ -84,3 +85,28 @@ async def test_readers_of_a_quiet_channel_re_read_the_stream(
         await hub.close()
         await redis.aclose()
     assert [e.type for e in received] == [EventType.status, EventType.done]
+
+
+async def test_an_idle_event_stream_sends_keep_alive_comments(
+    databases: Databases, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No timer per connection: the hub's wake-up of idle readers is the keep-alive's clock."""
+    monkeypatch.setattr(hub_module, "QUIET_SECONDS", 0.1)
+    redis = aioredis.Redis.from_url(databases.redis_url, decode_responses=True)
+    hub = Hub(redis)
+    await hub.start()
+    job_id = str(uuid.uuid4())
+    publish = redis.register_script(PUBLISH_SCRIPT)
+    start = [Event.make(EventType.status, status="running")]
+    await publish(keys=script_keys(job_id), args=script_args(start, 1000, 0))
+    reader = JobEvents(redis, hub, None, uuid.UUID(job_id), None)  # type: ignore[arg-type]
+    chunks = events_router._sse(reader, ping_seconds=0.3)
+    try:
+        assert b"event: status" in await anext(chunks)
+        assert await anext(chunks) == events_router.PING
+        assert await anext(chunks) == events_router.PING
+    finally:
+        await chunks.aclose()
+        await hub.close()
+        await redis.aclose()
+    assert hub.listeners == 0

@@ -26,9 +26,48 @@ LIVE_BACKLOG = 1000
 QUIET_SECONDS = 5.0
 
 
+class Inbox:
+    """One reader's live events: the hub appends, the reader takes everything pending at once.
+
+    Lighter than an asyncio.Queue: one list and at most one waiting future, which matters
+    when one message goes to thousands of readers. `None` in a batch means "read the stream
+    instead": the reader fell `LIVE_BACKLOG` behind, or its channel went quiet.
+    """
+
+    __slots__ = ("_events", "_waiter")
+
+    def __init__(self) -> None:
+        self._events: list[Event | None] = []
+        self._waiter: asyncio.Future[None] | None = None
+
+    def offer(self, event: Event | None) -> None:
+        if len(self._events) >= LIVE_BACKLOG:
+            self._events = [None]  # drop the backlog: the stream holds it all
+        else:
+            self._events.append(event)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def nudge(self) -> None:
+        """Wake an idle reader to re-read the stream (a quiet channel may have lost one)."""
+        if not self._events:
+            self.offer(None)
+
+    async def take(self) -> list[Event | None]:
+        while not self._events:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        batch, self._events = self._events, []
+        return batch
+
+
 @dataclass
 class _Channel:
-    queues: set[asyncio.Queue[Event | None]] = field(default_factory=set)
+    inboxes: set[Inbox] = field(default_factory=set)
     sent: int = 0  # SUBSCRIBE commands sent for this channel
     confirmed: int = 0  # subscribe confirmations received
     ready: asyncio.Event = field(default_factory=asyncio.Event)
@@ -58,33 +97,33 @@ class Hub:
 
     @property
     def listeners(self) -> int:
-        return sum(len(c.queues) for c in self._channels.values())
+        return sum(len(c.inboxes) for c in self._channels.values())
 
     @contextlib.asynccontextmanager
-    async def subscribe(self, job_id: str) -> AsyncIterator[asyncio.Queue[Event | None]]:
-        """Yield a queue of the job's live events, once Redis has confirmed the subscription."""
+    async def subscribe(self, job_id: str) -> AsyncIterator[Inbox]:
+        """Yield an inbox of the job's live events, once Redis has confirmed the subscription."""
         name = channel(job_id)
-        queue: asyncio.Queue[Event | None] = asyncio.Queue(maxsize=LIVE_BACKLOG)
+        inbox = Inbox()
         async with self._lock:
             state = self._channels.setdefault(name, _Channel())
-            state.queues.add(queue)
-            if len(state.queues) == 1 and state.sent == state.confirmed:
+            state.inboxes.add(inbox)
+            if len(state.inboxes) == 1 and state.sent == state.confirmed:
                 state.sent += 1
                 state.ready.clear()
                 await self._pubsub.subscribe(name)
         try:
             await state.ready.wait()
-            yield queue
+            yield inbox
         finally:
-            await self._leave(name, state, queue)
+            await self._leave(name, state, inbox)
 
-    async def _leave(self, name: str, state: _Channel, queue: asyncio.Queue[Event | None]) -> None:
+    async def _leave(self, name: str, state: _Channel, inbox: Inbox) -> None:
         async with self._lock:
-            state.queues.discard(queue)
+            state.inboxes.discard(inbox)
             # With a SUBSCRIBE still unconfirmed the state stays, so that its late confirmation
             # cannot be taken for a newer subscription's.
             settled = state.sent == state.confirmed
-            if not state.queues and settled and self._channels.get(name) is state:
+            if not state.inboxes and settled and self._channels.get(name) is state:
                 del self._channels[name]
                 await self._pubsub.unsubscribe(name)
 
@@ -106,9 +145,8 @@ class Hub:
             await asyncio.sleep(QUIET_SECONDS)
             for state in list(self._channels.values()):
                 if not state.fed:
-                    for queue in state.queues:
-                        if queue.empty():
-                            queue.put_nowait(None)
+                    for inbox in state.inboxes:
+                        inbox.nudge()
                 state.fed = False
 
     def _dispatch(self, message: dict[str, object]) -> None:
@@ -124,18 +162,8 @@ class Hub:
         elif kind == "message":
             state.fed = True
             event = rendered(Event.from_message(_text(message["data"])))
-            for queue in state.queues:
-                _offer(queue, event)
-
-
-def _offer(queue: asyncio.Queue[Event | None], event: Event) -> None:
-    """Queue a live event; a reader too far behind gets None: "read the stream instead"."""
-    try:
-        queue.put_nowait(event)
-    except asyncio.QueueFull:
-        while not queue.empty():
-            queue.get_nowait()
-        queue.put_nowait(None)
+            for inbox in state.inboxes:
+                inbox.offer(event)
 
 
 def _text(value: object) -> str:

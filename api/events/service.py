@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import AsyncIterator
 
@@ -10,7 +9,7 @@ from redis.asyncio import Redis
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
-from api.events.hub import Hub
+from api.events.hub import Hub, Inbox
 from inferq.events import (
     TERMINAL_EVENTS,
     Event,
@@ -51,7 +50,11 @@ class JobEvents:
                 yield event
 
     async def batches(self) -> AsyncIterator[list[Event]]:
-        """The events in the groups they became available in (one write each)."""
+        """The events in the groups they became available in (one write each).
+
+        A group can be empty: the hub wakes idle readers every few seconds, which lets a
+        caller do periodic work (a keep-alive) without a timer of its own.
+        """
         async with self.hub.subscribe(str(self.job_id)) as live:
             replayed = await self._read_stream()
             if not replayed and await self._stream_gone():
@@ -59,9 +62,8 @@ class JobEvents:
             if replayed:
                 yield replayed
             while not self.ended:
-                batch = await self._next_live(live)
-                if batch:
-                    yield batch
+                # Empty when the hub woke an idle reader and there was nothing new.
+                yield await self._next_live(live)
 
     def _accept(self, event: Event) -> bool:
         """Take an event only if it comes after the last one sent; remember the end."""
@@ -83,10 +85,8 @@ class JobEvents:
     async def _stream_gone(self) -> bool:
         return not await self.redis.exists(self.key)
 
-    async def _next_live(self, live: asyncio.Queue[Event | None]) -> list[Event]:
-        batch = [await live.get()]
-        while not live.empty():
-            batch.append(live.get_nowait())
+    async def _next_live(self, live: Inbox) -> list[Event]:
+        batch = await live.take()
         if None in batch:  # the hub says: you fell behind, or the channel went quiet
             return await self._catch_up()
         return [e for e in batch if e is not None and not self.ended and self._accept(e)]
