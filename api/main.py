@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.telemetry import TelemetryConfig
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api import errors
@@ -78,7 +79,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await state.hub.close()
             await state.close()
 
-    app = FastAPI(title="inferq", version="0.1.0", lifespan=lifespan)
+    # Metrics are Prometheus's (/metrics); FastAPI's OpenTelemetry hooks would only cost a
+    # provider lookup on every request.
+    telemetry: TelemetryConfig = {"tracing": False, "metrics": False, "logs": False}
+    app = FastAPI(title="inferq", version="0.1.0", lifespan=lifespan, telemetry=telemetry)
     errors.install(app)
     for router in (jobs_router, events_router, openai_router, admin_router, health_router):
         app.include_router(router)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
+from cachetools import LRUCache
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
 from api.events.hub import Hub
@@ -35,6 +37,7 @@ class AppState:
     enqueuer: Enqueuer
     broker: aioredis.Redis  # the broker's Redis (the same client when it is one server)
     key_cache: dict[str, Any] = field(default_factory=dict)
+    job_tenants: LRUCache[uuid.UUID, str] = field(default_factory=lambda: LRUCache(100_000))
     hub: Hub = None  # type: ignore[assignment]  # started in the lifespan
     batcher: SubmitBatcher = None  # type: ignore[assignment]  # started in the lifespan
 

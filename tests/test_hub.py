@@ -100,13 +100,13 @@ async def test_an_idle_event_stream_sends_keep_alive_comments(
     start = [Event.make(EventType.status, status="running")]
     await publish(keys=script_keys(job_id), args=script_args(start, 1000, 0))
     reader = JobEvents(redis, hub, None, uuid.UUID(job_id), None)  # type: ignore[arg-type]
-    chunks = events_router._sse(reader, ping_seconds=0.3)
+    feed = events_router.SseFeed(reader, ping_seconds=0.3)
     try:
-        assert b"event: status" in await anext(chunks)
-        assert await anext(chunks) == events_router.PING
-        assert await anext(chunks) == events_router.PING
+        assert b"event: status" in (await feed.next_chunk() or b"")
+        assert await feed.next_chunk() == events_router.PING
+        assert await feed.next_chunk() == events_router.PING
     finally:
-        await chunks.aclose()
+        await feed.aclose()
         await hub.close()
         await redis.aclose()
     assert hub.listeners == 0

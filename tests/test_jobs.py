@@ -10,6 +10,7 @@ import psycopg
 import pytest
 
 from tests.conftest import Platform, submit, wait_for
+from tests.sse import Transcript, read
 
 
 def test_submit_poll_succeeds_with_simulator_text(platform: Platform, http: httpx.Client) -> None:
@@ -82,6 +83,20 @@ def test_another_tenants_job_is_not_found(http: httpx.Client, platform: Platform
         assert response.status_code == 404
         assert response.json()["error"]["type"] == "not_found"
     assert stranger.get("/v1/jobs").json()["data"] == []
+
+
+def test_a_job_whose_events_were_read_stays_hidden_from_other_tenants(
+    http: httpx.Client, platform: Platform
+) -> None:
+    """The API remembers a job's tenant once its events were read; the check must hold."""
+    job = wait_for(http, submit(http, prompt="read me first", max_tokens=2)["id"])
+    owner_read = read(http, job["id"], Transcript())
+    assert owner_read.output() == job["output"]
+    stranger = platform.client(platform.new_key("stranger-after-read"))
+    response = stranger.get(f"/v1/jobs/{job['id']}/events")
+    assert response.status_code == 404
+    assert response.json()["error"]["type"] == "not_found"
+    assert read(http, job["id"], Transcript()).output() == job["output"]  # still the owner's
 
 
 def test_cancel_of_a_queued_job_is_immediate(http: httpx.Client) -> None:

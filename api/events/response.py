@@ -5,27 +5,40 @@ sse-starlette's EventSourceResponse runs four tasks per connection (stream, ping
 disconnect, shutdown) and wraps every send in a cancel scope; at thousands of clients
 those per-send costs were a fifth of the API's CPU (see the README's performance section).
 Here a connection costs one extra task, which waits for the disconnect and cancels the
-stream; each chunk is one ASGI send. Events are still rendered by sse-starlette's
-ServerSentEvent, once per event for all readers (api.events.wire), and pings come from the
-stream itself (api.events.router), not from a timer per connection.
+stream; each chunk is one ASGI send, pulled from its source with a plain coroutine call.
+Events are still rendered by sse-starlette's ServerSentEvent, once per event for all
+readers (api.events.wire), and keep-alives come from the source (api.events.router), not
+from a timer per connection.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
+from typing import Protocol
 
-from starlette.responses import StreamingResponse
+from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 
-class EventStream(StreamingResponse):
-    """Sends each chunk of `chunks` as it comes; a client disconnect ends it quietly."""
+class ChunkSource(Protocol):
+    async def next_chunk(self) -> bytes | None:
+        """The next bytes to send, or None at the end of the stream."""
 
-    body_iterator: AsyncIterator[bytes]
+    async def aclose(self) -> None: ...
 
-    def __init__(self, chunks: AsyncIterator[bytes], headers: Mapping[str, str]) -> None:
-        super().__init__(chunks, media_type="text/event-stream", headers=headers)
+
+class EventStream(Response):
+    """Sends each chunk of `source` as it comes; a client disconnect ends it quietly."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, source: ChunkSource, headers: Mapping[str, str]) -> None:
+        # As StreamingResponse does: no body, so no Content-Length.
+        self.source = source
+        self.status_code = 200
+        self.background = None
+        self.init_headers(headers)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         stream = asyncio.current_task()
@@ -33,14 +46,9 @@ class EventStream(StreamingResponse):
         gone = asyncio.Event()
         watcher = asyncio.create_task(_cancel_on_disconnect(receive, stream, gone))
         try:
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": self.status_code,
-                    "headers": self.raw_headers,
-                }
-            )
-            async for chunk in self.body_iterator:
+            start = {"type": "http.response.start", "status": 200, "headers": self.raw_headers}
+            await send(start)
+            while (chunk := await self.source.next_chunk()) is not None:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
@@ -49,7 +57,7 @@ class EventStream(StreamingResponse):
                 raise
         finally:
             watcher.cancel()
-            await self.body_iterator.aclose()  # type: ignore[attr-defined]
+            await self.source.aclose()
 
 
 async def _cancel_on_disconnect(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query
@@ -15,7 +14,7 @@ from api.errors import InvalidRequest
 from api.events.response import EventStream
 from api.events.service import JobEvents
 from api.events.wire import encode
-from api.jobs.service import get_job
+from api.jobs.service import job_if_unseen
 from inferq.metrics import SSE_CONNECTIONS
 
 router = APIRouter(prefix="/v1/jobs", tags=["events"])
@@ -31,25 +30,42 @@ def _resume_point(last_event_id: str | None, after: str | None) -> str | None:
     return value
 
 
-async def _sse(events: JobEvents, ping_seconds: float) -> AsyncIterator[bytes]:
-    """Each group of events that arrived together goes out in one write.
+class SseFeed:
+    """A job's events as SSE chunks: each group of events that arrived together is one write.
 
     A stream with nothing to say gets a comment line now and then, so that proxies keep it
     open; the hub wakes idle readers every few seconds, which is the clock for it.
     """
-    SSE_CONNECTIONS.inc()
-    last_write = time.monotonic()
-    try:
-        async for batch in events.batches():
+
+    def __init__(self, events: JobEvents, ping_seconds: float) -> None:
+        self.events = events
+        self.ping_seconds = ping_seconds
+        self.started = False
+        self.last_write = time.monotonic()
+
+    async def next_chunk(self) -> bytes | None:
+        if not self.started:
+            self.started = True
+            SSE_CONNECTIONS.inc()
+            replayed = await self.events.start()
+            if replayed:
+                return self._wrote(b"".join(encode(event) for event in replayed))
+        while not self.events.ended:
+            batch = await self.events.next()
             if batch:
-                yield b"".join(encode(event) for event in batch)
-            elif time.monotonic() - last_write >= ping_seconds:
-                yield PING
-            else:
-                continue
-            last_write = time.monotonic()
-    finally:
-        SSE_CONNECTIONS.dec()
+                return self._wrote(b"".join(encode(event) for event in batch))
+            if time.monotonic() - self.last_write >= self.ping_seconds:
+                return self._wrote(PING)
+        return None
+
+    def _wrote(self, chunk: bytes) -> bytes:
+        self.last_write = time.monotonic()
+        return chunk
+
+    async def aclose(self) -> None:
+        if self.started:
+            SSE_CONNECTIONS.dec()
+        await self.events.close()
 
 
 @router.get("/{job_id}/events")
@@ -62,10 +78,10 @@ async def job_events(
     after: Annotated[str | None, Query(description="resume after this event id")] = None,
 ) -> EventStream:
     """Server-sent events: status, token, reset, done, error; resume with Last-Event-ID."""
-    job = await get_job(session, key, job_id)  # 404 unless the job is this tenant's
+    snapshot = await job_if_unseen(state, session, key, job_id)
     resume = _resume_point(last_event_id, after)
-    events = JobEvents(state.redis, state.hub, state.sessions, job_id, resume, snapshot=job)
+    events = JobEvents(state.redis, state.hub, state.sessions, job_id, resume, snapshot)
     return EventStream(
-        _sse(events, state.settings.sse_ping_seconds),
+        SseFeed(events, state.settings.sse_ping_seconds),
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )

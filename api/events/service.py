@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 from redis.asyncio import Redis
 from sqlalchemy import select
@@ -43,27 +44,53 @@ class JobEvents:
         self._last_position = parse_stream_id(self.last)  # parsed once, compared per event
         self.ended = False
         self.snapshot = snapshot  # the job as the caller last read it, to spare a query
+        self._subscription = contextlib.AsyncExitStack()
+        self._live: Inbox | None = None
 
     async def __aiter__(self) -> AsyncIterator[Event]:
-        async for batch in self.batches():
-            for event in batch:
-                yield event
+        batches = self.batches()
+        try:
+            async for batch in batches:
+                for event in batch:
+                    yield event
+        finally:
+            await batches.aclose()  # unsubscribe now, not when the generator is collected
 
-    async def batches(self) -> AsyncIterator[list[Event]]:
+    async def batches(self) -> AsyncGenerator[list[Event]]:
         """The events in the groups they became available in (one write each).
 
-        A group can be empty: the hub wakes idle readers every few seconds, which lets a
-        caller do periodic work (a keep-alive) without a timer of its own.
+        A live group can be empty: the hub wakes idle readers every few seconds, which lets
+        a caller do periodic work (a keep-alive) without a timer of its own.
         """
-        async with self.hub.subscribe(str(self.job_id)) as live:
-            replayed = await self._read_stream()
-            if not replayed and await self._stream_gone():
-                replayed = [event async for event in self._from_database(initial=True)]
+        try:
+            replayed = await self.start()
             if replayed:
                 yield replayed
             while not self.ended:
-                # Empty when the hub woke an idle reader and there was nothing new.
-                yield await self._next_live(live)
+                yield await self.next()
+        finally:
+            await self.close()
+
+    # The same as start / next / close, for callers on the per-event path (the SSE route):
+    # plain coroutines cost less per event than an async generator does.
+
+    async def start(self) -> list[Event]:
+        """Subscribe (confirmed), then return what the stream already holds after `after`."""
+        self._live = await self._subscription.enter_async_context(
+            self.hub.subscribe(str(self.job_id))
+        )
+        replayed = await self._read_stream()
+        if not replayed and await self._stream_gone():
+            replayed = [event async for event in self._from_database(initial=True)]
+        return replayed
+
+    async def next(self) -> list[Event]:
+        """The next live events; empty if the hub woke this reader with nothing new."""
+        assert self._live is not None, "start() first"
+        return await self._next_live(self._live)
+
+    async def close(self) -> None:
+        await self._subscription.aclose()
 
     def _accept(self, event: Event) -> bool:
         """Take an event only if it comes after the last one sent; remember the end."""

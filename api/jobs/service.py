@@ -168,6 +168,24 @@ async def get_job(session: AsyncSession, key: Principal, job_id: uuid.UUID) -> J
     return job
 
 
+async def job_if_unseen(
+    state: AppState, session: AsyncSession, key: Principal, job_id: uuid.UUID
+) -> Job | None:
+    """404 unless the job is this tenant's; the job row only if this process had to read it.
+
+    A job's tenant never changes, so each process remembers it: the thousandth reader of a
+    job's events costs no query.
+    """
+    tenant = state.job_tenants.get(job_id)
+    if tenant is None:
+        job = await get_job(session, key, job_id)
+        state.job_tenants[job_id] = job.tenant
+        return job
+    if tenant != key.tenant:
+        raise NotFound(f"no job {job_id}")
+    return None
+
+
 async def queue_position(session: AsyncSession, job: Job) -> int | None:
     if job.status != JobStatus.queued:
         return None

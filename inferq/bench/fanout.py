@@ -121,7 +121,8 @@ def run(config: FanoutConfig, target: FanoutTarget, progress: Progress) -> Fanou
                 reports = _run_processes(assignments, timeout, progress)
         finally:
             for job_id in job_ids:
-                http.post(f"/v1/jobs/{job_id}/cancel")
+                # The API may still be working through the clients' hang-ups: be patient.
+                http.post(f"/v1/jobs/{job_id}/cancel", timeout=120)
     return _result(config, reports, rss)
 
 

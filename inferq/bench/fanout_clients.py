@@ -9,6 +9,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import httpx
+import uvloop
 from httpx_sse import aconnect_sse
 
 from inferq.bench.clients import ClientShards
@@ -63,7 +64,7 @@ class ClientReport:
 def run_clients(assignment: Assignment) -> ClientReport:
     """Process entry point: hold every assigned client open through the schedule."""
     started = time.monotonic()
-    report = asyncio.run(_hold_all(assignment))
+    report = uvloop.run(_hold_all(assignment))
     usage = resource.getrusage(resource.RUSAGE_SELF)
     report.cpu_s = usage.ru_utime + usage.ru_stime
     report.wall_s = time.monotonic() - started

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import resource
 import shutil
@@ -11,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import uvloop
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -125,17 +125,17 @@ class Bench:
             self.platform.api_url, self.cluster.api_key, "stream", self.platform.stream_sim.url
         )
         task, tick = self._ticker("stream warm-up", stream.total_requests(config))
-        asyncio.run(stream.warm_up(config, targets))
+        uvloop.run(stream.warm_up(config, targets))
         levels = []
         for clients in config.concurrency:
             self.progress.update(task, description=f"stream C={clients}")
-            levels.append(asyncio.run(stream.run_level(config, targets, clients, tick)))
+            levels.append(uvloop.run(stream.run_level(config, targets, clients, tick)))
         return stream.StreamResult("stream", stream.NOTE, levels)
 
     def run_submit(self) -> submit.SubmitResult:
         config = self.config.submit
         _, tick = self._ticker("submit", len(config.concurrency) * config.jobs_per_level)
-        levels = asyncio.run(
+        levels = uvloop.run(
             submit.run(self.platform.api_url, self.cluster.api_key, "void", config, tick)
         )
         queue = self.cluster.queue("void")

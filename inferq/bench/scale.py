@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 
 import httpx
 import psycopg
+import uvloop
 
 from inferq.bench.clients import ClientShards
 from inferq.bench.cluster import Cluster, ModelEntry
@@ -128,7 +129,7 @@ def _wait_finished(conn: psycopg.Connection, ids: list[str], tick: Tick) -> None
 def run_level(target: ScaleTarget, config: ScaleConfig, count: int, tick: Tick) -> ScaleLevel:
     children = start_workers(target, config, count)
     try:
-        ids = asyncio.run(_burst(target, config, config.jobs_per_worker * count, tick))
+        ids = uvloop.run(_burst(target, config, config.jobs_per_worker * count, tick))
         with psycopg.connect(libpq_url(target.cluster.servers.database_url)) as conn:
             conn.autocommit = True
             _wait_finished(conn, ids, tick)
