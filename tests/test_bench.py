@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -84,3 +85,21 @@ def test_bench_smoke_reports_every_phase(tmp_path: Path) -> None:
     assert result["environment"]["cpu_count"] >= 1
     assert result["config"]["stream"]["sim"]["itl_ms"] > 0
     assert (tmp_path / "stream-latency.png").stat().st_size > 0
+
+
+def test_the_fan_out_clients_sse_parser_reads_what_the_api_writes() -> None:
+    from api.events.router import PING
+    from api.events.wire import encode
+    from inferq.bench.sse_wire import parse_frame
+    from inferq.events import Event, EventType
+
+    token = dataclasses.replace(Event.make(EventType.token, text="a\nb"), id="1700000000000-3")
+    blocks = (encode(token) + PING).replace(b"\r\n", b"\n").split(b"\n\n")
+    frame = parse_frame(blocks[0], received=1.0)
+    assert frame is not None
+    assert (frame.event, frame.id, json.loads(frame.data)) == (
+        "token",
+        "1700000000000-3",
+        {"text": "a\nb"},
+    )
+    assert parse_frame(blocks[1], received=1.0) is None  # the keep-alive comment

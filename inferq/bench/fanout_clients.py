@@ -8,11 +8,9 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-import httpx
 import uvloop
-from httpx_sse import aconnect_sse
 
-from inferq.bench.clients import ClientShards
+from inferq.bench.sse_wire import Frame, event_stream
 
 
 @dataclass(frozen=True)
@@ -75,58 +73,72 @@ async def _hold_all(assignment: Assignment) -> ClientReport:
     report = ClientReport(clients=len(assignment.clients))
     errors: Counter[str] = Counter()
     headers = {"Authorization": f"Bearer {assignment.api_key}"}
-    users = len(assignment.clients)
-    async with ClientShards(users, base_url=assignment.api_url, headers=headers) as shards:
-        jobs = assignment.job_ids
-        await asyncio.gather(
-            *(
-                _hold(
-                    shards[n], jobs[index % len(jobs)], index, assignment.schedule, report, errors
-                )
-                for n, index in enumerate(assignment.clients)
-            )
+    jobs = assignment.job_ids
+    await asyncio.gather(
+        *(
+            _Client(assignment, headers, jobs[index % len(jobs)], index, report, errors).hold()
+            for index in assignment.clients
         )
+    )
     report.errors = dict(errors)
     return report
 
 
-async def _hold(
-    http: httpx.AsyncClient,
-    job_id: str,
-    index: int,
-    schedule: Schedule,
-    report: ClientReport,
-    errors: Counter[str],
-) -> None:
-    await asyncio.sleep(max(0.0, schedule.connect_at(index) - time.time()))
-    connected_ms = time.time() * 1000
-    # Resume from now, as a client that was already watching would: no replay of history.
-    url = f"/v1/jobs/{job_id}/events?after={int(connected_ms)}-0"
-    seen = opened = False
-    try:
-        async with asyncio.timeout(max(0.0, schedule.hold_end - time.time())):
-            async with aconnect_sse(http, "GET", url) as source:
-                if source.response.status_code != 200:
-                    errors[f"HTTP {source.response.status_code}"] += 1
-                    return
-                opened = True
-                async for event in source.aiter_sse():
-                    now = time.time()
-                    if not seen and now <= schedule.hold_start:
-                        report.held_at_hold_start += 1
-                    seen = True
-                    report.events += 1
-                    _record_lag(event.event, event.id, now, connected_ms, schedule, report)
-                    if event.event in ("done", "error"):
-                        errors[f"job ended ({event.event})"] += 1
+class _Client:
+    """One SSE client: connects on schedule, counts and times live tokens until the end."""
+
+    def __init__(
+        self,
+        assignment: Assignment,
+        headers: dict[str, str],
+        job_id: str,
+        index: int,
+        report: ClientReport,
+        errors: Counter[str],
+    ) -> None:
+        self.assignment, self.headers, self.job_id, self.index = assignment, headers, job_id, index
+        self.schedule = assignment.schedule
+        self.report, self.errors = report, errors
+        self.connected_ms = 0.0
+        self.seen = False
+        self.job_ended = False
+
+    async def hold(self) -> None:
+        schedule = self.schedule
+        await asyncio.sleep(max(0.0, schedule.connect_at(self.index) - time.time()))
+        self.connected_ms = time.time() * 1000
+        # Resume from now, as a client that was already watching would: no replay of history.
+        url = f"{self.assignment.api_url}/v1/jobs/{self.job_id}/events"
+        url += f"?after={int(self.connected_ms)}-0"
+        opened = False
+        try:
+            async with asyncio.timeout(max(0.0, schedule.hold_end - time.time())):
+                async with event_stream(url, self.headers, self.on_frame) as stream:
+                    if stream.status != 200:
+                        self.errors[f"HTTP {stream.status}"] += 1
                         return
-    except TimeoutError:
-        if seen:
-            report.held += 1
-        else:
-            errors["no event" if opened else "no response"] += 1
-    except httpx.HTTPError as exc:
-        errors[type(exc).__name__] += 1
+                    opened = True
+                    await stream.finished
+                    if not self.job_ended:
+                        self.errors["stream ended early"] += 1
+        except TimeoutError:
+            if self.seen:
+                self.report.held += 1
+            else:
+                self.errors["no event" if opened else "no response"] += 1
+        except OSError as exc:
+            self.errors[type(exc).__name__] += 1
+
+    def on_frame(self, frame: Frame) -> None:
+        report = self.report
+        if not self.seen and frame.received <= self.schedule.hold_start:
+            report.held_at_hold_start += 1
+        self.seen = True
+        report.events += 1
+        _record_lag(frame.event, frame.id, frame.received, self.connected_ms, self.schedule, report)
+        if frame.event in ("done", "error"):
+            self.job_ended = True
+            self.errors[f"job ended ({frame.event})"] += 1
 
 
 def _record_lag(
