@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -57,6 +58,20 @@ async def _too_large(send: Send, limit: int) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+def quiet_collector() -> None:
+    """Keep Python's cyclic garbage collector off the per-event path.
+
+    Everything imported and built at start-up is moved out of the collector's view, and the
+    youngest generation is collected after 50,000 allocations instead of 700: thousands of
+    open streams allocate a little per event, and each full pass over their objects cost
+    more than the events themselves (README, performance). Reference counting still frees
+    almost everything at once; the collector only finds cycles, now less often.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
 
@@ -71,6 +86,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         queue_depth = QueueDepthMonitor(state.redis, state.registry)
         queue_depth.start()
         app.state.inferq = state
+        quiet_collector()
         try:
             yield
         finally:
