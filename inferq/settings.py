@@ -32,7 +32,9 @@ class Settings(BaseSettings):
     visibility_timeout_seconds: int = 3600
 
     # Token stream (DESIGN §5)
-    flush_interval_ms: float = 20.0
+    flush_interval_ms: float = 20.0  # while few streams run in the worker process
+    flush_budget_per_second: float = 400.0  # per worker process; more streams flush less often
+    flush_interval_max_ms: float = 100.0
     flush_max_tokens: int = 16
     stream_maxlen: int = 100_000
     stream_ttl_seconds: int = 3600

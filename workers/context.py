@@ -18,6 +18,7 @@ from inferq.redis_clients import sync_client
 from inferq.registry import Registry
 from inferq.settings import Settings
 from workers.leases import LeaseKeeper
+from workers.publisher import FlushPace
 
 
 @dataclass
@@ -32,6 +33,7 @@ class WorkerContext:
     registry: Registry
     enqueuer: Enqueuer
     leases: LeaseKeeper
+    pace: FlushPace
     name: str
 
     @classmethod
@@ -66,6 +68,11 @@ class WorkerContext:
             leases=LeaseKeeper(
                 sync_sessions(engine.execution_options(isolation_level="AUTOCOMMIT")),
                 settings.lease_seconds,
+            ),
+            pace=FlushPace(
+                settings.flush_interval_ms / 1000,
+                settings.flush_budget_per_second,
+                settings.flush_interval_max_ms / 1000,
             ),
             name=f"{socket.gethostname()}:{os.getpid()}",
         )

@@ -93,7 +93,7 @@ class Generation:
             str(claim.job_id),
             maxlen=settings.stream_maxlen,
             ttl=settings.stream_ttl_seconds,
-            flush_interval_s=settings.flush_interval_ms / 1000,
+            pace=ctx.pace,
             flush_max_tokens=settings.flush_max_tokens,
         )
         self.restarts = 0
@@ -104,7 +104,8 @@ class Generation:
         self.ctx.leases.hold(self.claim.token)
         try:
             self._start_events()
-            outcome = self._with_retries(spec)
+            with self.ctx.pace.streaming():
+                outcome = self._with_retries(spec)
             self.finish(outcome)
         except ClaimLost:
             log.warning("lease lost, another worker owns the job", extra=self._log())

@@ -2,10 +2,42 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from inferq.events import Event, EventType, script_args, script_keys
+
+
+class FlushPace:
+    """How often a stream flushes: every `base_s` while few streams run in this process,
+    stretched (up to `max_s`) so that the process writes about `budget` flushes a second.
+
+    Every flush is a Redis round trip for the worker, a message for each API process and a
+    write to each reader. With dozens of streams per process those per-flush costs, not the
+    tokens, were what saturated the machine (README, performance); under load each flush
+    carries more tokens instead. A stream's first token is always sent at once.
+    """
+
+    def __init__(self, base_s: float, budget: float, max_s: float) -> None:
+        self.base_s, self.budget, self.max_s = base_s, budget, max_s
+        self.active = 0
+        self._lock = threading.Lock()
+
+    def interval(self) -> float:
+        return min(self.max_s, max(self.base_s, self.active / self.budget))
+
+    @contextlib.contextmanager
+    def streaming(self) -> Iterator[None]:
+        with self._lock:
+            self.active += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.active -= 1
 
 
 class TokenPublisher:
@@ -18,14 +50,14 @@ class TokenPublisher:
         *,
         maxlen: int,
         ttl: int,
-        flush_interval_s: float,
+        pace: FlushPace,
         flush_max_tokens: int,
     ) -> None:
         self._script = script
         self._keys = script_keys(job_id)
         self._maxlen = maxlen
         self._ttl = ttl
-        self._interval = flush_interval_s
+        self._pace = pace
         self._max_tokens = flush_max_tokens
         self._pending: list[str] = []
         self._last_flush = 0.0
@@ -47,7 +79,7 @@ class TokenPublisher:
     def add_token(self, text: str) -> bool:
         """Buffer a delta; flush every interval or N tokens. True when cancel was requested."""
         self._pending.append(text)
-        due = time.monotonic() - self._last_flush >= self._interval
+        due = time.monotonic() - self._last_flush >= self._pace.interval()
         if due or len(self._pending) >= self._max_tokens:
             return self.send([])
         return self.cancelled
