@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 from typing import Any
 
 from celery import Celery, signals
@@ -32,9 +31,6 @@ app = InferqCelery("inferq")
 app.conf.update(celery_config(get_settings()))
 
 
-GIL_SWITCH_SECONDS = 0.0005
-
-
 @signals.worker_init.connect
 def _open(sender: Any = None, **_: Any) -> None:
     settings = get_settings()
@@ -42,10 +38,6 @@ def _open(sender: Any = None, **_: Any) -> None:
     if settings.worker_metrics_port:
         start_http_server(settings.worker_metrics_port)
     threads = int(getattr(sender, "concurrency", None) or 8)
-    # Dozens of threads each wake for a few tokens and go back to waiting on a socket. At the
-    # default 5 ms switch interval a woken thread can wait that long for the GIL behind a
-    # busy one, once per wake-up, and a stream's tokens fall behind (README, performance).
-    sys.setswitchinterval(GIL_SWITCH_SECONDS)
     app.require_context(threads).leases.start()
 
 
