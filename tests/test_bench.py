@@ -50,7 +50,7 @@ def _assert_stream(stream: dict[str, Any]) -> None:
 
 
 def _assert_submit(submit: dict[str, Any]) -> None:
-    assert submit["levels"]
+    assert {level["api_processes"] for level in submit["levels"]} == {1, 2}
     for level in submit["levels"]:
         assert level["accepted"] == level["jobs"] > 0
         assert level["jobs_per_s"] > 0
@@ -90,7 +90,7 @@ def test_bench_smoke_reports_every_phase(tmp_path: Path) -> None:
 def test_the_fan_out_clients_sse_parser_reads_what_the_api_writes() -> None:
     from api.events.router import PING
     from api.events.wire import encode
-    from inferq.bench.sse_wire import parse_frame
+    from inferq.bench.wire import parse_frame
     from inferq.events import Event, EventType
 
     token = dataclasses.replace(Event.make(EventType.token, text="a\nb"), id="1700000000000-3")

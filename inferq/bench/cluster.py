@@ -106,9 +106,12 @@ class Cluster:
         child = self.spawn(role, ["inferq.sim", "--port", str(port), *params.args()], _clean_env())
         return Sim(f"http://127.0.0.1:{port}", params, child)
 
-    def start_api(self, models_file: Path) -> tuple[str, Child]:
+    def start_api(
+        self, models_file: Path, processes: int = 1, role: str = "api"
+    ) -> tuple[str, Child]:
         port = free_port()
-        child = self.spawn("api", ["inferq", "api", "--port", str(port)], self.env(models_file))
+        args = ["inferq", "api", "--port", str(port), "--workers", str(processes)]
+        child = self.spawn(role, args, self.env(models_file))
         return f"http://127.0.0.1:{port}", child
 
     def start_worker(

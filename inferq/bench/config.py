@@ -69,6 +69,9 @@ class StreamConfig:
 class SubmitConfig:
     concurrency: tuple[int, ...]
     jobs_per_level: int
+    # The platform's own API process, then one started with `inferq api --workers N` for
+    # each further N: how the front door grows with the processes of one host.
+    api_processes: tuple[int, ...] = (1, 2)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import uvloop
 
-from inferq.bench.sse_wire import Frame, event_stream
+from inferq.bench.wire import Frame, event_stream
 
 
 @dataclass(frozen=True)

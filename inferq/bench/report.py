@@ -158,12 +158,23 @@ def stream_table(result: StreamResult) -> Table:
 def submit_table(result: BenchResult) -> Table:
     assert result.submit is not None
     table = Table(title=f"submit: {result.submit.note}")
-    columns = ("submitters", "jobs", "jobs/s", "p50 ms", "p95 ms", "p99 ms", "bench CPU", "errors")
+    columns = (
+        "API processes",
+        "submitters",
+        "jobs",
+        "jobs/s",
+        "p50 ms",
+        "p95 ms",
+        "p99 ms",
+        "bench CPU",
+        "errors",
+    )
     for column in columns:
         table.add_column(column, justify="right")
     for level in result.submit.levels:
         lat = level.latency_ms
         table.add_row(
+            str(level.api_processes),
             str(level.concurrency),
             str(level.accepted),
             f"{level.jobs_per_s:.0f}",

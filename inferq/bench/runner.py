@@ -58,6 +58,7 @@ class Platform:
     workers: list[Child]
     stream_sim: Sim
     fanout_sim: Sim
+    models_file: Path
 
 
 def raise_nofile_limit() -> None:
@@ -85,7 +86,7 @@ def start_platform(cluster: Cluster, config: BenchConfig) -> Platform:
         wait_http(f"{sim.url}/health", sim.child)
     wait_http(f"{api_url}/readyz", api)
     cluster.wait_workers(names, workers)
-    return Platform(api_url, api, workers, stream_sim, fanout_sim)
+    return Platform(api_url, api, workers, stream_sim, fanout_sim, models)
 
 
 class Bench:
@@ -134,14 +135,28 @@ class Bench:
 
     def run_submit(self) -> submit.SubmitResult:
         config = self.config.submit
-        _, tick = self._ticker("submit", len(config.concurrency) * config.jobs_per_level)
-        levels = uvloop.run(
-            submit.run(self.platform.api_url, self.cluster.api_key, "void", config, tick)
-        )
-        queue = self.cluster.queue("void")
+        total = len(config.api_processes) * len(config.concurrency) * config.jobs_per_level
+        _, tick = self._ticker("submit", total)
+        levels: list[submit.SubmitLevel] = []
+        for processes in config.api_processes:
+            if processes == 1:
+                url = self.platform.api_url
+                levels += uvloop.run(submit.run(url, self.cluster.api_key, config, 1, tick))
+                continue
+            role = f"api-{processes}-processes"
+            url, api = self.cluster.start_api(self.platform.models_file, processes, role)
+            try:
+                wait_http(f"{url}/readyz", api)
+                levels += uvloop.run(submit.run(url, self.cluster.api_key, config, processes, tick))
+            finally:
+                api.stop()
+        queue = self.cluster.queue(submit.MODEL)
         self.cluster.clear_queue(queue)
-        note = f"model 'void' on queue {queue}, which no worker consumes: the front door alone"
-        return submit.SubmitResult("void", queue, note, levels)
+        note = (
+            f"model '{submit.MODEL}' on queue {queue}, which no worker consumes: the front door"
+            " alone; the platform's API process, then `inferq api --workers N`"
+        )
+        return submit.SubmitResult(submit.MODEL, queue, note, levels)
 
     def run_fanout(self) -> fanout.FanoutResult:
         config = self.config.fanout

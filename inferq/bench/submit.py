@@ -3,23 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import httpx
+import httptools
 
-from inferq.bench.clients import ClientShards
 from inferq.bench.config import SubmitConfig
 from inferq.bench.stats import Percentiles
+from inferq.bench.wire import KeepAlive
 
 Tick = Callable[[], None]
 WARMUP_JOBS = 20
+MODEL = "void"  # a model whose queue no worker consumes
 
 
 @dataclass(frozen=True)
 class SubmitLevel:
+    api_processes: int
     concurrency: int
     jobs: int
     accepted: int
@@ -39,32 +42,34 @@ class SubmitResult:
 
 
 async def run_level(
-    shards: ClientShards, model: str, concurrency: int, jobs: int, tick: Tick
+    connections: list[KeepAlive], api_processes: int, concurrency: int, jobs: int, tick: Tick
 ) -> SubmitLevel:
-    """`concurrency` closed-loop submitters share `jobs` submissions."""
+    """`concurrency` closed-loop submitters, a connection each, share `jobs` submissions."""
     remaining = iter(range(jobs))
     latencies: list[float] = []
     errors: Counter[str] = Counter()
 
-    async def submitter(http: httpx.AsyncClient) -> None:
+    async def submitter(http: KeepAlive) -> None:
         for index in remaining:
-            body = {"model": model, "prompt": f"submit {index}", "max_tokens": 16, "seed": index}
+            body = {"model": MODEL, "prompt": f"submit {index}", "max_tokens": 16, "seed": index}
+            payload = json.dumps(body).encode()
             started = time.perf_counter()
             try:
-                response = await http.post("/v1/jobs", json=body)
-            except httpx.HTTPError as exc:
+                status, _ = await http.post_json("/v1/jobs", payload)
+            except (OSError, httptools.HttpParserError) as exc:
                 errors[type(exc).__name__] += 1
             else:
-                if response.status_code == 202:
+                if status == 202:
                     latencies.append((time.perf_counter() - started) * 1000)
                 else:
-                    errors[f"HTTP {response.status_code}"] += 1
+                    errors[f"HTTP {status}"] += 1
             tick()
 
     start, cpu = time.perf_counter(), time.process_time()
-    await asyncio.gather(*(submitter(shards[i]) for i in range(concurrency)))
+    await asyncio.gather(*(submitter(connections[i]) for i in range(concurrency)))
     wall = time.perf_counter() - start
     return SubmitLevel(
+        api_processes=api_processes,
         concurrency=concurrency,
         jobs=jobs,
         accepted=len(latencies),
@@ -77,14 +82,19 @@ async def run_level(
 
 
 async def run(
-    api_url: str, api_key: str, model: str, config: SubmitConfig, tick: Tick
+    api_url: str, api_key: str, config: SubmitConfig, api_processes: int, tick: Tick
 ) -> list[SubmitLevel]:
-    """Each level after the other, on one connection pool, after a short warm-up."""
+    """Each level after the other, on the same kept-alive connections, after a warm-up."""
     headers = {"Authorization": f"Bearer {api_key}"}
     widest = max(config.concurrency)
     results: list[SubmitLevel] = []
-    async with ClientShards(widest, base_url=api_url, headers=headers) as shards:
-        await run_level(shards, model, min(4, widest), WARMUP_JOBS, lambda: None)
+    connections = [KeepAlive(api_url, headers) for _ in range(widest)]
+    try:
+        await run_level(connections, api_processes, min(4, widest), WARMUP_JOBS, lambda: None)
         for concurrency in config.concurrency:
-            results.append(await run_level(shards, model, concurrency, config.jobs_per_level, tick))
+            jobs = config.jobs_per_level
+            results.append(await run_level(connections, api_processes, concurrency, jobs, tick))
+    finally:
+        for connection in connections:
+            connection.close()
     return results
