@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import Connection, Interval, Table, and_, bindparam, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from inferq.models import Job, JobStatus
@@ -45,27 +45,77 @@ def lease_until(seconds: float) -> Any:
     return func.now() + timedelta(seconds=seconds)
 
 
+# The worker's two statements per job, built once as Core statements with bound parameters:
+# through an ORM session each cost about 2.6 ms of CPU to build and run; this way, 0.6 ms
+# (README, performance). Both run on an autocommit connection: one round trip each.
+_jobs: Table = Job.__table__  # type: ignore[assignment]
+_CLAIM = (
+    update(_jobs)
+    .where(
+        _jobs.c.id == bindparam("job_id"),
+        or_(
+            _jobs.c.status == JobStatus.queued,
+            and_(_jobs.c.status == JobStatus.running, _jobs.c.lease_expires_at < func.now()),
+        ),
+        _jobs.c.attempts < bindparam("max_attempts"),
+    )
+    .values(
+        status=JobStatus.running,
+        attempts=_jobs.c.attempts + 1,
+        worker=bindparam("worker"),
+        claim_token=bindparam("token"),
+        lease_expires_at=func.now() + bindparam("lease", type_=Interval),
+        started_at=func.coalesce(_jobs.c.started_at, func.now()),
+    )
+    .returning(
+        _jobs.c.attempts,
+        _jobs.c.model,
+        _jobs.c.input,
+        _jobs.c.params,
+        _jobs.c.created_at,
+        _jobs.c.deadline_at,
+    )
+)
+_FINISH = (
+    update(_jobs)
+    .where(
+        _jobs.c.id == bindparam("job_id"),
+        _jobs.c.status == JobStatus.running,
+        _jobs.c.claim_token == bindparam("token"),
+    )
+    .values(
+        status=bindparam("status"),
+        output=bindparam("output"),
+        finish_reason=bindparam("finish_reason"),
+        input_tokens=bindparam("input_tokens"),
+        output_tokens=bindparam("output_tokens"),
+        cost_usd=bindparam("cost_usd"),
+        error_type=bindparam("error_type"),
+        error_message=bindparam("error_message"),
+        finished_at=func.now(),
+        lease_expires_at=None,
+        first_token_at=func.coalesce(
+            bindparam("first_token_at", type_=_jobs.c.first_token_at.type),
+            _jobs.c.first_token_at,
+        ),
+    )
+)
+
+
 def claim(
-    session: Session, job_id: uuid.UUID, worker: str, lease_seconds: float, max_attempts: int
+    conn: Connection, job_id: uuid.UUID, worker: str, lease_seconds: float, max_attempts: int
 ) -> Claim | None:
     """Take a queued job, or a running one whose lease expired; None if someone else has it."""
-    claimable = or_(
-        Job.status == JobStatus.queued,
-        and_(Job.status == JobStatus.running, Job.lease_expires_at < func.now()),
-    )
     token = uuid.uuid4()
-    row = session.execute(
-        update(Job)
-        .where(Job.id == job_id, claimable, Job.attempts < max_attempts)
-        .values(
-            status=JobStatus.running,
-            attempts=Job.attempts + 1,
-            worker=worker,
-            claim_token=token,
-            lease_expires_at=lease_until(lease_seconds),
-            started_at=func.coalesce(Job.started_at, func.now()),
-        )
-        .returning(Job.attempts, Job.model, Job.input, Job.params, Job.created_at, Job.deadline_at)
+    row = conn.execute(
+        _CLAIM,
+        {
+            "job_id": job_id,
+            "max_attempts": max_attempts,
+            "worker": worker,
+            "token": token,
+            "lease": timedelta(seconds=lease_seconds),
+        },
     ).first()
     if row is None:
         return None
@@ -81,32 +131,25 @@ def claim(
     )
 
 
-def _held(claim_: Claim) -> Any:
-    return and_(
-        Job.id == claim_.job_id,
-        Job.status == JobStatus.running,
-        Job.claim_token == claim_.token,
-    )
-
-
-def finish(session: Session, claim_: Claim, outcome: Outcome) -> bool:
+def finish(conn: Connection, claim_: Claim, outcome: Outcome) -> bool:
     """Record the end of a job; False when the claim was lost or the job already ended."""
-    values: dict[str, Any] = {
-        "status": outcome.status,
-        "output": outcome.output,
-        "finish_reason": outcome.finish_reason,
-        "input_tokens": outcome.input_tokens,
-        "output_tokens": outcome.output_tokens,
-        "cost_usd": None if outcome.cost_usd is None else Decimal(str(outcome.cost_usd)),
-        "error_type": outcome.error_type,
-        "error_message": outcome.error_message,
-        "finished_at": func.now(),
-        "lease_expires_at": None,
-    }
-    if outcome.first_token_at is not None:
-        values["first_token_at"] = outcome.first_token_at
-    result = session.execute(update(Job).where(_held(claim_)).values(**values))
-    return bool(result.rowcount)  # type: ignore[attr-defined]
+    result = conn.execute(
+        _FINISH,
+        {
+            "job_id": claim_.job_id,
+            "token": claim_.token,
+            "status": outcome.status.value,
+            "output": outcome.output,
+            "finish_reason": outcome.finish_reason,
+            "input_tokens": outcome.input_tokens,
+            "output_tokens": outcome.output_tokens,
+            "cost_usd": None if outcome.cost_usd is None else Decimal(str(outcome.cost_usd)),
+            "error_type": outcome.error_type,
+            "error_message": outcome.error_message,
+            "first_token_at": outcome.first_token_at,
+        },
+    )
+    return bool(result.rowcount)
 
 
 def is_terminal(session: Session, job_id: uuid.UUID) -> bool:

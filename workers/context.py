@@ -26,7 +26,7 @@ class WorkerContext:
     settings: Settings
     engine: Engine
     sessions: sessionmaker
-    statements: sessionmaker  # autocommit: one round trip for a single-statement change
+    autocommit: Engine  # a single-statement change in one round trip, no BEGIN/COMMIT
     redis: Redis
     broker: Redis  # the broker's Redis (the same client when it is one server)
     publish_script: Any
@@ -59,7 +59,7 @@ class WorkerContext:
             settings=settings,
             engine=engine,
             sessions=sessions,
-            statements=sync_sessions(engine.execution_options(isolation_level="AUTOCOMMIT")),
+            autocommit=engine.execution_options(isolation_level="AUTOCOMMIT"),
             redis=client,
             publish_script=client.register_script(PUBLISH_SCRIPT),
             registry=Registry.load(settings.models_file),

@@ -43,9 +43,9 @@ class ClaimLost(Exception):
 def run_job(ctx: WorkerContext, job_id: str) -> None:
     """Run one delivery of a job; a duplicate or late delivery returns without effect."""
     ctx.broker.zrem(ENQUEUED_KEY, job_id)
-    with ctx.statements.begin() as session:
+    with ctx.autocommit.connect() as conn:
         claim = lifecycle.claim(
-            session,
+            conn,
             uuid.UUID(job_id),
             ctx.name,
             ctx.settings.lease_seconds,
@@ -194,8 +194,8 @@ class Generation:
     def finish(self, outcome: Outcome) -> None:
         if outcome.status is not JobStatus.cancelled:
             self.publisher.flush()
-        with self.ctx.statements.begin() as session:
-            recorded = lifecycle.finish(session, self.claim, outcome)
+        with self.ctx.autocommit.connect() as conn:
+            recorded = lifecycle.finish(conn, self.claim, outcome)
         if not recorded:
             log.warning("finish refused: job already ended or taken over", extra=self._log())
             return
