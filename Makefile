@@ -3,6 +3,10 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 EXTRAS ?= dev,realmodel
+# The realmodel extra compiles llama.cpp: with ggml's portable instruction set (AVX2, FMA),
+# not tuned to this CPU (-march=native). A virtual machine can advertise instructions it does
+# not allow (AMX tiles), and a tuned build then dies of SIGILL at its first generation.
+export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
 .PHONY: up test lint format typecheck check bench clean
 
