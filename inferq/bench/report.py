@@ -234,15 +234,25 @@ def scale_table(result: BenchResult) -> Table:
 
 
 def cpu_table(result: BenchResult) -> Table:
+    end = result.speed_probe_ms.get("end")
     table = Table(
         title="CPU by phase (cores used on average; the machine has "
-        f"{result.environment.cpu_count})"
+        f"{result.environment.cpu_count})",
+        caption="speed probe: a fixed piece of Python work timed before the phase, platform idle"
+        " (ms, lower is faster)" + (f"; {end:.1f} ms at the end" if end is not None else ""),
     )
-    for column in ("phase", "wall s", "machine busy", "busiest processes"):
+    for column in ("phase", "speed probe ms", "wall s", "machine busy", "busiest processes"):
         table.add_column(column)
     for phase, usage in result.cpu.items():
         top = ", ".join(f"{role} {cores}" for role, cores in usage.top(5))
-        table.add_row(phase, f"{usage.wall_s:.0f}", f"{usage.cores_busy:.2f}", top)
+        probe = result.speed_probe_ms.get(phase)
+        table.add_row(
+            phase,
+            "-" if probe is None else f"{probe:.1f}",
+            f"{usage.wall_s:.0f}",
+            f"{usage.cores_busy:.2f}",
+            top,
+        )
     return table
 
 

@@ -27,6 +27,7 @@ from inferq.bench.cluster import Cluster, ModelEntry, Sim
 from inferq.bench.config import BenchConfig, Phase
 from inferq.bench.environment import Environment
 from inferq.bench.monitor import CpuMeter, CpuUsage
+from inferq.bench.probe import speed_probe_ms
 from inferq.bench.servers import data_servers
 from inferq.processes import Child, wait_http
 
@@ -46,6 +47,8 @@ class BenchResult:
     fanout: fanout.FanoutResult | None = None
     scale: scale.ScaleResult | None = None
     cpu: dict[str, CpuUsage] = field(default_factory=dict)
+    # The machine's speed probe (ms, lower is faster) before each phase, and at the end.
+    speed_probe_ms: dict[str, float] = field(default_factory=dict)
     targets: list[targets.Check] = field(default_factory=list)
 
 
@@ -110,11 +113,13 @@ class Bench:
             Phase.scale: self.run_scale,
         }
         for phase in self.config.phases:
+            result.speed_probe_ms[phase.value] = speed_probe_ms()
             meter = CpuMeter(self.cluster.cpu)
             meter.start()
             self.extra_cpu = {}
             setattr(result, phase.value, runs[phase]())
             result.cpu[phase.value] = meter.stop(self.extra_cpu)
+        result.speed_probe_ms["end"] = speed_probe_ms()
 
     def _ticker(self, description: str, total: float) -> tuple[TaskID, Callable[[], None]]:
         task = self.progress.add_task(description, total=total)
