@@ -84,6 +84,7 @@ def test_bench_smoke_reports_every_phase(tmp_path: Path) -> None:
     assert set(result["cpu"]) == set(PHASES)
     assert set(result["speed_probe_ms"]) == {*PHASES, "end"}
     assert all(ms > 0 for ms in result["speed_probe_ms"].values())
+    assert all(usage["cores_stolen"] >= 0 for usage in result["cpu"].values())
     assert result["environment"]["cpu_count"] >= 1
     assert result["config"]["stream"]["sim"]["itl_ms"] > 0
     assert (tmp_path / "stream-latency.png").stat().st_size > 0

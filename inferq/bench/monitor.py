@@ -17,11 +17,16 @@ SERVER_NAMES = {"postgres": "postgres (all)", "redis-server": "redis (all)"}
 
 @dataclass(frozen=True)
 class CpuUsage:
-    """CPU seconds by role over `wall_s`; `cores_busy` is machine-wide (2.0 = both cores)."""
+    """CPU seconds by role over `wall_s`; `cores_busy` is machine-wide (2.0 = both cores).
+
+    `cores_stolen` is the time the hypervisor ran something else while this machine wanted
+    its cores (Linux's steal time), in cores: a sign that the host, not the run, was busy.
+    """
 
     wall_s: float
     cores_busy: float
     seconds: dict[str, float]
+    cores_stolen: float = 0.0
 
     def top(self, count: int = 5) -> list[tuple[str, float]]:
         """The busiest roles as (role, cores used on average)."""
@@ -52,6 +57,10 @@ def _busy_seconds() -> float:
     return float(sum(times) - times.idle - getattr(times, "iowait", 0.0))
 
 
+def _stolen_seconds() -> float:
+    return float(getattr(psutil.cpu_times(), "steal", 0.0))
+
+
 @dataclass
 class CpuMeter:
     """Measures one phase: `start()`, run the phase, `stop()`; `children` gives CPU by role."""
@@ -59,6 +68,7 @@ class CpuMeter:
     children: Callable[[], dict[str, float]]
     _start: dict[str, float] = field(default_factory=dict)
     _busy: float = 0.0
+    _stolen: float = 0.0
     _t0: float = 0.0
 
     def _snapshot(self) -> dict[str, float]:
@@ -67,6 +77,7 @@ class CpuMeter:
     def start(self) -> None:
         self._start = self._snapshot()
         self._busy = _busy_seconds()
+        self._stolen = _stolen_seconds()
         self._t0 = time.monotonic()
 
     def stop(self, extra: dict[str, float] | None = None) -> CpuUsage:
@@ -76,7 +87,8 @@ class CpuMeter:
         seconds = {role: round(end[role] - self._start.get(role, 0.0), 2) for role in end}
         seconds.update(extra or {})
         busy = (_busy_seconds() - self._busy) / wall if wall else 0.0
-        return CpuUsage(round(wall, 2), round(busy, 2), seconds)
+        stolen = (_stolen_seconds() - self._stolen) / wall if wall else 0.0
+        return CpuUsage(round(wall, 2), round(busy, 2), seconds, round(stolen, 3))
 
 
 class PeakRss:

@@ -239,9 +239,12 @@ def cpu_table(result: BenchResult) -> Table:
         title="CPU by phase (cores used on average; the machine has "
         f"{result.environment.cpu_count})",
         caption="speed probe: a fixed piece of Python work timed before the phase, platform idle"
-        " (ms, lower is faster)" + (f"; {end:.1f} ms at the end" if end is not None else ""),
+        " (ms, lower is faster)"
+        + (f"; {end:.1f} ms at the end" if end is not None else "")
+        + ". stolen: cores the hypervisor gave to others while this machine waited",
     )
-    for column in ("phase", "speed probe ms", "wall s", "machine busy", "busiest processes"):
+    columns = ("phase", "speed probe ms", "wall s", "machine busy", "stolen", "busiest processes")
+    for column in columns:
         table.add_column(column)
     for phase, usage in result.cpu.items():
         top = ", ".join(f"{role} {cores}" for role, cores in usage.top(5))
@@ -251,6 +254,7 @@ def cpu_table(result: BenchResult) -> Table:
             "-" if probe is None else f"{probe:.1f}",
             f"{usage.wall_s:.0f}",
             f"{usage.cores_busy:.2f}",
+            f"{usage.cores_stolen:.2f}",
             top,
         )
     return table
