@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import os
@@ -9,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+from tests.conftest import BOOTSTRAP_KEY, Platform
 
 PHASES = ("stream", "submit", "fanout", "scale")
 
@@ -106,3 +109,26 @@ def test_the_fan_out_clients_sse_parser_reads_what_the_api_writes() -> None:
         {"text": "a\nb"},
     )
     assert parse_frame(blocks[1], received=1.0) is None  # the keep-alive comment
+
+
+def test_a_kept_alive_submit_connection_is_replaced_once_idle(platform: Platform) -> None:
+    """uvicorn drops a connection idle for 5 s; the bench's client must not send on one."""
+    import uvloop
+
+    from inferq.bench.wire import KeepAlive
+
+    body = json.dumps({"model": "sim", "prompt": "hello", "max_tokens": 2}).encode()
+
+    async def two_submits(max_idle_s: float) -> tuple[list[int], bool]:
+        http = KeepAlive(platform.api_url, {"Authorization": f"Bearer {BOOTSTRAP_KEY}"}, max_idle_s)
+        try:
+            first_status, _ = await http.post_json("/v1/jobs", body)
+            first = http._protocol
+            await asyncio.sleep(0.05)
+            second_status, _ = await http.post_json("/v1/jobs", body)
+            return [first_status, second_status], http._protocol is first
+        finally:
+            http.close()
+
+    assert uvloop.run(two_submits(max_idle_s=30.0)) == ([202, 202], True)
+    assert uvloop.run(two_submits(max_idle_s=0.01)) == ([202, 202], False)

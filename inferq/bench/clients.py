@@ -1,4 +1,9 @@
-"""One timed request, through the platform (submit + SSE) or straight to the simulator."""
+"""One timed request, through the platform (submit + SSE) or straight to the simulator.
+
+Both paths use the lean clients of `wire` (httptools framing): with httpx and httpx-sse the
+stream phase's load generator was the busiest single process of the run (0.2 of a core at
+64 clients), on the cores the platform under test needs.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
-from httpx_sse import aconnect_sse
+
+from inferq.bench.wire import Frame, KeepAlive, event_stream
 
 # Explicit bounds: `read` is the longest gap between two events of one stream.
 TIMEOUT = httpx.Timeout(connect=30.0, read=120.0, write=30.0, pool=300.0)
@@ -122,31 +128,46 @@ class Request:
         return {"inputs": self.prompt, "parameters": parameters, "stream": True}
 
 
-async def platform(http: httpx.AsyncClient, model: str, request: Request) -> Timing:
-    """Submit a job, then read its events to the end; tokens from `done.usage`."""
+@dataclass(frozen=True)
+class Api:
+    """The platform's API as the stream clients call it."""
+
+    url: str
+    headers: dict[str, str]
+
+
+async def platform(submits: KeepAlive, api: Api, model: str, request: Request) -> Timing:
+    """Submit a job on the client's kept-alive connection, then read its events to the end;
+    tokens from `done.usage`.
+    """
     timing = Timing(time.perf_counter())
-    response = await http.post("/v1/jobs", json=request.job(model))
+    status, body = await submits.post_json("/v1/jobs", json.dumps(request.job(model)).encode())
     timing.submitted = time.perf_counter()
-    if response.status_code != 202:
-        timing.error = f"submit {response.status_code}"
+    if status != 202:
+        timing.error = f"submit {status}"
         return timing
-    url = f"/v1/jobs/{response.json()['id']}/events"
-    async with aconnect_sse(http, "GET", url) as source:
-        if source.response.status_code != 200:
-            timing.error = f"events {source.response.status_code}"
+    ended = asyncio.get_running_loop().create_future()
+    # A token flushed before the events request was sent came in the replay.
+    opened_ms = time.time() * 1000
+
+    def on_frame(frame: Frame) -> None:
+        if frame.event == "token":
+            json.loads(frame.data)
+            if timing.first_token is None:
+                timing.first_token_replayed = _flush_ms(frame.id or "") < opened_ms
+            timing.token()
+        elif frame.event == "reset":
+            timing.first_token = None
+        elif frame.event in ("done", "error") and not ended.done():
+            _finish_platform(timing, frame.event, json.loads(frame.data))
+            ended.set_result(None)
+
+    url = f"{api.url}/v1/jobs/{json.loads(body)['id']}/events"
+    async with event_stream(url, api.headers, on_frame) as stream:
+        if stream.status != 200:
+            timing.error = f"events {stream.status}"
             return timing
-        opened_ms = time.time() * 1000
-        async for event in source.aiter_sse():
-            if event.event == "token":
-                json.loads(event.data)
-                if timing.first_token is None:
-                    timing.first_token_replayed = _flush_ms(event.id) < opened_ms
-                timing.token()
-            elif event.event == "reset":
-                timing.first_token = None
-            elif event.event in ("done", "error"):
-                _finish_platform(timing, event.event, json.loads(event.data))
-                break
+        await asyncio.wait([ended, stream.finished], return_when=asyncio.FIRST_COMPLETED)
     if timing.end is None and timing.error is None:
         timing.error = "stream ended without done"
     return timing
@@ -167,24 +188,32 @@ def _finish_platform(timing: Timing, kind: str, data: dict[str, Any]) -> None:
         timing.tokens = int((data.get("usage") or {}).get("output_tokens") or 0)
 
 
-async def direct(http: httpx.AsyncClient, url: str, request: Request) -> Timing:
+async def direct(sim_url: str, request: Request) -> Timing:
     """Read the simulator's /generate_stream; one SSE event per token, the last has the text."""
     timing = Timing(time.perf_counter())
-    async with aconnect_sse(http, "POST", f"{url}/generate_stream", json=request.tgi()) as source:
-        if source.response.status_code != 200:
-            timing.error = f"generate_stream {source.response.status_code}"
+    ended = asyncio.get_running_loop().create_future()
+
+    def on_frame(frame: Frame) -> None:
+        if ended.done():
+            return
+        data = json.loads(frame.data)
+        if "error" in data:
+            timing.error = f"backend {data.get('error_type')}"
+            ended.set_result(None)
+            return
+        if not data["token"]["special"]:
+            timing.token()
+            timing.tokens += 1
+        if data.get("generated_text") is not None:
+            timing.end = time.perf_counter()
+            ended.set_result(None)
+
+    body = json.dumps(request.tgi()).encode()
+    async with event_stream(f"{sim_url}/generate_stream", {}, on_frame, json_body=body) as stream:
+        if stream.status != 200:
+            timing.error = f"generate_stream {stream.status}"
             return timing
-        async for event in source.aiter_sse():
-            data = json.loads(event.data)
-            if "error" in data:
-                timing.error = f"backend {data.get('error_type')}"
-                return timing
-            if not data["token"]["special"]:
-                timing.token()
-                timing.tokens += 1
-            if data.get("generated_text") is not None:
-                timing.end = time.perf_counter()
-                break
+        await asyncio.wait([ended, stream.finished], return_when=asyncio.FIRST_COMPLETED)
     if timing.end is None and timing.error is None:
         timing.error = "stream ended without generated_text"
     return timing

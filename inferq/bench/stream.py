@@ -7,16 +7,16 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
-import httpx
+import httptools
 
 from inferq.bench import clients
-from inferq.bench.clients import ClientShards, Request, Timing
+from inferq.bench.clients import Api, Request, Timing
 from inferq.bench.config import StreamConfig
 from inferq.bench.stats import Difference, Percentiles, ratio
+from inferq.bench.wire import KeepAlive
 
-Send = Callable[[httpx.AsyncClient, Request], Awaitable[Timing]]
+Send = Callable[[int, Request], Awaitable[Timing]]  # (client index, request)
 Tick = Callable[[], None]
 # A request not finished after this many times its unloaded length (or the minimum) is lost.
 DEADLINE_FACTOR = 20
@@ -95,9 +95,24 @@ class StreamTargets:
     model: str
     sim_url: str
 
-    def api_client(self) -> dict[str, Any]:
-        """AsyncClient arguments for the platform's API."""
-        return {"base_url": self.api_url, "headers": {"Authorization": f"Bearer {self.api_key}"}}
+    @property
+    def api(self) -> Api:
+        return Api(self.api_url, {"Authorization": f"Bearer {self.api_key}"})
+
+    def platform_send(self, connections: list[KeepAlive]) -> Send:
+        """Client i submits on its own kept-alive connection, then opens the job's events."""
+        api = self.api
+
+        def send(index: int, request: Request) -> Awaitable[Timing]:
+            return clients.platform(connections[index], api, self.model, request)
+
+        return send
+
+    def direct_send(self) -> Send:
+        return lambda _index, request: clients.direct(self.sim_url, request)
+
+    def connections(self, count: int) -> list[KeepAlive]:
+        return [KeepAlive(self.api_url, self.api.headers) for _ in range(count)]
 
 
 def make_request(config: StreamConfig, client: int, round_: int) -> Request:
@@ -107,9 +122,7 @@ def make_request(config: StreamConfig, client: int, round_: int) -> Request:
     return Request(prompt, config.sim.output_tokens, seed=client * 10_000 + round_)
 
 
-async def closed_loop(
-    shards: ClientShards, send: Send, config: StreamConfig, clients_: int, tick: Tick
-) -> LoopRun:
+async def closed_loop(send: Send, config: StreamConfig, clients_: int, tick: Tick) -> LoopRun:
     """`clients_` clients, starts staggered over one request's length."""
     rounds = config.requests_per_client(clients_)
     request_s = config.sim.request_s
@@ -120,7 +133,7 @@ async def closed_loop(
         await asyncio.sleep(request_s * index / clients_)
         for round_ in range(rounds):
             request = make_request(config, index, round_)
-            timings.append(await _guarded(send, shards[index], request, deadline_s))
+            timings.append(await _guarded(send, index, request, deadline_s))
             tick()
 
     start, cpu = time.perf_counter(), time.process_time()
@@ -128,9 +141,7 @@ async def closed_loop(
     return LoopRun(timings, time.perf_counter() - start, time.process_time() - cpu)
 
 
-async def _guarded(
-    send: Send, http: httpx.AsyncClient, request: Request, deadline_s: float
-) -> Timing:
+async def _guarded(send: Send, index: int, request: Request, deadline_s: float) -> Timing:
     """One request; a transport error or a request past its deadline is an error, not a crash.
 
     The deadline matters: a job whose worker task died stays `running` (no sweeper runs
@@ -139,10 +150,10 @@ async def _guarded(
     started = time.perf_counter()
     try:
         async with asyncio.timeout(deadline_s):
-            return await send(http, request)
+            return await send(index, request)
     except TimeoutError:
         return Timing(started, error=f"no end within {deadline_s:.0f}s")
-    except httpx.HTTPError as exc:
+    except (OSError, httptools.HttpParserError) as exc:
         return Timing(started, error=type(exc).__name__)
 
 
@@ -150,14 +161,13 @@ async def run_level(
     config: StreamConfig, targets: StreamTargets, clients_: int, tick: Tick
 ) -> StreamLevel:
     """Direct, then the platform, with the same clients and requests."""
-    async with ClientShards(clients_) as shards:
-        direct_run = await closed_loop(
-            shards, lambda h, r: clients.direct(h, targets.sim_url, r), config, clients_, tick
-        )
-    async with ClientShards(clients_, **targets.api_client()) as shards:
-        platform_run = await closed_loop(
-            shards, lambda h, r: clients.platform(h, targets.model, r), config, clients_, tick
-        )
+    direct_run = await closed_loop(targets.direct_send(), config, clients_, tick)
+    connections = targets.connections(clients_)
+    try:
+        platform_run = await closed_loop(targets.platform_send(connections), config, clients_, tick)
+    finally:
+        for connection in connections:
+            connection.close()
     direct, platform = PathStats.of(direct_run), PathStats.of(platform_run)
     overhead = Overhead(
         ttft_ms=platform.ttft_ms.minus(direct.ttft_ms),
@@ -171,9 +181,15 @@ async def run_level(
 async def warm_up(config: StreamConfig, targets: StreamTargets) -> None:
     """A few unmeasured requests on each path: connections, caches, first-import costs."""
     requests = [make_request(config, 9_000 + i, 0) for i in range(config.warmup_requests)]
-    async with ClientShards(len(requests), **targets.api_client()) as shards:
-        await asyncio.gather(*(clients.platform(shards[0], targets.model, r) for r in requests))
-        await asyncio.gather(*(clients.direct(shards[0], targets.sim_url, r) for r in requests))
+    connections = targets.connections(len(requests))
+    try:
+        platform = targets.platform_send(connections)
+        await asyncio.gather(*(platform(i, r) for i, r in enumerate(requests)))
+    finally:
+        for connection in connections:
+            connection.close()
+    direct = targets.direct_send()
+    await asyncio.gather(*(direct(i, r) for i, r in enumerate(requests)))
 
 
 def total_requests(config: StreamConfig) -> int:

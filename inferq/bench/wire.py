@@ -107,13 +107,19 @@ class OpenStream:
 
 @contextlib.asynccontextmanager
 async def event_stream(
-    url: str, headers: dict[str, str], on_frame: OnFrame
+    url: str, headers: dict[str, str], on_frame: OnFrame, *, json_body: bytes | None = None
 ) -> AsyncIterator[OpenStream]:
-    """GET `url` as an event stream; frames go to `on_frame` as they arrive.
+    """GET `url` (or POST `json_body` to it) as an event stream; frames go to `on_frame` as
+    they arrive, inside the read that brought them.
 
     Leaving the block hangs up.
     """
-    request = request_bytes("GET", url, {**headers, "Accept": "text/event-stream"})
+    headers = {**headers, "Accept": "text/event-stream"}
+    if json_body is None:
+        request = request_bytes("GET", url, headers)
+    else:
+        headers["Content-Type"] = "application/json"
+        request = request_bytes("POST", url, headers, json_body)
     loop = asyncio.get_running_loop()
     transport, protocol = await loop.create_connection(
         lambda: _SseProtocol(request, on_frame), *_address(url)
@@ -176,15 +182,24 @@ class _ExchangeProtocol(asyncio.Protocol):
 
 
 class KeepAlive:
-    """One HTTP/1.1 connection used for one request at a time, as a closed-loop client is."""
+    """One HTTP/1.1 connection used for one request at a time, as a closed-loop client is.
 
-    def __init__(self, url: str, headers: dict[str, str]) -> None:
+    A connection idle for `max_idle_s` is replaced rather than reused: uvicorn closes one
+    after 5 s, and a request sent as it does so would be reset.
+    """
+
+    def __init__(self, url: str, headers: dict[str, str], max_idle_s: float = 4.0) -> None:
         self.url, self.headers = url, headers
+        self.max_idle_s = max_idle_s
         self._protocol: _ExchangeProtocol | None = None
+        self._last_used = 0.0
 
     async def post_json(self, path: str, body: bytes) -> tuple[int, bytes]:
         """POST `body` (JSON) to `path`; the status and the response body."""
         protocol = self._protocol
+        if protocol is not None and time.monotonic() - self._last_used > self.max_idle_s:
+            self.close()
+            protocol = None
         if protocol is None or protocol.lost is not None:
             loop = asyncio.get_running_loop()
             _, protocol = await loop.create_connection(_ExchangeProtocol, *_address(self.url))
@@ -193,7 +208,10 @@ class KeepAlive:
         protocol.response = asyncio.get_running_loop().create_future()
         assert protocol.transport is not None
         protocol.transport.write(request_bytes("POST", self.url + path, headers, body))
-        return await protocol.response
+        try:
+            return await protocol.response
+        finally:
+            self._last_used = time.monotonic()
 
     def close(self) -> None:
         if self._protocol is not None and self._protocol.transport is not None:
