@@ -8,8 +8,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Connection, Interval, Table, and_, bindparam, func, or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, Interval, Table, and_, bindparam, func, or_, update
 
 from inferq.models import Job, JobStatus
 
@@ -150,8 +149,3 @@ def finish(conn: Connection, claim_: Claim, outcome: Outcome) -> bool:
         },
     )
     return bool(result.rowcount)
-
-
-def is_terminal(session: Session, job_id: uuid.UUID) -> bool:
-    status = session.scalar(select(Job.status).where(Job.id == job_id))
-    return status is None or JobStatus(status).terminal
