@@ -51,6 +51,7 @@ class WorkerContext:
             max_overflow=db_connections - max(2, db_connections // 2),
         )
         sessions = sync_sessions(engine)
+        autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
         client = sync_client(settings.redis_url, threads + 8)
         broker = (
             client if settings.broker == settings.redis_url else sync_client(settings.broker, 8)
@@ -59,14 +60,14 @@ class WorkerContext:
             settings=settings,
             engine=engine,
             sessions=sessions,
-            autocommit=engine.execution_options(isolation_level="AUTOCOMMIT"),
+            autocommit=autocommit,
             redis=client,
             publish_script=client.register_script(PUBLISH_SCRIPT),
             registry=Registry.load(settings.models_file),
             enqueuer=Enqueuer(make_producer_app(settings)),
             broker=broker,
             leases=LeaseKeeper(
-                sync_sessions(engine.execution_options(isolation_level="AUTOCOMMIT")),
+                sync_sessions(autocommit),
                 settings.lease_seconds,
             ),
             pace=FlushPace(

@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 
-from inferq.bench.wire import Frame, KeepAlive, event_stream
+from inferq.bench.wire import Frame, KeepAlive, OnFrame, event_stream
 
 # Explicit bounds: `read` is the longest gap between two events of one stream.
 TIMEOUT = httpx.Timeout(connect=30.0, read=120.0, write=30.0, pool=300.0)
@@ -163,14 +163,27 @@ async def platform(submits: KeepAlive, api: Api, model: str, request: Request) -
             ended.set_result(None)
 
     url = f"{api.url}/v1/jobs/{json.loads(body)['id']}/events"
-    async with event_stream(url, api.headers, on_frame) as stream:
-        if stream.status != 200:
-            timing.error = f"events {stream.status}"
-            return timing
-        await asyncio.wait([ended, stream.finished], return_when=asyncio.FIRST_COMPLETED)
-    if timing.end is None and timing.error is None:
+    status = await _read_until(ended, url, api.headers, on_frame)
+    if status != 200:
+        timing.error = f"events {status}"
+    elif timing.end is None and timing.error is None:
         timing.error = "stream ended without done"
     return timing
+
+
+async def _read_until(
+    ended: asyncio.Future[None],
+    url: str,
+    headers: dict[str, str],
+    on_frame: OnFrame,
+    json_body: bytes | None = None,
+) -> int:
+    """Open the event stream and feed `on_frame` until `ended` is set or the server ends it;
+    the response status (nothing is read past a status other than 200)."""
+    async with event_stream(url, headers, on_frame, json_body=json_body) as stream:
+        if stream.status == 200:
+            await asyncio.wait([ended, stream.finished], return_when=asyncio.FIRST_COMPLETED)
+        return stream.status
 
 
 def _flush_ms(event_id: str) -> int:
@@ -209,11 +222,9 @@ async def direct(sim_url: str, request: Request) -> Timing:
             ended.set_result(None)
 
     body = json.dumps(request.tgi()).encode()
-    async with event_stream(f"{sim_url}/generate_stream", {}, on_frame, json_body=body) as stream:
-        if stream.status != 200:
-            timing.error = f"generate_stream {stream.status}"
-            return timing
-        await asyncio.wait([ended, stream.finished], return_when=asyncio.FIRST_COMPLETED)
-    if timing.end is None and timing.error is None:
+    status = await _read_until(ended, f"{sim_url}/generate_stream", {}, on_frame, body)
+    if status != 200:
+        timing.error = f"generate_stream {status}"
+    elif timing.end is None and timing.error is None:
         timing.error = "stream ended without generated_text"
     return timing

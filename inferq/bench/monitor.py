@@ -52,13 +52,11 @@ def _own() -> float:
     return times.user + times.system
 
 
-def _busy_seconds() -> float:
+def _machine_seconds() -> tuple[float, float]:
+    """Machine-wide (busy, stolen) CPU seconds since boot, from one reading."""
     times = psutil.cpu_times()
-    return float(sum(times) - times.idle - getattr(times, "iowait", 0.0))
-
-
-def _stolen_seconds() -> float:
-    return float(getattr(psutil.cpu_times(), "steal", 0.0))
+    busy = sum(times) - times.idle - getattr(times, "iowait", 0.0)
+    return float(busy), float(getattr(times, "steal", 0.0))
 
 
 @dataclass
@@ -76,8 +74,7 @@ class CpuMeter:
 
     def start(self) -> None:
         self._start = self._snapshot()
-        self._busy = _busy_seconds()
-        self._stolen = _stolen_seconds()
+        self._busy, self._stolen = _machine_seconds()
         self._t0 = time.monotonic()
 
     def stop(self, extra: dict[str, float] | None = None) -> CpuUsage:
@@ -86,8 +83,9 @@ class CpuMeter:
         end = self._snapshot()
         seconds = {role: round(end[role] - self._start.get(role, 0.0), 2) for role in end}
         seconds.update(extra or {})
-        busy = (_busy_seconds() - self._busy) / wall if wall else 0.0
-        stolen = (_stolen_seconds() - self._stolen) / wall if wall else 0.0
+        busy_s, stolen_s = _machine_seconds()
+        busy = (busy_s - self._busy) / wall if wall else 0.0
+        stolen = (stolen_s - self._stolen) / wall if wall else 0.0
         return CpuUsage(round(wall, 2), round(busy, 2), seconds, round(stolen, 3))
 
 

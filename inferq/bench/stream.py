@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -111,8 +112,8 @@ class StreamTargets:
     def direct_send(self) -> Send:
         return lambda _index, request: clients.direct(self.sim_url, request)
 
-    def connections(self, count: int) -> list[KeepAlive]:
-        return [KeepAlive(self.api_url, self.api.headers) for _ in range(count)]
+    def connections(self, count: int) -> contextlib.AbstractContextManager[list[KeepAlive]]:
+        return KeepAlive.many(self.api_url, self.api.headers, count)
 
 
 def make_request(config: StreamConfig, client: int, round_: int) -> Request:
@@ -162,12 +163,8 @@ async def run_level(
 ) -> StreamLevel:
     """Direct, then the platform, with the same clients and requests."""
     direct_run = await closed_loop(targets.direct_send(), config, clients_, tick)
-    connections = targets.connections(clients_)
-    try:
+    with targets.connections(clients_) as connections:
         platform_run = await closed_loop(targets.platform_send(connections), config, clients_, tick)
-    finally:
-        for connection in connections:
-            connection.close()
     direct, platform = PathStats.of(direct_run), PathStats.of(platform_run)
     overhead = Overhead(
         ttft_ms=platform.ttft_ms.minus(direct.ttft_ms),
@@ -181,13 +178,9 @@ async def run_level(
 async def warm_up(config: StreamConfig, targets: StreamTargets) -> None:
     """A few unmeasured requests on each path: connections, caches, first-import costs."""
     requests = [make_request(config, 9_000 + i, 0) for i in range(config.warmup_requests)]
-    connections = targets.connections(len(requests))
-    try:
+    with targets.connections(len(requests)) as connections:
         platform = targets.platform_send(connections)
         await asyncio.gather(*(platform(i, r) for i, r in enumerate(requests)))
-    finally:
-        for connection in connections:
-            connection.close()
     direct = targets.direct_send()
     await asyncio.gather(*(direct(i, r) for i, r in enumerate(requests)))
 

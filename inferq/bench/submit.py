@@ -88,13 +88,9 @@ async def run(
     headers = {"Authorization": f"Bearer {api_key}"}
     widest = max(config.concurrency)
     results: list[SubmitLevel] = []
-    connections = [KeepAlive(api_url, headers) for _ in range(widest)]
-    try:
+    with KeepAlive.many(api_url, headers, widest) as connections:
         await run_level(connections, api_processes, min(4, widest), WARMUP_JOBS, lambda: None)
         for concurrency in config.concurrency:
             jobs = config.jobs_per_level
             results.append(await run_level(connections, api_processes, concurrency, jobs, tick))
-    finally:
-        for connection in connections:
-            connection.close()
     return results

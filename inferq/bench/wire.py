@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import cast
 from urllib.parse import urlsplit
@@ -212,6 +212,17 @@ class KeepAlive:
             return await protocol.response
         finally:
             self._last_used = time.monotonic()
+
+    @staticmethod
+    @contextlib.contextmanager
+    def many(url: str, headers: dict[str, str], count: int) -> Iterator[list[KeepAlive]]:
+        """`count` connections (one per closed-loop client), all closed on leaving."""
+        connections = [KeepAlive(url, headers) for _ in range(count)]
+        try:
+            yield connections
+        finally:
+            for connection in connections:
+                connection.close()
 
     def close(self) -> None:
         if self._protocol is not None and self._protocol.transport is not None:
