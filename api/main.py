@@ -6,13 +6,14 @@ import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 from fastapi.telemetry import TelemetryConfig
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api import errors
+from api import errors, openapi
 from api.admin.router import router as admin_router
 from api.events.hub import Hub
+from api.events.response import drain_on_exit_signal
 from api.events.router import router as events_router
 from api.health.queues import QueueDepthMonitor
 from api.health.router import router as health_router
@@ -20,6 +21,7 @@ from api.jobs.batcher import SubmitBatcher
 from api.jobs.router import router as jobs_router
 from api.openai.router import router as openai_router
 from api.state import AppState
+from api.webhooks.router import router as webhooks_router
 from inferq.logs import configure_logging
 from inferq.settings import Settings, get_settings
 
@@ -27,19 +29,50 @@ MAX_BODY_BYTES = 4 * 1024 * 1024
 
 
 class BodyLimit:
-    """Refuse bodies whose declared size is over the limit before reading them."""
+    """Refuse bodies over the limit before the app, and authentication, see them.
+
+    A declared Content-Length over the limit is refused unread. A body without one
+    (chunked) is read here first, its bytes counted as they arrive, and refused as soon as
+    it passes the limit; the app then reads the buffered body as if from the socket.
+    """
 
     def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES) -> None:
         self.app = app
         self.limit = limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            length = dict(scope["headers"]).get(b"content-length")
-            if length is not None and length.isdigit() and int(length) > self.limit:
-                await _too_large(send, self.limit)
-                return
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            await _too_large(send, self.limit)
+            return
+        if length is not None or scope["method"] in ("GET", "HEAD"):
+            # No route reads a GET body, and the event streams skip the extra step.
+            await self.app(scope, receive, send)
+            return
+        received = await _receive_within(receive, self.limit)
+        if received is None:
+            await _too_large(send, self.limit)
+            return
+        await self.app(scope, _replay(received, receive), send)
+
+
+async def _receive_within(receive: Receive, limit: int) -> list[Message] | None:
+    """The request's body messages, or None once their bytes pass `limit`."""
+    received: list[Message] = []
+    size = 0
+    while True:
+        message = await receive()
+        received.append(message)
+        if message["type"] != "http.request":  # the client left
+            return received
+        size += len(message.get("body", b""))
+        if size > limit:
+            return None
+        if not message.get("more_body", False):
+            return received
 
 
 async def _too_large(send: Send, limit: int) -> None:
@@ -56,6 +89,15 @@ async def _too_large(send: Send, limit: int) -> None:
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+def _replay(received: list[Message], receive: Receive) -> Receive:
+    pending = list(received)
+
+    async def replayed() -> Message:
+        return pending.pop(0) if pending else await receive()
+
+    return replayed
 
 
 def quiet_collector() -> None:
@@ -79,8 +121,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         configure_logging(settings.log_level)
         state = AppState.create(settings)
-        state.hub = Hub(state.redis)
+        state.hub = Hub(state.redis, settings.sse_subscribe_timeout_seconds)
         await state.hub.start()
+        undo_drain = drain_on_exit_signal(state.hub.drain)  # end SSE streams at SIGTERM
         state.batcher = SubmitBatcher(state)
         state.batcher.start()
         queue_depth = QueueDepthMonitor(state.redis, state.registry)
@@ -92,6 +135,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await queue_depth.close()
             await state.batcher.close()
+            undo_drain()
             await state.hub.close()
             await state.close()
 
@@ -100,7 +144,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     telemetry: TelemetryConfig = {"tracing": False, "metrics": False, "logs": False}
     app = FastAPI(title="inferq", version="0.1.0", lifespan=lifespan, telemetry=telemetry)
     errors.install(app)
-    for router in (jobs_router, events_router, openai_router, admin_router, health_router):
-        app.include_router(router)
+    openapi.install(app)
+    for router in (
+        jobs_router,
+        events_router,
+        openai_router,
+        admin_router,
+        webhooks_router,
+        health_router,
+    ):
+        app.include_router(router, responses=_responses(router))
     app.add_middleware(BodyLimit)
+    app.add_middleware(errors.CatchAll)  # outermost: whatever escapes is still JSON
     return app
+
+
+def _responses(router: APIRouter) -> openapi.Responses | None:
+    """The statuses each router's routes answer, for routers that do not declare them."""
+    if router is events_router:
+        stream = openapi.event_stream("The job's events as server-sent events")
+        return {**stream, **openapi.error_responses(*openapi.AUTHENTICATED, 404)}
+    if router is admin_router:
+        return openapi.error_responses(*openapi.AUTHENTICATED, 403, 404, 413)
+    if router is webhooks_router:
+        return openapi.error_responses(*openapi.AUTHENTICATED)
+    return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -18,7 +19,7 @@ from inferq.db import async_sessions, make_async_engine
 from inferq.events import PUBLISH_SCRIPT
 from inferq.queue import Enqueuer, make_producer_app
 from inferq.redis_clients import async_client
-from inferq.registry import Registry
+from inferq.registry import Registry, registry_of
 from inferq.settings import Settings
 
 # The API's connections carry this name in Redis's CLIENT LIST.
@@ -37,6 +38,8 @@ class AppState:
     enqueuer: Enqueuer
     broker: aioredis.Redis  # the broker's Redis (the same client when it is one server)
     key_cache: dict[str, Any] = field(default_factory=dict)
+    # Key lookups under way, by digest: concurrent requests with one cold key share one.
+    key_lookups: dict[str, asyncio.Future[Any]] = field(default_factory=dict)
     job_tenants: LRUCache[uuid.UUID, str] = field(default_factory=lambda: LRUCache(100_000))
     hub: Hub = None  # type: ignore[assignment]  # started in the lifespan
     batcher: SubmitBatcher = None  # type: ignore[assignment]  # started in the lifespan
@@ -57,7 +60,7 @@ class AppState:
             sessions=async_sessions(engine),
             redis=client,
             publish_script=client.register_script(PUBLISH_SCRIPT),
-            registry=Registry.load(settings.models_file),
+            registry=registry_of(settings),
             enqueuer=Enqueuer(make_producer_app(settings)),
             broker=broker,
         )

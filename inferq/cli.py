@@ -3,24 +3,57 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
 import click
 
-from inferq.registry import Registry
+from inferq import instance
+from inferq.registry import Registry, queue_prefix_of
 from inferq.settings import get_settings
 
 
 def _exec_celery(args: list[str]) -> None:
     """Replace this process with Celery on the workers' app (started by module path)."""
     argv = [sys.executable, "-m", "celery", "-A", "workers.app:app", *args]
+    # Ctrl-C stops it even where SIGINT was inherited as ignored (a shell's background job).
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     os.execv(sys.executable, argv)
 
 
+# Commands that start their own servers do not join a running `inferq up`.
+SELF_CONTAINED = {"up", "sim", "bench"}
+
+
 @click.group()
-def main() -> None:
-    """inferq: queue-backed asynchronous LLM inference."""
+@click.pass_context
+def main(ctx: click.Context) -> None:
+    """inferq: queue-backed asynchronous LLM inference.
+
+    Run from a project where `inferq up` is running, every command reaches its database,
+    Redis and API unless INFERQ_* variables say otherwise.
+    """
+    if ctx.invoked_subcommand not in SELF_CONTAINED:
+        instance.adopt(instance.data_dir())
+
+
+def _database_url() -> str:
+    return get_settings().database_url
+
+
+def _unreachable(url: str, exc: Exception) -> click.ClickException:
+    reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+    return click.ClickException(
+        f"cannot reach Postgres at {_safe(url)}: {reason}. "
+        "Start `inferq up` in this directory, or set INFERQ_DATABASE_URL."
+    )
+
+
+def _safe(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
 
 
 @main.command()
@@ -48,8 +81,9 @@ def api(host: str, port: int, workers: int) -> None:
 @click.option("--concurrency", default=16, show_default=True, help="generation threads")
 @click.option("--name", default=None, help="Celery node name")
 def worker(models: str, concurrency: int, name: str | None) -> None:
-    """Run a Celery worker (threads pool) for the models' queues."""
-    registry = Registry.load(get_settings().models_file)
+    """Run a Celery worker (threads pool) for the models' queues (under the deployment's prefix)."""
+    settings = get_settings()
+    registry = Registry.load(settings.models_file, queue_prefix=queue_prefix_of(settings))
     names = [m for m in models.split(",") if m] or registry.names()
     unknown = [m for m in names if registry.get(m) is None]
     if unknown:
@@ -78,11 +112,12 @@ def worker(models: str, concurrency: int, name: str | None) -> None:
 @main.command()
 @click.option("--schedule", default=None, help="beat schedule file")
 def beat(schedule: str | None) -> None:
-    """Run the scheduler (and the sweeper)."""
-    args = ["beat", "--loglevel", "WARNING"]
-    if schedule:
-        args += ["--schedule", schedule]
-    _exec_celery(args)
+    """Run the scheduler (and the sweeper); its schedule file lives in the data dir."""
+    if schedule is None:
+        directory = instance.data_dir()
+        directory.mkdir(parents=True, exist_ok=True)
+        schedule = str(directory / "beat-schedule")
+    _exec_celery(["beat", "--loglevel", "WARNING", "--schedule", schedule])
 
 
 @main.command()
@@ -123,10 +158,18 @@ def sim(
 
 @main.command()
 def migrate() -> None:
-    """Apply database migrations (alembic upgrade head)."""
-    from inferq.migrate import upgrade
+    """Create the database if it is missing, then apply migrations (alembic upgrade head)."""
+    from sqlalchemy.exc import OperationalError
 
-    upgrade(get_settings().database_url)
+    from inferq.migrate import create_database_if_missing, upgrade
+
+    url = _database_url()
+    try:
+        if create_database_if_missing(url):
+            click.echo(f"created database {_safe(url)}")
+        upgrade(url)
+    except OperationalError as exc:
+        raise _unreachable(url, exc) from None
     click.echo("database is at the latest migration")
 
 
@@ -141,9 +184,19 @@ def keys() -> None:
 @click.option("--admin", is_flag=True)
 def keys_create(name: str, tenant: str, admin: bool) -> None:
     """Create a key and print its secret (shown this once)."""
+    from sqlalchemy.exc import OperationalError, ProgrammingError
+
     from inferq.admin import create_key
 
-    secret = create_key(get_settings().database_url, name, tenant, admin)
+    url = _database_url()
+    try:
+        secret = create_key(url, name, tenant, admin)
+    except OperationalError as exc:
+        raise _unreachable(url, exc) from None
+    except ProgrammingError:
+        raise click.ClickException(
+            f"the database at {_safe(url)} has no inferq tables: run `inferq migrate`"
+        ) from None
     click.echo(secret)
 
 
@@ -152,13 +205,27 @@ def keys_create(name: str, tenant: str, admin: bool) -> None:
 @click.option("--model", default="sim", show_default=True)
 @click.option("--max-tokens", default=64, show_default=True)
 @click.option("--stream", is_flag=True, help="print tokens as they arrive")
-@click.option("--url", envvar="INFERQ_API_URL", default="http://127.0.0.1:8000", show_default=True)
-@click.option("--key", envvar="INFERQ_API_KEY", required=True, help="API key (INFERQ_API_KEY)")
-def submit(prompt: str, model: str, max_tokens: int, stream: bool, url: str, key: str) -> None:
-    """Submit a prompt and print the output."""
+@click.option(
+    "--url",
+    envvar="INFERQ_API_URL",
+    default="http://127.0.0.1:8000",
+    show_default=True,
+    show_envvar=True,
+    help="the API's base URL",
+)
+@click.option("--key", envvar="INFERQ_API_KEY", required=True, show_envvar=True, help="API key")
+@click.option("--json", "as_json", is_flag=True, help="print the finished job as JSON")
+def submit(
+    prompt: str, model: str, max_tokens: int, stream: bool, url: str, key: str, as_json: bool
+) -> None:
+    """Submit a prompt and print the output.
+
+    Run where `inferq up` is running, the API's URL and the development key are found on
+    their own; elsewhere set INFERQ_API_URL and INFERQ_API_KEY (or --url and --key).
+    """
     from inferq.client import submit_and_print
 
-    sys.exit(submit_and_print(url, key, prompt, model, max_tokens, stream))
+    sys.exit(submit_and_print(url, key, prompt, model, max_tokens, stream, as_json))
 
 
 @main.command()

@@ -13,20 +13,49 @@ TERMINAL = {"succeeded", "failed", "cancelled", "expired"}
 
 
 def submit_and_print(
-    url: str, key: str, prompt: str, model: str, max_tokens: int, stream: bool
+    url: str,
+    key: str,
+    prompt: str,
+    model: str,
+    max_tokens: int,
+    stream: bool,
+    as_json: bool = False,
 ) -> int:
     headers = {"Authorization": f"Bearer {key}"}
     with httpx.Client(base_url=url, headers=headers, timeout=httpx.Timeout(30, read=120)) as http:
-        response = http.post(
-            "/v1/jobs", json={"model": model, "prompt": prompt, "max_tokens": max_tokens}
-        )
-        if response.status_code >= 400:
-            print(response.json().get("error", response.text), file=sys.stderr)
-            return 1
-        job = response.json()
-        if stream:
-            return _stream(http, job["id"])
-        return _poll(http, job["id"])
+        try:
+            return _submit(http, prompt, model, max_tokens, stream, as_json)
+        except httpx.TransportError as exc:
+            print(
+                f"error: cannot reach the inferq API at {url} ({exc.__class__.__name__}); "
+                "is it running? Set INFERQ_API_URL or --url.",
+                file=sys.stderr,
+            )
+            return 2
+
+
+def _submit(
+    http: httpx.Client, prompt: str, model: str, max_tokens: int, stream: bool, as_json: bool
+) -> int:
+    response = http.post(
+        "/v1/jobs", json={"model": model, "prompt": prompt, "max_tokens": max_tokens}
+    )
+    if response.status_code >= 400:
+        print(f"error: {_error_text(response)}", file=sys.stderr)
+        return 1
+    job_id = response.json()["id"]
+    if stream:
+        return _stream(http, job_id)
+    return _poll(http, job_id, as_json)
+
+
+def _error_text(response: httpx.Response) -> str:
+    """`type: message` from the error envelope, or the status line for anything else."""
+    try:
+        error = response.json()["error"]
+        return f"{error['type']}: {error['message']}"
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {response.status_code} {response.reason_phrase}"
 
 
 def _stream(http: httpx.Client, job_id: str) -> int:
@@ -49,14 +78,18 @@ def _stream(http: httpx.Client, job_id: str) -> int:
     return 0 if status == "succeeded" else 1
 
 
-def _poll(http: httpx.Client, job_id: str) -> int:
+def _poll(http: httpx.Client, job_id: str, as_json: bool) -> int:
     while True:
         job = http.get(f"/v1/jobs/{job_id}").json()
         if job["status"] in TERMINAL:
             break
         time.sleep(0.2)
+    if as_json:
+        print(json.dumps(job, indent=2))
+        return 0 if job["status"] == "succeeded" else 1
     if job["status"] == "succeeded":
         print(job["output"])
         return 0
-    print(f"{job['status']}: {job.get('error')}", file=sys.stderr)
+    error = job.get("error") or {}
+    print(f"{job['status']}: {error.get('type')}: {error.get('message')}", file=sys.stderr)
     return 1

@@ -31,11 +31,44 @@ def cancel_key(job_id: str) -> str:
     return f"inferq:job:{job_id}:cancel"
 
 
-# One round trip per flush: XADD each event, PUBLISH it with its stream id, optionally set
-# the stream's TTL, and answer whether the job's cancel flag is set.
-# KEYS: stream, channel, cancel flag. ARGV: maxlen, ttl (0 = none), then (type, data) pairs.
+def claim_key(job_id: str) -> str:
+    """The claim allowed to write the job's stream (see PUBLISH_SCRIPT)."""
+    return f"inferq:job:{job_id}:claim"
+
+
+# PUBLISH_SCRIPT's answer to a write it refused: the writer's claim is not the job's anymore.
+REFUSED = -1
+# How long a claim key outlives its first write: longer than any attempt runs.
+CLAIM_TTL_SECONDS = 24 * 3600
+
+# One round trip per flush: check the writer's claim, XADD each event, PUBLISH it with its
+# stream id, optionally set the stream's TTL, and answer whether the job's cancel flag is set.
+# KEYS: stream, channel, cancel flag, claim.
+# ARGV: maxlen, ttl (0 = none), claim ("attempt:token", or "" = unfenced), claim TTL, then
+# (type, data) pairs.
+#
+# Fencing: a worker's writes carry its claim, and the claim key holds the newest claim that
+# wrote. A write whose attempt is older than that one's is refused (REFUSED, nothing written),
+# so a worker that lost its lease and still runs can write nothing after its successor's
+# `reset`. A newer attempt takes the key over with its first write (the one right after its
+# claim), so the key needs no write of its own. Unfenced writes are the API's and the
+# sweeper's terminal events, written once the job's row has ended: they close the key.
 PUBLISH_SCRIPT = """
-for i = 3, #ARGV, 2 do
+local claim = ARGV[3]
+if claim == '' then
+  redis.call('SET', KEYS[4], 'closed', 'EX', ARGV[4])
+else
+  local held = redis.call('GET', KEYS[4])
+  if held ~= claim then
+    if held then
+      local held_attempt = tonumber(string.match(held, '^(%d+):'))
+      local attempt = tonumber(string.match(claim, '^(%d+):'))
+      if held_attempt == nil or held_attempt >= attempt then return -1 end
+    end
+    redis.call('SET', KEYS[4], claim, 'EX', ARGV[4])
+  end
+end
+for i = 5, #ARGV, 2 do
   local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*',
                         'e', ARGV[i], 'd', ARGV[i + 1])
   redis.call('PUBLISH', KEYS[2], id .. '\\n' .. ARGV[i] .. '\\n' .. ARGV[i + 1])
@@ -74,15 +107,27 @@ class Event:
         return cls(EventType(fields["e"]), fields["d"], entry_id)
 
 
-def script_args(events: list[Event], maxlen: int, ttl: int) -> list[str | int]:
-    args: list[str | int] = [maxlen, ttl]
+def from_entries(entries: Any) -> list[Event]:
+    """The events of an XRANGE reply (a client that decodes responses)."""
+    return [Event.from_entry(str(entry_id), fields) for entry_id, fields in entries or []]
+
+
+def script_args(events: list[Event], maxlen: int, ttl: int, claim: str = "") -> list[str | int]:
+    """PUBLISH_SCRIPT's ARGV. `claim` is the writer's `fence(...)`; empty, the write is
+    unfenced, which only the terminal events of a job whose row has ended may be."""
+    args: list[str | int] = [maxlen, ttl, claim, CLAIM_TTL_SECONDS]
     for event in events:
         args += [event.type.value, event.data]
     return args
 
 
+def fence(attempt: int, token: str) -> str:
+    """A claim as PUBLISH_SCRIPT compares it: attempts only grow, so the newer claim wins."""
+    return f"{attempt}:{token}"
+
+
 def script_keys(job_id: str) -> list[str]:
-    return [stream_key(job_id), channel(job_id), cancel_key(job_id)]
+    return [stream_key(job_id), channel(job_id), cancel_key(job_id), claim_key(job_id)]
 
 
 def parse_stream_id(stream_id: str) -> tuple[int, int]:
@@ -118,3 +163,41 @@ def terminal_events(
             Event.make(EventType.done, status=status, finish_reason=finish_reason, usage=usage)
         )
     return events
+
+
+# One vocabulary of `finish_reason` for every job, whichever backend and route ran it:
+# `stop` (the model ended, or a stop sequence matched), `length` (max_tokens reached),
+# `cancelled`. Backends' own words are mapped; an unknown one passes through as it is.
+FINISH_REASONS = {
+    "eos_token": "stop",
+    "stop_sequence": "stop",
+    "stop": "stop",
+    "length": "length",
+    "max_tokens": "length",
+}
+
+
+def finish_reason_of(backend_reason: str) -> str:
+    return FINISH_REASONS.get(backend_reason, backend_reason)
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """A running job's output so far, as its event stream holds it."""
+
+    text: str
+    tokens: int
+
+
+def progress(events: list[Event]) -> Progress:
+    """The tokens after the last `reset`: their text and how many tokens they carry."""
+    parts: list[str] = []
+    tokens = 0
+    for event in events:
+        if event.type is EventType.reset:
+            parts, tokens = [], 0
+        elif event.type is EventType.token:
+            payload = event.payload()
+            parts.append(payload["text"])
+            tokens += int(payload.get("tokens", 1))
+    return Progress("".join(parts), tokens)

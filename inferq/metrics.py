@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+import os
+
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -19,5 +29,49 @@ INPUT_TOKENS = Counter("inferq_input_tokens", "Input tokens", ["model"])
 OUTPUT_TOKENS = Counter("inferq_output_tokens", "Output tokens", ["model"])
 COST = Counter("inferq_cost_usd", "Cost in USD", ["model"])
 BACKEND_ERRORS = Counter("inferq_backend_errors", "Backend errors", ["model", "type"])
-SSE_CONNECTIONS = Gauge("inferq_sse_connections", "Open SSE connections")
-QUEUE_DEPTH = Gauge("inferq_queue_depth", "Messages waiting in a queue", ["queue"])
+# Gauges say how processes combine when several share one scrape (see `exposition`).
+SSE_CONNECTIONS = Gauge(
+    "inferq_sse_connections", "Open SSE connections", multiprocess_mode="livesum"
+)
+QUEUE_DEPTH = Gauge(
+    "inferq_queue_depth", "Messages waiting in a queue", ["queue"], multiprocess_mode="max"
+)
+# beat has no metrics port of its own: the API reads the sweeper's last pass from Redis.
+SWEEPER_LAST_RUN = Gauge(
+    "inferq_sweeper_last_run_timestamp_seconds",
+    "Unix time of the sweeper's last complete pass (0: none seen)",
+    multiprocess_mode="max",
+)
+WEBHOOK_DELIVERIES = Counter(
+    "inferq_webhook_deliveries",
+    "Webhook delivery tries by outcome: delivered, retrying, gave_up, refused",
+    ["outcome"],
+)
+# A message for a job this deployment's database does not hold: most likely another
+# deployment's worker shares the Redis and its queue names.
+WORKER_UNKNOWN_JOBS = Counter(
+    "inferq_worker_unknown_jobs", "Deliveries of job ids the database does not hold"
+)
+JOBS_RELEASED = Counter(
+    "inferq_jobs_released",
+    "Running jobs a stopping worker handed back to the queue after its grace period",
+    ["model"],
+)
+
+
+def registry() -> CollectorRegistry:
+    """What one scrape shows: this process's metrics, or every process's on this host.
+
+    With PROMETHEUS_MULTIPROC_DIR set (`inferq up` sets it), each process writes its
+    metrics to files there and a scrape of any of them adds them all up, so the API's
+    /metrics carries what the worker counted. Separate hosts are scraped one by one.
+    """
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return REGISTRY
+    combined = CollectorRegistry()
+    multiprocess.MultiProcessCollector(combined)  # type: ignore[no-untyped-call]
+    return combined
+
+
+def exposition() -> bytes:
+    return generate_latest(registry())

@@ -9,9 +9,11 @@ from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     DateTime,
     ForeignKey,
+    Identity,
     Index,
     Integer,
     MetaData,
@@ -19,6 +21,7 @@ from sqlalchemy import (
     SmallInteger,
     String,
     Text,
+    UniqueConstraint,
     func,
     text,
 )
@@ -53,6 +56,10 @@ class JobStatus(enum.StrEnum):
 
 
 TERMINAL_STATUSES = tuple(s.value for s in JobStatus if s.terminal)
+WEBHOOK_PENDING = (
+    "webhook IS NOT NULL AND NOT webhook_done"
+    " AND status IN ('succeeded', 'failed', 'cancelled', 'expired')"
+)
 
 
 class ApiKey(Base):
@@ -89,6 +96,12 @@ class Job(Base):
             "lease_expires_at",
             postgresql_where=text("status IN ('queued', 'running')"),
         ),
+        # Exactly the jobs whose webhook is due or waiting for its next try (DESIGN §11).
+        Index(
+            "ix_jobs_webhook_pending",
+            "webhook_next_at",
+            postgresql_where=text(WEBHOOK_PENDING),
+        ),
     )
 
     # Time-ordered UUIDv7: ids sort by creation, which the cursor pagination relies on.
@@ -124,3 +137,33 @@ class Job(Base):
     first_token_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
     deadline_at: Mapped[datetime | None]
+    # Webhook delivery (DESIGN §11): when the next try is due (null: as soon as the job ends),
+    # and whether delivery is over (delivered, given up, or not wanted for this end).
+    webhook_next_at: Mapped[datetime | None]
+    webhook_done: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+
+
+class TenantSecret(Base):
+    """A tenant's webhook signing secret (`whsec_…`), made on first use."""
+
+    __tablename__ = "tenant_secrets"
+
+    tenant: Mapped[str] = mapped_column(String(200), primary_key=True)
+    secret: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+
+
+class WebhookDelivery(Base):
+    """One try at delivering a job's webhook."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (UniqueConstraint("job_id", "attempt"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    job_id: Mapped[uuid.UUID] = mapped_column(UUID, ForeignKey("jobs.id", ondelete="CASCADE"))
+    attempt: Mapped[int] = mapped_column(SmallInteger)
+    status_code: Mapped[int | None] = mapped_column(SmallInteger)
+    error: Mapped[str | None] = mapped_column(Text)
+    next_try_at: Mapped[datetime | None]  # null: delivered, or given up
+    delivered_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import time
 import uuid
 from collections.abc import Iterable
@@ -23,13 +24,27 @@ ENQUEUED_KEY = "inferq:enqueued"
 # On the Redis transport 0 is the highest priority (the opposite of RabbitMQ).
 PRIORITIES = {"interactive": 0, "batch": 6}
 PRIORITY_SEP = ":"  # kombu names priority lists "queue:N"
+PRIORITY_STEPS = range(10)
+# kombu's hash of messages delivered to a consumer and not yet acked (its `unacked_key`).
+UNACKED_KEY = "unacked"
+# The task id in a stored message's headers (`"root_id"` and `"correlation_id"` do not match:
+# a quote must precede `id`); the task id of `inferq.generate` is the job id.
+_TASK_ID = re.compile(r'"id": ?"([^"]+)"')
+
+
+SWEEPER_LAST_RUN_KEY = "last_run"  # Unix time of the sweeper's last complete pass
+
+
+def sweeper_key(prefix: str, name: str) -> str:
+    """A key of the sweeper's own state, one set per deployment."""
+    return f"inferq:sweeper:{prefix}:{name}"
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     transport = {
         "visibility_timeout": settings.visibility_timeout_seconds,
         "queue_order_strategy": "priority",
-        "priority_steps": list(range(10)),
+        "priority_steps": list(PRIORITY_STEPS),
         "sep": PRIORITY_SEP,
         "socket_timeout": 30,
         "socket_connect_timeout": 10,
@@ -66,11 +81,24 @@ class Enqueue:
     job_id: str
     queue: str
     priority: str = "interactive"
+    # What Flower shows as the task's arguments (the worker reads only the job id).
+    label: str = ""
 
 
 def list_key(queue: str, priority: int) -> str:
     """The Redis list kombu keeps a queue's messages of one priority in."""
     return f"{queue}{PRIORITY_SEP}{priority}" if priority else queue
+
+
+def priority_lists(queue: str) -> list[str]:
+    """Every Redis list behind one Celery queue, highest priority first."""
+    return [list_key(queue, p) for p in PRIORITY_STEPS]
+
+
+def task_id_of(stored: str | bytes) -> str | None:
+    """The task id of a message as kombu stores it (in a queue's list or the unacked hash)."""
+    found = _TASK_ID.search(stored.decode() if isinstance(stored, bytes) else stored)
+    return found.group(1) if found else None
 
 
 class MessageBuilder:
@@ -87,7 +115,12 @@ class MessageBuilder:
     def build(self, item: Enqueue) -> tuple[str, str]:
         """(Redis list key, payload) for one job."""
         message = self._app.amqp.as_task_v2(
-            item.job_id, GENERATE_TASK, args=[item.job_id], kwargs={}, ignore_result=True
+            item.job_id,
+            GENERATE_TASK,
+            args=[item.job_id],
+            kwargs={},
+            ignore_result=True,
+            argsrepr=f"{[item.job_id]!r} {item.label}".rstrip(),
         )
         content_type, encoding, body = serialization.dumps(message.body, serializer="json")
         raw = body.encode(encoding) if isinstance(body, str) else body

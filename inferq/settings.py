@@ -54,6 +54,50 @@ class Settings(BaseSettings):
     worker_db_connections: int = 16  # at most this many Postgres connections per worker
     log_level: str = "INFO"
 
+    # Webhooks (DESIGN §11)
+    webhook_allow_private: bool = False  # allow URLs on private, loopback, link-local addresses
+    webhook_timeout_seconds: float = 10.0  # a try that has no 2xx by then failed
+    webhook_resolve_timeout_seconds: float = 5.0  # DNS lookup of the URL's host at submit
+    webhook_retry_base_seconds: float = 5.0  # first back-off; doubles per try, with jitter
+    webhook_retry_max_seconds: float = 3600.0
+    webhook_retry_window_seconds: float = 86400.0  # after the job ends; then given up
+    webhook_poll_seconds: float = 0.5  # how often beat looks for due deliveries
+    webhook_concurrency: int = 16  # deliveries in flight at once
+    beat_metrics_port: int | None = None  # serve beat's /metrics (webhook deliveries) here
+
+    # Sweeper (DESIGN §4, §5)
+    # Prefix of this deployment's queue names and sweeper keys in Redis, so that a worker of
+    # another deployment on the same Redis never takes this one's messages. Unset, it is the
+    # name of the database in database_url (see inferq.queue.queue_prefix).
+    queue_prefix: str | None = None
+    orphan_mark_seconds: float = 30.0  # a queued job marked enqueued this long ago is checked
+    orphan_scan_interval_seconds: float = 60.0  # at most one scan of the queues per this
+    stream_close_after_seconds: float = 5.0  # a job ended this long ago must have a closed stream
+
+    # Worker faults (DESIGN §4)
+    # A claim with no progress (token, flush, retry back-off) for this long stops being renewed,
+    # so its lease lapses and the job runs again. Unset: backend_timeout_seconds + 30, since a
+    # silent backend is timed out by the client first; only a backend that keeps the connection
+    # alive without sending tokens (keep-alives) reaches this bound. Keep it above the longest
+    # wait for a first token in the backend's own queue.
+    stall_seconds: float | None = None
+
+    # Stopping early (DESIGN §4, §6)
+    # How often a worker looks for cancelled jobs among those it runs, so that a cancel acts
+    # while no token flows (a long prefill, a retry's back-off): one Redis read per process.
+    cancel_poll_seconds: float = 0.15
+    # On SIGTERM a worker takes no new job and lets running ones finish this long; it then
+    # hands the rest back to the queue for another worker, which restarts them at once.
+    shutdown_grace_seconds: float = 30.0
+
+    # Event streams (DESIGN §5): how long a new SSE reader waits for its live subscription
+    # while the API's pub/sub connection to Redis is being re-established; then a 503.
+    sse_subscribe_timeout_seconds: float = 10.0
+
+    @property
+    def stall_bound_seconds(self) -> float:
+        return self.stall_seconds or self.backend_timeout_seconds + 30.0
+
     @property
     def broker(self) -> str:
         return self.broker_url or self.redis_url

@@ -15,6 +15,8 @@ import httpx
 import pytest
 
 from inferq.migrate import upgrade
+from inferq.registry import Registry, queue_prefix_of
+from inferq.settings import Settings
 from tests.servers import (
     Child,
     Databases,
@@ -71,6 +73,11 @@ class Platform:
         process = Child.spawn(name, list(args), {**self.env, **env}, self.logs / f"{name}.log")
         self.processes.append(process)
         return process
+
+    def queue(self, model: str) -> str:
+        """The queue the platform's processes use for `model` (prefixed by the database's name)."""
+        settings = Settings(database_url=self.database_url, redis_url=self.redis_url)
+        return Registry.load(None, queue_prefix=queue_prefix_of(settings)).queue_of(model)
 
     def new_key(self, tenant: str, admin: bool = False) -> str:
         with self.client() as http:
@@ -175,6 +182,8 @@ def platform(databases: Databases, tmp_path_factory: pytest.TempPathFactory) -> 
         "INFERQ_BACKEND_RETRIES": "3",
         "INFERQ_MAX_PROMPT_CHARS": "20000",
         "INFERQ_LOG_LEVEL": "INFO",
+        "INFERQ_WEBHOOK_ALLOW_PRIVATE": "true",  # the tests' receivers listen on 127.0.0.1
+        "INFERQ_WEBHOOK_RETRY_BASE_SECONDS": "0.2",
     }
     platform = Platform(
         f"http://127.0.0.1:{api_port}", env, database_url, databases.redis_url, logs, sims

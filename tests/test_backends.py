@@ -69,3 +69,21 @@ def test_a_worker_streams_without_calling_the_hub(
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip(), "the stream gave no text"
     assert requests_seen == []
+
+
+@pytest.mark.parametrize("backend", ["tgi", "openai"])
+def test_a_backend_error_tells_what_happened_without_the_backends_address(
+    platform: Platform, backend: str
+) -> None:
+    """The message is stored and shown to the tenant; the worker's log has the address."""
+    from inferq.registry import ModelSpec
+    from workers.backends import BackendError, GenerationRequest, open_stream
+
+    url = f"{platform.sims['fast'].url}/no-such-route"
+    spec = ModelSpec(name="misrouted", backend=backend, url=url)
+    request = GenerationRequest(prompt="hello", messages=None, max_tokens=4)
+    with pytest.raises(BackendError) as failure:
+        "".join(open_stream(spec, request, 30))
+    message = failure.value.message
+    assert "404" in message
+    assert "127.0.0.1" not in message and "http" not in message.lower(), message

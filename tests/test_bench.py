@@ -56,6 +56,12 @@ def _assert_submit(submit: dict[str, Any]) -> None:
     assert {level["api_processes"] for level in submit["levels"]} == {1, 2}
     for level in submit["levels"]:
         assert level["accepted"] == level["jobs"] > 0
+        # API keys made through the admin API, new ones first used in the level, beside the
+        # bootstrap key: each kind accepted, each reported on its own.
+        assert level["new_keys"] > 0
+        for use in ("bootstrap", "known key", "new key, first submit"):
+            figures = level["by_key"][use]
+            assert figures["accepted"] == figures["requests"] > 0, (use, figures)
         assert level["jobs_per_s"] > 0
         assert 0 < level["latency_ms"]["p50"] <= level["latency_ms"]["p99"]
 

@@ -64,6 +64,7 @@ METRICS = {
     "inferq_queue_depth",
     "inferq_sse_connections",
     "inferq_backend_errors_total",
+    "inferq_sweeper_last_run_timestamp_seconds",
     "flower_worker_online",
     "up",
 }
@@ -945,6 +946,7 @@ def test_rules_alert_on_errors_latency_queues_and_workers() -> None:
     assert "inferq_ttft_seconds_bucket" in alerts["InferqTTFTP99High"]
     assert "deriv(inferq_queue_depth" in alerts["InferqQueueDepthGrowing"]
     assert "flower_worker_online" in alerts["InferqNoWorkers"]
+    assert "absent(inferq_sweeper_last_run_timestamp_seconds)" in alerts["InferqSweeperStalled"]
     for rule in rules():
         if "alert" in rule:
             assert rule["labels"]["severity"] in {"warning", "critical"}

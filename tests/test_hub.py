@@ -2,32 +2,43 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import redis.asyncio as aioredis
 
 from api.events import hub as hub_module
 from api.events import router as events_router
-from api.events.hub import Hub
+from api.events.hub import Hub, HubUnavailable
 from api.events.service import JobEvents
 from inferq.events import (
     PUBLISH_SCRIPT,
     Event,
     EventType,
+    channel,
     script_args,
     script_keys,
     terminal_events,
 )
-from tests.servers import Databases
+from inferq.redis_clients import async_client
+from tests.servers import Databases, free_port
+
+# Each hub's connections carry a name of their own, to be found in CLIENT LIST.
+HUB_CLIENT = "inferq-hub-test"
 
 
 @contextlib.asynccontextmanager
-async def running_hub(databases: Databases) -> AsyncIterator[tuple[aioredis.Redis, Hub]]:
-    redis = aioredis.Redis.from_url(databases.redis_url, decode_responses=True)
-    hub = Hub(redis)
+async def running_hub(
+    databases: Databases, url: str | None = None, subscribe_timeout: float = 10.0
+) -> AsyncIterator[tuple[aioredis.Redis, Hub]]:
+    # The API's own client settings (no retries inside redis-py, health checks on).
+    redis = async_client(url or databases.redis_url, 16, name=HUB_CLIENT)
+    hub = Hub(redis, subscribe_timeout)
     await hub.start()
     try:
         yield redis, hub
@@ -105,4 +116,221 @@ async def test_an_idle_event_stream_sends_keep_alive_comments(
             assert await feed.next_chunk() == events_router.PING
         finally:
             await feed.aclose()
+    assert hub.listeners == 0
+
+
+# --- the hub's connection to Redis drops ----------------------------------------------------
+
+
+def _publisher(
+    databases: Databases, job_id: str
+) -> tuple[aioredis.Redis, Callable[[list[Event]], Awaitable[None]]]:
+    redis = aioredis.Redis.from_url(databases.redis_url, decode_responses=True)
+    script = redis.register_script(PUBLISH_SCRIPT)
+
+    async def publish(events: list[Event]) -> None:
+        await script(keys=script_keys(job_id), args=script_args(events, 1000, 0))
+
+    return redis, publish
+
+
+async def _hub_connection_id(admin: aioredis.Redis, other_than: str | None = None) -> str:
+    """The id of the hub's pub/sub connection, once there is one (a new one: `other_than`)."""
+    deadline = time.monotonic() + 15
+    while True:
+        for client in await admin.client_list():
+            subscribed = int(client.get("sub", 0)) > 0
+            if client.get("name") == HUB_CLIENT and subscribed and client["id"] != other_than:
+                return str(client["id"])
+        assert time.monotonic() < deadline, "the hub has no pub/sub connection"
+        await asyncio.sleep(0.02)
+
+
+async def _kill_hub_connection(admin: aioredis.Redis) -> str:
+    victim = await _hub_connection_id(admin)
+    await admin.execute_command("CLIENT", "KILL", "ID", victim)
+    return victim
+
+
+@pytest.mark.timeout(60)
+async def test_a_live_reader_loses_no_token_when_the_hub_connection_drops(
+    databases: Databases, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tokens published while the hub reconnects are re-read from the stream, in order."""
+    monkeypatch.setattr(hub_module, "QUIET_SECONDS", 3600)  # no rescue by the quiet sweep
+    job_id = str(uuid.uuid4())
+    admin, publish = _publisher(databases, job_id)
+    texts = [f" t{i}" for i in range(60)]
+    async with running_hub(databases) as (redis, hub):
+        reader = JobEvents(redis, hub, None, uuid.UUID(job_id), None)  # type: ignore[arg-type]
+        batches = reader.batches()
+        await publish([Event.make(EventType.status, status="running")])
+        received = list(await anext(batches))
+        consumer = asyncio.ensure_future(_collect(batches, received))
+        for i, text in enumerate(texts):
+            if i in (15, 40):
+                killed = await _kill_hub_connection(admin)
+            await publish([Event.make(EventType.token, text=text)])
+            if i not in range(15, 20) and i not in range(40, 45):  # a burst right after a kill
+                await asyncio.sleep(0.01)
+        end = terminal_events("succeeded", "length", {"output_tokens": len(texts)})
+        await publish(end)
+        async with asyncio.timeout(20):
+            await consumer
+        assert await _hub_connection_id(admin, other_than=killed)
+    await admin.aclose()
+    tokens = [e.payload()["text"] for e in received if e.type is EventType.token]
+    assert tokens == texts
+    assert received[-1].type is EventType.done
+    assert hub.listeners == 0
+
+
+async def _collect(batches: AsyncIterator[list[Event]], into: list[Event]) -> None:
+    async for batch in batches:
+        into.extend(batch)
+
+
+@pytest.mark.timeout(60)
+async def test_no_subscription_is_left_behind_across_reconnects(databases: Databases) -> None:
+    """Readers come and go while the connection drops: no channel stays subscribed."""
+    admin = aioredis.Redis.from_url(databases.redis_url, decode_responses=True)
+    jobs = [str(uuid.uuid4()) for _ in range(12)]
+    async with running_hub(databases) as (_, hub):
+        async with contextlib.AsyncExitStack() as readers:
+            for job_id in jobs[:6]:
+                await readers.enter_async_context(hub.subscribe(job_id))
+            killed = await _kill_hub_connection(admin)
+            await _hub_connection_id(admin, other_than=killed)
+            # More readers while the new connection settles, then one more drop mid-way.
+            joining = [asyncio.ensure_future(_visit(hub, job_id)) for job_id in jobs[6:]]
+            killed = await _kill_hub_connection(admin)
+            await asyncio.gather(*joining, return_exceptions=True)
+        # Everyone has left; a drop right after, with the unsubscribes under way.
+        await _kill_hub_connection(admin)
+        await _until_unsubscribed(admin, hub, jobs)
+        await asyncio.sleep(0.3)  # nothing comes back late
+        await _until_unsubscribed(admin, hub, jobs)
+    await admin.aclose()
+
+
+async def _visit(hub: Hub, job_id: str) -> None:
+    async with hub.subscribe(job_id):
+        await asyncio.sleep(0.05)
+
+
+async def _until_unsubscribed(admin: aioredis.Redis, hub: Hub, jobs: list[str]) -> None:
+    deadline = time.monotonic() + 10
+    while True:
+        counts = dict(await admin.pubsub_numsub(*(channel(j) for j in jobs)))
+        if not any(counts.values()) and hub.channels == 0 and hub.listeners == 0:
+            return
+        assert time.monotonic() < deadline, (counts, hub.channels, hub.listeners)
+        await asyncio.sleep(0.05)
+
+
+class RedisGate:
+    """A TCP relay in front of the real Redis, to take Redis away and bring it back."""
+
+    def __init__(self, redis_url: str) -> None:
+        parts = urlsplit(redis_url)
+        self.target = (parts.hostname or "127.0.0.1", parts.port or 6379)
+        self.port = free_port()
+        self.url = urlunsplit(parts._replace(netloc=f"127.0.0.1:{self.port}"))
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def open(self) -> None:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", self.port)
+
+    async def close(self) -> None:
+        """Refuse new connections and cut the open ones: Redis is down, as far as anyone sees."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for writer in list(self._writers):
+            writer.close()
+        self._writers.clear()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
+        self._writers |= {writer, up_writer}
+        # Cancelled when the test's loop ends with a relay still open: nothing to report.
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(OSError, RuntimeError):
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    writer.close()
+
+
+@pytest.mark.timeout(60)
+async def test_the_hub_starts_with_redis_down_and_readers_wait_for_it(
+    databases: Databases, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis down at start: no crash; a reader that subscribes meanwhile goes on once it is
+    back, and one that waits past the bound fails cleanly instead of hanging."""
+    monkeypatch.setattr(hub_module, "RETRY_MAX_SECONDS", 0.2)
+    gate = RedisGate(databases.redis_url)
+    job_id = str(uuid.uuid4())
+    admin, publish = _publisher(databases, job_id)
+    async with running_hub(databases, url=gate.url, subscribe_timeout=1.0) as (_, hub):
+        with pytest.raises(HubUnavailable):
+            async with hub.subscribe(job_id):
+                pytest.fail("subscribed while Redis is unreachable")
+        assert hub.listeners == 0
+        await publish([Event.make(EventType.status, status="running")])
+        reader = JobEvents(admin, hub, None, uuid.UUID(job_id), None)  # type: ignore[arg-type]
+        started = asyncio.ensure_future(reader.start())
+        await asyncio.sleep(0.3)
+        assert not started.done()
+        await gate.open()
+        async with asyncio.timeout(5):
+            assert [e.type for e in await started] == [EventType.status]
+        await publish([Event.make(EventType.token, text="back")])
+        async with asyncio.timeout(5):
+            assert [e.payload() for e in await reader.next()] == [{"text": "back"}]
+        # Down again mid-stream: a second reader's subscribe fails within its bound...
+        await gate.close()
+        with pytest.raises(HubUnavailable):
+            async with hub.subscribe(str(uuid.uuid4())):
+                pytest.fail("subscribed while Redis is unreachable")
+        await publish([Event.make(EventType.token, text=" lost")])
+        # ...and once Redis is back the first reader gets what it missed from the stream.
+        await gate.open()
+        await publish(terminal_events("succeeded", "length", {}))
+        rest: list[Event] = []
+        async with asyncio.timeout(10):
+            while not reader.ended:
+                rest += await reader.next()
+        await reader.close()
+        await gate.close()
+    await admin.aclose()
+    assert [e.type for e in rest] == [EventType.token, EventType.status, EventType.done]
+    assert rest[0].payload() == {"text": " lost"}
+
+
+@pytest.mark.timeout(60)
+async def test_readers_subscribing_just_as_the_connection_is_killed_do_not_hang(
+    databases: Databases,
+) -> None:
+    job_id = str(uuid.uuid4())
+    admin, publish = _publisher(databases, job_id)
+    await publish([Event.make(EventType.status, status="running")])
+    async with running_hub(databases) as (redis, hub):
+        await _kill_hub_connection(admin)  # the hub has not noticed yet
+        readers = [JobEvents(redis, hub, None, uuid.UUID(job_id), None) for _ in range(3)]  # type: ignore[arg-type]
+        async with asyncio.timeout(15):
+            for reader in readers:
+                assert [e.type for e in await reader.start()] == [EventType.status]
+        await publish(terminal_events("succeeded", "length", {}))
+        async with asyncio.timeout(15):
+            for reader in readers:
+                while not reader.ended:
+                    await reader.next()
+                await reader.close()
+    await admin.aclose()
     assert hub.listeners == 0

@@ -25,7 +25,7 @@ def test_submit_poll_succeeds_with_simulator_text(platform: Platform, http: http
     assert done["usage"]["input_tokens"] == 4
     cost = (4 * 0.25 + done["usage"]["output_tokens"] * 1.25) / 1e6
     assert done["usage"]["cost_usd"] == pytest.approx(cost)
-    assert done["finish_reason"] in {"length", "eos_token", "stop_sequence"}
+    assert done["finish_reason"] in {"length", "stop"}
     timings = done["timings"]
     assert 0 <= timings["queue_ms"] <= timings["ttft_ms"] <= timings["duration_ms"]
     assert timings["tokens_per_second"] > 0
@@ -140,8 +140,8 @@ def test_duplicate_delivery_is_skipped_by_the_worker(
         "priority_steps": list(range(10)),
         "queue_order_strategy": "priority",
     }
-    app.send_task("inferq.generate", args=[done["id"]], queue="inferq.sim")
-    app.send_task("inferq.generate", args=[str(uuid.uuid4())], queue="inferq.sim")
+    app.send_task("inferq.generate", args=[done["id"]], queue=platform.queue("sim"))
+    app.send_task("inferq.generate", args=[str(uuid.uuid4())], queue=platform.queue("sim"))
     again = submit(http, prompt="after the duplicates", max_tokens=2)
     assert wait_for(http, again["id"])["status"] == "succeeded"  # the worker moved past them
     after = http.get(f"/v1/jobs/{done['id']}").json()
@@ -222,9 +222,66 @@ def test_queue_depth_is_exported(platform: Platform, http: httpx.Client) -> None
         depth = [
             line
             for line in metrics.splitlines()
-            if line.startswith('inferq_queue_depth{queue="inferq.parked"}')
+            if line.startswith(f'inferq_queue_depth{{queue="{platform.queue("parked")}"}}')
         ]
         if depth and float(depth[0].split()[-1]) >= 3:
             return
         time.sleep(0.5)
     raise AssertionError(f"queue depth not exported: {depth}")
+
+
+def test_prompt_and_message_jobs_share_one_finish_reason_vocabulary(
+    platform: Platform, http: httpx.Client
+) -> None:
+    """TGI ends a prompt with `stop_sequence` or `eos_token` and a chat with `stop`; a job
+    says `stop` for both, and `length` when max_tokens cut it."""
+    full = platform.sims["fast"].generate("Name three queues", 20, seed=3)["generated_text"]
+    stop = full.split()[2]
+    prompt = submit(http, prompt="Name three queues", max_tokens=20, seed=3, stop=[stop])
+    chat = submit(http, messages=[{"role": "user", "content": "Hi"}], max_tokens=200, seed=3)
+    capped = submit(http, prompt="Name three queues", max_tokens=2, seed=3)
+    reasons = [wait_for(http, job["id"])["finish_reason"] for job in (prompt, chat, capped)]
+    assert reasons == ["stop", "stop", "length"]
+
+
+def test_worker_logs_each_jobs_start_and_end_at_info(
+    platform: Platform, http: httpx.Client
+) -> None:
+    job = submit(http, prompt="log me", max_tokens=3)
+    wait_for(http, job["id"])
+    deadline = time.monotonic() + 10
+    while True:
+        lines = [
+            line
+            for line in (platform.logs / "worker.log").read_text().splitlines()
+            if job["id"] in line
+        ]
+        ended = [line for line in lines if '"status": "succeeded"' in line]
+        if ended or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert any("started on sim" in line for line in lines), lines
+    assert ended and '"output_tokens": 3' in ended[0] and '"ms":' in ended[0], lines
+    assert "log me" not in "\n".join(lines)  # never a prompt's text
+
+
+def test_polling_a_running_job_shows_the_output_so_far(
+    platform: Platform, http: httpx.Client
+) -> None:
+    job = submit(http, model="slow", prompt="Tell a long story", max_tokens=120, seed=5)
+    seen: list[dict] = []
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        polled = http.get(f"/v1/jobs/{job['id']}").json()
+        if polled["status"] == "running" and polled["output"]:
+            seen.append(polled)
+        if polled["status"] != "queued" and polled["status"] != "running":
+            break
+        time.sleep(0.1)
+    done = wait_for(http, job["id"])
+    assert len(seen) >= 2, "never saw the job running with partial output"
+    for partial in seen:
+        assert done["output"].startswith(partial["output"])
+        assert 0 < partial["usage"]["output_tokens"] <= done["usage"]["output_tokens"]
+    counts = [p["usage"]["output_tokens"] for p in seen]
+    assert counts == sorted(counts) and counts[-1] > counts[0]

@@ -7,7 +7,7 @@ import json
 
 import redis
 
-from inferq.queue import Enqueue, Enqueuer, make_producer_app
+from inferq.queue import Enqueue, Enqueuer, make_producer_app, task_id_of
 from inferq.settings import Settings
 from tests.servers import Databases
 
@@ -50,4 +50,26 @@ def test_messages_match_what_celery_send_task_writes(databases: Databases) -> No
     finally:
         client.delete(queue, f"{queue}:6")
         client.zrem("inferq:enqueued", "job-interactive", "job-batch")
+        app.close()
+
+
+def test_task_id_is_read_from_stored_messages(databases: Databases) -> None:
+    """The sweeper finds a job's message by the task id kombu stores in its headers."""
+    app = make_producer_app(Settings(redis_url=databases.redis_url))
+    client = redis.Redis.from_url(databases.redis_url)
+    queue = "inferq.test-queue-task-id"
+    try:
+        with app.producer_or_acquire() as producer:
+            app.send_task(
+                "inferq.generate", args=["job-a"], task_id="job-a", queue=queue, producer=producer
+            )
+        Enqueuer(app).enqueue(client, [Enqueue("job-b", queue)])
+        stored = client.lrange(queue, 0, -1)
+        assert sorted(task_id_of(m) or "" for m in stored) == ["job-a", "job-b"]
+        # As kombu keeps a delivered message in its unacked hash: [message, exchange, key].
+        unacked = json.dumps([json.loads(stored[0]), "", queue])
+        assert task_id_of(unacked) == task_id_of(stored[0])
+    finally:
+        client.delete(queue)
+        client.zrem("inferq:enqueued", "job-b")
         app.close()

@@ -40,9 +40,9 @@ BAD_BODIES = [
         {"model": "sim", "prompt": "x", "webhook": {"url": "not a url"}}, 422, id="bad-webhook"
     ),
     pytest.param(
-        {"model": "sim", "prompt": "x", "webhook": {"url": "https://example.org/h"}},
+        {"model": "sim", "prompt": "x", "webhook": {"url": "https://x", "events": ["done"]}},
         422,
-        id="webhook-not-supported-yet",
+        id="webhook-unknown-event",
     ),
     pytest.param([1, 2], 422, id="body-not-an-object"),
 ]

@@ -8,12 +8,14 @@ from typing import Any
 from celery import Celery, signals
 from prometheus_client import start_http_server
 
+from inferq import metrics
 from inferq.logs import configure_logging
 from inferq.queue import GENERATE_TASK, celery_config
 from inferq.settings import get_settings
 from workers.context import WorkerContext
 from workers.generate import run_job
 from workers.sweeper import start_sweeper
+from workers.webhooks import start_dispatcher
 
 log = logging.getLogger("inferq.worker")
 
@@ -31,14 +33,30 @@ app = InferqCelery("inferq")
 app.conf.update(celery_config(get_settings()))
 
 
+@signals.setup_logging.connect
+def _logging(**_: Any) -> None:
+    # Connected, this replaces Celery's own set-up, which would hold every logger at the
+    # command line's --loglevel and drop the job lines the workers log at INFO.
+    configure_logging(get_settings().log_level)
+
+
 @signals.worker_init.connect
 def _open(sender: Any = None, **_: Any) -> None:
     settings = get_settings()
-    configure_logging(settings.log_level)
     if settings.worker_metrics_port:
-        start_http_server(settings.worker_metrics_port)
+        start_http_server(settings.worker_metrics_port, registry=metrics.registry())
     threads = int(getattr(sender, "concurrency", None) or 8)
-    app.require_context(threads).leases.start()
+    context = app.require_context(threads)
+    context.leases.start()
+    context.interrupts.start()
+
+
+@signals.worker_shutting_down.connect
+def _shutting_down(**_: Any) -> None:
+    # Celery's warm shutdown waits for running tasks however long they take; ours end within
+    # the grace period, handing unfinished jobs to another worker (workers/interrupts.py).
+    if app.context is not None:
+        app.context.interrupts.shut_down()
 
 
 @signals.worker_shutdown.connect
@@ -55,5 +73,8 @@ def generate(job_id: str) -> None:
 
 @signals.beat_init.connect
 def _start_sweeper(**_: Any) -> None:
-    configure_logging(get_settings().log_level)
+    settings = get_settings()
+    if settings.beat_metrics_port:
+        start_http_server(settings.beat_metrics_port, registry=metrics.registry())
     start_sweeper(app.require_context())
+    start_dispatcher(app.require_context())

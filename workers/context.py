@@ -15,8 +15,9 @@ from inferq.db import make_sync_engine, sync_sessions
 from inferq.events import PUBLISH_SCRIPT
 from inferq.queue import Enqueuer, make_producer_app
 from inferq.redis_clients import sync_client
-from inferq.registry import Registry
+from inferq.registry import Registry, registry_of
 from inferq.settings import Settings
+from workers.interrupts import InterruptWatch
 from workers.leases import LeaseKeeper
 from workers.publisher import FlushPace
 
@@ -35,6 +36,7 @@ class WorkerContext:
     leases: LeaseKeeper
     pace: FlushPace
     name: str
+    interrupts: InterruptWatch
 
     @classmethod
     def create(cls, settings: Settings, threads: int = 8) -> WorkerContext:
@@ -63,12 +65,13 @@ class WorkerContext:
             autocommit=autocommit,
             redis=client,
             publish_script=client.register_script(PUBLISH_SCRIPT),
-            registry=Registry.load(settings.models_file),
+            registry=registry_of(settings),
             enqueuer=Enqueuer(make_producer_app(settings)),
             broker=broker,
             leases=LeaseKeeper(
                 sync_sessions(autocommit),
                 settings.lease_seconds,
+                settings.stall_bound_seconds,
             ),
             pace=FlushPace(
                 settings.flush_interval_ms / 1000,
@@ -76,10 +79,14 @@ class WorkerContext:
                 settings.flush_interval_max_ms / 1000,
             ),
             name=f"{socket.gethostname()}:{os.getpid()}",
+            interrupts=InterruptWatch(
+                client, settings.cancel_poll_seconds, settings.shutdown_grace_seconds
+            ),
         )
 
     def close(self) -> None:
         self.leases.stop()
+        self.interrupts.stop()
         self.enqueuer.close()
         if self.broker is not self.redis:
             self.broker.close()

@@ -8,6 +8,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
+from celery.exceptions import Reject
 from tenacity import (
     RetryCallState,
     Retrying,
@@ -16,12 +17,13 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from inferq import lifecycle
-from inferq.events import Event, EventType, terminal_events, usage
+from inferq import lifecycle, metrics
+from inferq.events import Event, EventType, finish_reason_of, terminal_events, usage
 from inferq.lifecycle import Claim, Outcome
 from inferq.models import JobStatus
-from inferq.queue import ENQUEUED_KEY
+from inferq.queue import ENQUEUED_KEY, Enqueue
 from inferq.registry import ModelSpec
+from inferq.settings import Settings
 from workers.backends import (
     BackendError,
     FatalBackendError,
@@ -29,19 +31,23 @@ from workers.backends import (
     RetryableBackendError,
     open_stream,
 )
+from workers.backends.errors import unexpected
 from workers.context import WorkerContext
+from workers.expiry import expire_job
+from workers.interrupts import Interrupt, Interrupted, Reason
 from workers.observe import record_claim, record_finish
-from workers.publisher import TokenPublisher
+from workers.publisher import ClaimLost, TokenPublisher
 
 log = logging.getLogger("inferq.worker")
 
-
-class ClaimLost(Exception):
-    """Another worker took the job over (our lease expired); stop without finishing."""
+RUN_DEADLINE_MESSAGE = "the generation ran past its deadline"
 
 
 def run_job(ctx: WorkerContext, job_id: str) -> None:
     """Run one delivery of a job; a duplicate or late delivery returns without effect."""
+    if ctx.interrupts.shutting_down:
+        # The worker is stopping: the message goes back to the queue, for another worker.
+        raise Reject(requeue=True)
     ctx.broker.zrem(ENQUEUED_KEY, job_id)
     with ctx.autocommit.connect() as conn:
         claim = lifecycle.claim(
@@ -52,7 +58,8 @@ def run_job(ctx: WorkerContext, job_id: str) -> None:
             ctx.settings.max_attempts,
         )
     if claim is None:
-        log.info("job not claimable, skipping", extra={"job_id": job_id})
+        if not expire_job(ctx, job_id):
+            _not_claimable(ctx, job_id)
         return
     record_claim(claim, datetime.now(UTC))
     spec = ctx.registry.get(claim.model)
@@ -61,6 +68,20 @@ def run_job(ctx: WorkerContext, job_id: str) -> None:
         generation.finish(_failure("unknown_model", f"model {claim.model!r} is not served"))
         return
     generation.run(spec)
+
+
+def _not_claimable(ctx: WorkerContext, job_id: str) -> None:
+    """Ack a delivery that found no claimable row; a job the database lacks is an error."""
+    with ctx.autocommit.connect() as conn:
+        known = lifecycle.exists(conn, uuid.UUID(job_id))
+    if known:
+        log.info("job not claimable, skipping", extra={"job_id": job_id})
+        return
+    # Most likely another deployment's worker on the same Redis and queue names.
+    metrics.WORKER_UNKNOWN_JOBS.inc()
+    log.error(
+        "job %s is not in this deployment's database, skipping", job_id, extra={"job_id": job_id}
+    )
 
 
 def _failure(type_: str, message: str, output: str = "") -> Outcome:
@@ -95,13 +116,23 @@ class Generation:
             ttl=settings.stream_ttl_seconds,
             pace=ctx.pace,
             flush_max_tokens=settings.flush_max_tokens,
+            claim=claim,
         )
         self.restarts = 0
         self.parts: list[str] = []
         self.emitted = claim.attempt > 1  # an earlier attempt may have streamed tokens
+        self.interrupt = Interrupt(str(claim.job_id), _run_deadline(claim, settings))
+        self.started = time.monotonic()
 
     def run(self, spec: ModelSpec) -> None:
-        self.ctx.leases.hold(self.claim.token)
+        log.info(
+            "job %s started on %s",
+            self.claim.job_id,
+            spec.name,
+            extra={**self._log(), "model": spec.name},
+        )
+        self.ctx.leases.hold(self.claim.token, str(self.claim.job_id))
+        self.ctx.interrupts.watch(self.interrupt)
         try:
             self._start_events()
             with self.ctx.pace.streaming():
@@ -109,8 +140,39 @@ class Generation:
             self.finish(outcome)
         except ClaimLost:
             log.warning("lease lost, another worker owns the job", extra=self._log())
+        except Interrupted:  # the worker is shutting down
+            self._hand_back()
+        except Exception as exc:
+            self._fail_unexpectedly(exc)
         finally:
+            self.ctx.interrupts.forget(self.interrupt)
             self.ctx.leases.release(self.claim.token)
+
+    def _hand_back(self) -> None:
+        """End this claim now and queue the job again, so that another worker restarts it at
+        once (its readers get a `reset`) instead of after the lease lapses."""
+        self.ctx.leases.release(self.claim.token)
+        with self.ctx.autocommit.connect() as conn:
+            released = lifecycle.release(conn, self.claim)
+        if released is None:
+            return
+        model, priority = released
+        queue = self.ctx.registry.queue_of(model)
+        self.ctx.enqueuer.enqueue(
+            self.ctx.broker, [Enqueue(str(self.claim.job_id), queue, priority)]
+        )
+        metrics.JOBS_RELEASED.labels(model).inc()
+        log.warning("worker stopping: job handed back to the queue", extra=self._log())
+
+    def _fail_unexpectedly(self, exc: Exception) -> None:
+        """End the job once, rather than leave it running for the sweeper to retry into the
+        same failure until it gives up on it as if its worker had died."""
+        log.exception("generation failed unexpectedly", extra=self._log())
+        error = unexpected(exc)
+        try:
+            self.finish(_failure(error.type, error.message, output="".join(self.parts)))
+        except ClaimLost:
+            log.warning("lease lost, another worker owns the job", extra=self._log())
 
     def _start_events(self) -> None:
         events = [Event.make(EventType.status, status=JobStatus.running.value)]
@@ -125,10 +187,16 @@ class Generation:
             stop=stop_after_attempt(settings.backend_retries + 1),
             wait=wait_exponential_jitter(initial=settings.backend_retry_base_seconds, max=10),
             before_sleep=self._before_retry,
+            sleep=self.interrupt.sleep,  # a cancel or a shutdown cuts the back-off short
             reraise=True,
         )
         try:
             return retrying(self._attempt, spec)
+        except Interrupted as stop:
+            if stop.reason is not Reason.cancelled:
+                raise
+            # Between two tries: readers were sent a reset if the last try had shown tokens.
+            return self._cancelled([], None)
         except BackendError as exc:
             # Keep what the readers were shown, so the stream and the stored output agree.
             return _failure(exc.type, exc.message, output="".join(self.parts))
@@ -136,6 +204,9 @@ class Generation:
     def _before_retry(self, state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
         log.warning("backend error, retrying: %s", exc, extra=self._log())
+        # The back-off counts as progress: the lease must outlive it.
+        sleep = state.next_action.sleep if state.next_action else 0.0
+        self.ctx.leases.beat(self.claim.token, grace=sleep)
         if self.emitted:
             self.restarts += 1
             self.publisher.send(
@@ -147,10 +218,11 @@ class Generation:
         stream = open_stream(
             spec, request_of(self.claim), self.ctx.settings.backend_timeout_seconds
         )
-        deadline = time.monotonic() + self.ctx.settings.job_deadline_seconds
         parts = self.parts = []
         first_token_at: datetime | None = None
+        self.interrupt.attach(stream)
         try:
+            self._stop_if_interrupted()
             for delta in stream:
                 if first_token_at is None:
                     first_token_at = datetime.now(UTC)
@@ -158,13 +230,19 @@ class Generation:
                 parts.append(delta)
                 if self.publisher.add_token(delta):
                     return self._cancelled(parts, first_token_at)
-                if self.ctx.leases.lost(self.claim.token):
+                if not self.ctx.leases.beat(self.claim.token):
                     raise ClaimLost
-                if time.monotonic() > deadline:
-                    raise FatalBackendError(
-                        "deadline_exceeded", "the generation ran past its deadline"
-                    )
+                if time.monotonic() > self.interrupt.deadline:
+                    raise FatalBackendError("deadline_exceeded", RUN_DEADLINE_MESSAGE)
+        except BackendError:
+            # An interrupt aborts the backend's stream, which fails the read it was blocked in.
+            if self.interrupt.reason is Reason.cancelled:
+                self.publisher.flush()
+                return self._cancelled(parts, first_token_at)
+            self._stop_if_interrupted()
+            raise
         finally:
+            self.interrupt.attach(None)
             stream.close()
         completion = stream.completion
         output_tokens = (
@@ -174,12 +252,18 @@ class Generation:
         return Outcome(
             JobStatus.succeeded,
             output="".join(parts),
-            finish_reason=completion.finish_reason or "stop",
+            finish_reason=finish_reason_of(completion.finish_reason or "stop"),
             input_tokens=input_tokens,
             output_tokens=output_tokens,
             cost_usd=spec.cost_usd(input_tokens, output_tokens),
             first_token_at=first_token_at,
         )
+
+    def _stop_if_interrupted(self) -> None:
+        if self.interrupt.reason is Reason.deadline or time.monotonic() > self.interrupt.deadline:
+            raise FatalBackendError("deadline_exceeded", RUN_DEADLINE_MESSAGE)
+        if self.interrupt.reason is not None:
+            raise Interrupted(self.interrupt.reason)
 
     def _cancelled(self, parts: list[str], first_token_at: datetime | None) -> Outcome:
         # The flush that saw the flag carried every pending token: all of `parts` was published.
@@ -201,7 +285,21 @@ class Generation:
             return
         self.publisher.send(self._closing_events(outcome), final=True)
         record_finish(self.claim, outcome, datetime.now(UTC))
-        log.info("job finished", extra={**self._log(), "status": outcome.status.value})
+        log.info(
+            "job %s %s: %s output tokens",
+            self.claim.job_id,
+            outcome.status.value,
+            outcome.output_tokens,
+            extra={
+                **self._log(),
+                "model": self.claim.model,
+                "status": outcome.status.value,
+                "finish_reason": outcome.finish_reason,
+                "output_tokens": outcome.output_tokens,
+                "ms": round((time.monotonic() - self.started) * 1000, 1),
+                "error_type": outcome.error_type,
+            },
+        )
 
     def _closing_events(self, outcome: Outcome) -> list[Event]:
         counts = usage(outcome.input_tokens, outcome.output_tokens, outcome.cost_usd)
@@ -214,3 +312,11 @@ class Generation:
 
     def _log(self) -> dict[str, Any]:
         return {"job_id": str(self.claim.job_id), "attempt": self.claim.attempt}
+
+
+def _run_deadline(claim: Claim, settings: Settings) -> float:
+    """When (time.monotonic()) the job's whole run must end: job_deadline_seconds after its
+    first attempt started, however many attempts it takes."""
+    started = claim.started_at or datetime.now(UTC)
+    spent = (datetime.now(UTC) - started).total_seconds()
+    return time.monotonic() + settings.job_deadline_seconds - max(0.0, spent)

@@ -8,7 +8,12 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from inferq.events import Event, EventType, script_args, script_keys
+from inferq.events import REFUSED, Event, EventType, fence, script_args, script_keys
+from inferq.lifecycle import Claim
+
+
+class ClaimLost(Exception):
+    """Another worker took the job over (our lease expired); stop without finishing."""
 
 
 class FlushPace:
@@ -41,7 +46,8 @@ class FlushPace:
 
 
 class TokenPublisher:
-    """Writes a job's events; each flush also reads the job's cancel flag (one round trip)."""
+    """Writes a job's events under its claim; each flush also reads the job's cancel flag and
+    learns whether the claim still holds (one round trip)."""
 
     def __init__(
         self,
@@ -52,9 +58,11 @@ class TokenPublisher:
         ttl: int,
         pace: FlushPace,
         flush_max_tokens: int,
+        claim: Claim,
     ) -> None:
         self._script = script
         self._keys = script_keys(job_id)
+        self._fence = fence(claim.attempt, str(claim.token))
         self._maxlen = maxlen
         self._ttl = ttl
         self._pace = pace
@@ -64,14 +72,20 @@ class TokenPublisher:
         self.cancelled = False
 
     def send(self, events: list[Event], *, final: bool = False) -> bool:
-        """Write events now (pending tokens first); True when the job was asked to cancel."""
+        """Write events now (pending tokens first); True when the job was asked to cancel.
+
+        Raises ClaimLost, having written nothing, once a newer claim has written.
+        """
         if self._pending:
             events = [self._token_event(), *events]
         if not events:
             return self.cancelled
+        ttl = self._ttl if final else 0
         flag = self._script(
-            keys=self._keys, args=script_args(events, self._maxlen, self._ttl if final else 0)
+            keys=self._keys, args=script_args(events, self._maxlen, ttl, self._fence)
         )
+        if flag == REFUSED:
+            raise ClaimLost
         self.cancelled = bool(flag)
         self._last_flush = time.monotonic()
         return self.cancelled
@@ -89,5 +103,6 @@ class TokenPublisher:
 
     def _token_event(self) -> Event:
         text = "".join(self._pending)
+        count = len(self._pending)  # so that a poll can tell a running job's token count
         self._pending.clear()
-        return Event.make(EventType.token, text=text)
+        return Event.make(EventType.token, text=text, tokens=count)

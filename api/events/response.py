@@ -14,11 +14,20 @@ from a timer per connection.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
-from typing import Protocol
+import logging
+import signal
+import threading
+from collections.abc import Callable, Mapping
+from types import FrameType
+from typing import Any, Protocol
 
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
+
+log = logging.getLogger("inferq.api")
+
+# The signals on which uvicorn starts its graceful shutdown.
+EXIT_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class ChunkSource(Protocol):
@@ -48,7 +57,16 @@ class EventStream(Response):
         try:
             start = {"type": "http.response.start", "status": 200, "headers": self.raw_headers}
             await send(start)
-            while (chunk := await self.source.next_chunk()) is not None:
+            while True:
+                try:
+                    chunk = await self.source.next_chunk()
+                except Exception:
+                    # Past the headers no error can be answered; a stream that ends cleanly
+                    # is one its client resumes (Last-Event-ID), a cut one reads as a failure.
+                    log.exception("event stream failed; ending it")
+                    break
+                if chunk is None:
+                    break
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
@@ -58,6 +76,38 @@ class EventStream(Response):
         finally:
             watcher.cancel()
             await self.source.aclose()
+
+
+def drain_on_exit_signal(drain: Callable[[], None]) -> Callable[[], None]:
+    """Call `drain` on this event loop as soon as the server is told to stop; returns undo.
+
+    uvicorn waits for open responses before it runs the lifespan's shutdown, and an event
+    stream is open until its job ends: without a word from the signal itself, the streams
+    would run into the graceful-shutdown timeout and be cut mid-body. The server's own
+    handler (uvicorn's, installed before the lifespan starts) is wrapped, not replaced.
+    Signals reach only the main thread; elsewhere (a server in a thread) this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    loop = asyncio.get_running_loop()
+    wrapped: dict[int, Callable[[int, FrameType | None], Any]] = {}
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        loop.call_soon_threadsafe(drain)
+        wrapped[signum](signum, frame)
+
+    for signum in EXIT_SIGNALS:
+        previous = signal.getsignal(signum)
+        if callable(previous):  # a Python handler, such as the server's; never a default
+            wrapped[signum] = previous
+            signal.signal(signum, on_signal)
+
+    def undo() -> None:
+        for signum, previous in wrapped.items():
+            if signal.getsignal(signum) is on_signal:
+                signal.signal(signum, previous)
+
+    return undo
 
 
 async def _cancel_on_disconnect(

@@ -10,23 +10,37 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query
 
 from api.deps import CurrentKey, SessionDep, StateDep
-from api.errors import InvalidRequest
+from api.errors import InvalidRequest, ServiceUnavailable
+from api.events.hub import HubUnavailable
 from api.events.response import EventStream
 from api.events.service import JobEvents
 from api.events.wire import encode
 from api.jobs.service import job_if_unseen
+from inferq.events import Event
 from inferq.metrics import SSE_CONNECTIONS
 
 router = APIRouter(prefix="/v1/jobs", tags=["events"])
 
 PING = b": ping\r\n\r\n"
-STREAM_ID = re.compile(r"^\d+(-\d+)?$")
+# A Redis stream id as Redis writes it: two unsigned 64-bit decimals, no sign, no leading
+# zero, ASCII digits only (`\d` would take other scripts' digits, which Redis refuses).
+STREAM_ID = re.compile(r"(0|[1-9][0-9]{0,19})(?:-(0|[1-9][0-9]{0,19}))?", re.ASCII)
+ID_PART_MAX = 2**64 - 1
 
 
 def _resume_point(last_event_id: str | None, after: str | None) -> str | None:
+    """The id to resume after, checked before the stream starts: XRANGE refuses what is
+    out of range, and that would only show once the response is under way."""
     value = last_event_id or after
-    if value is not None and not STREAM_ID.match(value):
-        raise InvalidRequest(f"not an event id: {value!r} (expected 'ms-seq')")
+    if value is None:
+        return None
+    match = STREAM_ID.fullmatch(value)
+    if match is None:
+        raise InvalidRequest(f"not an event id: {value[:64]!r} (expected 'ms-seq')")
+    ms, seq = int(match[1]), int(match[2] or 0)
+    # The stream is read after the id (exclusive), so the very last id has nothing after it.
+    if ms > ID_PART_MAX or seq > ID_PART_MAX or (ms, seq) == (ID_PART_MAX, ID_PART_MAX):
+        raise InvalidRequest(f"event id out of range: {value!r} (each part below 2^64)")
     return value
 
 
@@ -34,7 +48,9 @@ class SseFeed:
     """A job's events as SSE chunks: each group of events that arrived together is one write.
 
     A stream with nothing to say gets a comment line now and then, so that proxies keep it
-    open; the hub wakes idle readers every few seconds, which is the clock for it.
+    open; the hub wakes idle readers every few seconds, which is the clock for it. When the
+    process stops, the hub wakes every reader and the feed ends without a `done`, so that
+    the client resumes elsewhere with its Last-Event-ID.
     """
 
     def __init__(self, events: JobEvents, ping_seconds: float) -> None:
@@ -42,15 +58,29 @@ class SseFeed:
         self.ping_seconds = ping_seconds
         self.started = False
         self.last_write = time.monotonic()
+        self._replayed: list[Event] = []
+
+    async def open(self) -> None:
+        """Subscribe and replay, before the response starts: a failure is still an answer."""
+        self.started = True
+        SSE_CONNECTIONS.inc()
+        try:
+            self._replayed = await self.events.start()
+        except HubUnavailable:
+            await self.aclose()
+            raise ServiceUnavailable.of("redis") from None
+        except BaseException:
+            await self.aclose()
+            raise
 
     async def next_chunk(self) -> bytes | None:
         if not self.started:
-            self.started = True
-            SSE_CONNECTIONS.inc()
-            replayed = await self.events.start()
-            if replayed:
-                return self._wrote(b"".join(encode(event) for event in replayed))
-        while not self.events.ended:
+            await self.open()
+        if self._replayed:
+            replayed, self._replayed = self._replayed, []
+            return self._wrote(b"".join(encode(event) for event in replayed))
+        hub = self.events.hub
+        while not self.events.ended and not hub.draining:
             batch = await self.events.next()
             if batch:
                 return self._wrote(b"".join(encode(event) for event in batch))
@@ -64,6 +94,7 @@ class SseFeed:
 
     async def aclose(self) -> None:
         if self.started:
+            self.started = False
             SSE_CONNECTIONS.dec()
         await self.events.close()
 
@@ -81,7 +112,6 @@ async def job_events(
     snapshot = await job_if_unseen(state, session, key, job_id)
     resume = _resume_point(last_event_id, after)
     events = JobEvents(state.redis, state.hub, state.sessions, job_id, resume, snapshot)
-    return EventStream(
-        SseFeed(events, state.settings.sse_ping_seconds),
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+    feed = SseFeed(events, state.settings.sse_ping_seconds)
+    await feed.open()
+    return EventStream(feed, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -114,7 +114,9 @@ class JobEvents:
 
     async def _next_live(self, live: Inbox) -> list[Event]:
         batch = await live.take()
-        if None in batch:  # the hub says: you fell behind, or the channel went quiet
+        # None: the hub says you fell behind, the channel went quiet, or Redis reconnected.
+        # A process that is stopping reads no more: its readers resume elsewhere.
+        if None in batch and not self.hub.draining:
             return await self._catch_up()
         return [e for e in batch if e is not None and not self.ended and self._accept(e)]
 

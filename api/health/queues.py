@@ -1,4 +1,4 @@
-"""Queue depth for /metrics: the waiting messages of each model's queue, all priorities."""
+"""Broker health for /metrics: each model's queue depth (all priorities) and the sweeper's pulse."""
 
 from __future__ import annotations
 
@@ -8,16 +8,11 @@ import logging
 import redis.asyncio as aioredis
 
 from api import tasks
-from inferq.metrics import QUEUE_DEPTH
-from inferq.queue import PRIORITY_SEP
+from inferq.metrics import QUEUE_DEPTH, SWEEPER_LAST_RUN
+from inferq.queue import PRIORITY_STEPS, SWEEPER_LAST_RUN_KEY, priority_lists, sweeper_key
 from inferq.registry import Registry
 
 log = logging.getLogger("inferq.api")
-
-
-def priority_lists(queue: str) -> list[str]:
-    """The Redis lists behind one Celery queue (priority 0 is the bare name)."""
-    return [queue] + [f"{queue}{PRIORITY_SEP}{p}" for p in range(1, 10)]
 
 
 async def sample(redis: aioredis.Redis, registry: Registry) -> dict[str, int]:
@@ -27,7 +22,14 @@ async def sample(redis: aioredis.Redis, registry: Registry) -> dict[str, int]:
             for key in priority_lists(queue):
                 pipe.llen(key)
         lengths = await pipe.execute()
-    return {q: sum(lengths[i * 10 : (i + 1) * 10]) for i, q in enumerate(queues)}
+    steps = len(PRIORITY_STEPS)
+    return {q: sum(lengths[i * steps : (i + 1) * steps]) for i, q in enumerate(queues)}
+
+
+async def sweeper_last_run(redis: aioredis.Redis, registry: Registry) -> float | None:
+    """When beat's sweeper last finished a pass for this deployment (Unix time), if ever."""
+    value = await redis.get(sweeper_key(registry.queue_prefix, SWEEPER_LAST_RUN_KEY))
+    return float(value) if value else None
 
 
 class QueueDepthMonitor:
@@ -46,8 +48,14 @@ class QueueDepthMonitor:
     async def _run(self) -> None:
         while True:
             try:
-                for queue, depth in (await sample(self._redis, self._registry)).items():
-                    QUEUE_DEPTH.labels(queue).set(depth)
+                await self._sample()
             except Exception as exc:
                 log.warning("queue depth sample failed: %s", exc)
             await asyncio.sleep(self._interval)
+
+    async def _sample(self) -> None:
+        for queue, depth in (await sample(self._redis, self._registry)).items():
+            QUEUE_DEPTH.labels(queue).set(depth)
+        last_run = await sweeper_last_run(self._redis, self._registry)
+        if last_run is not None:
+            SWEEPER_LAST_RUN.set(last_run)

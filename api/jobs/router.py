@@ -10,12 +10,15 @@ from fastapi import APIRouter, Header, Query, Response
 from api.deps import CurrentKey, SessionDep, StateDep
 from api.jobs import service
 from api.jobs.schemas import JobCreate, JobList, JobOut
+from api.openapi import AUTHENTICATED, error_responses
 from inferq.models import JobStatus
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 
-@router.post("", status_code=202, response_model=JobOut)
+@router.post(
+    "", status_code=202, response_model=JobOut, responses=error_responses(*AUTHENTICATED, 409, 413)
+)
 async def submit(
     body: JobCreate,
     key: CurrentKey,
@@ -31,13 +34,15 @@ async def submit(
     return service.to_out(created.job)
 
 
-@router.get("/{job_id}", response_model=JobOut)
-async def get(job_id: uuid.UUID, key: CurrentKey, session: SessionDep) -> JobOut:
+@router.get("/{job_id}", response_model=JobOut, responses=error_responses(*AUTHENTICATED, 404))
+async def get(job_id: uuid.UUID, key: CurrentKey, session: SessionDep, state: StateDep) -> JobOut:
+    """The job; while it runs, `output` is the text so far and `usage.output_tokens` its count."""
     job = await service.get_job(session, key, job_id)
-    return service.to_out(job, await service.queue_position(session, job))
+    position = await service.queue_position(session, job)
+    return service.to_out(job, position, await service.running_progress(state, job))
 
 
-@router.get("", response_model=JobList)
+@router.get("", response_model=JobList, responses=error_responses(*AUTHENTICATED))
 async def list_(
     key: CurrentKey,
     session: SessionDep,
@@ -49,7 +54,14 @@ async def list_(
     return JobList(data=[service.to_out(j) for j in jobs], next_cursor=next_cursor)
 
 
-@router.post("/{job_id}/cancel", response_model=JobOut)
+@router.post(
+    "/{job_id}/cancel",
+    response_model=JobOut,
+    responses={
+        202: {"model": JobOut, "description": "Running: asked to stop, not ended yet"},
+        **error_responses(*AUTHENTICATED, 404, 409),
+    },
+)
 async def cancel(
     job_id: uuid.UUID, key: CurrentKey, session: SessionDep, state: StateDep, response: Response
 ) -> JobOut:

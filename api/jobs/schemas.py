@@ -9,6 +9,7 @@ from typing import Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
 
 MAX_TOKENS_LIMIT = 131_072
+MAX_DEADLINE_SECONDS = 7 * 86400
 JobEnd = Literal["succeeded", "failed", "cancelled", "expired"]
 
 
@@ -51,6 +52,12 @@ class JobCreate(Sampling):
     webhook: Webhook | None = None
     cache: bool = True
     metadata: dict[str, Any] = Field(default_factory=dict)
+    deadline_seconds: float | None = Field(
+        None,
+        gt=0,
+        le=MAX_DEADLINE_SECONDS,
+        description="A job not started this many seconds after it was created ends `expired`.",
+    )
 
     @model_validator(mode="after")
     def _exactly_one_input(self) -> JobCreate:
@@ -92,6 +99,7 @@ class JobOut(BaseModel):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    deadline_at: datetime | None = None
     output: str | None
     finish_reason: str | None
     usage: Usage

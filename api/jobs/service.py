@@ -7,6 +7,7 @@ import hashlib
 import json
 import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, select, update
@@ -14,11 +15,22 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.auth import Principal
-from api.errors import Conflict, InvalidRequest, NotFound
+from api.errors import Conflict, InvalidRequest, NotFound, redact_addresses
 from api.jobs.schemas import ErrorInfo, JobCreate, JobOut, Links, Timings, Usage
 from api.state import AppState
+from api.webhooks.service import guard_url
 from inferq.db import uuid7
-from inferq.events import cancel_key, script_args, script_keys, terminal_events, usage
+from inferq.events import (
+    Progress,
+    cancel_key,
+    from_entries,
+    progress,
+    script_args,
+    script_keys,
+    stream_key,
+    terminal_events,
+    usage,
+)
 from inferq.metrics import JOBS_SUBMITTED
 from inferq.models import Job, JobStatus
 from inferq.queue import ENQUEUED_KEY, Enqueue
@@ -42,11 +54,6 @@ def resolve_model(registry: Registry, name: str) -> ModelSpec:
             f"unknown model {name!r}; available: {', '.join(sorted(registry.names()))}"
         )
     return spec
-
-
-def check_supported(body: JobCreate) -> None:
-    if body.webhook is not None:
-        raise InvalidRequest("webhooks are not supported yet: poll the job or read its events")
 
 
 def check_size(body: JobCreate, settings: Settings) -> None:
@@ -87,6 +94,9 @@ def job_values(body: JobCreate, spec: ModelSpec, key: Principal) -> dict[str, An
         "params": params,
         "webhook": body.webhook.model_dump(mode="json") if body.webhook else None,
         "metadata_": body.metadata,
+        "deadline_at": None
+        if body.deadline_seconds is None
+        else datetime.now(UTC) + timedelta(seconds=body.deadline_seconds),
     }
 
 
@@ -101,15 +111,23 @@ async def create_job(
     key: Principal,
     body: JobCreate,
     idempotency_key: str | None,
+    digest: str | None = None,
 ) -> Created:
-    check_supported(body)
+    """`digest` is the request's hash when the caller hashes what it was sent (the OpenAI
+    routes do); by default it is the hash of `body`."""
     check_size(body, state.settings)
+    if body.webhook is not None:
+        await guard_url(str(body.webhook.url), state.settings)
     spec = resolve_model(state.registry, body.model)
     values = job_values(body, spec, key)
     if idempotency_key is None:
+        values["request_hash"] = digest  # how a retry of this request can find the job
+        # The batcher writes on a connection of its own: the request's session must hold
+        # none meanwhile, or a burst of submits takes the whole pool and waits for itself.
+        await session.commit()
         # Committed and enqueued by the batcher, together with concurrent submits.
         return Created(await state.batcher.submit(values), replayed=False, enqueued=True)
-    digest = request_hash(body)
+    digest = digest or request_hash(body)
     values |= {"idempotency_key": idempotency_key, "request_hash": digest}
     job = await session.scalar(
         insert(Job)
@@ -131,9 +149,10 @@ async def submit_job(
     key: Principal,
     body: JobCreate,
     idempotency_key: str | None,
+    digest: str | None = None,
 ) -> Created:
     """Create the job, commit it, then hand it to the broker (unless the batcher did both)."""
-    created = await create_job(session, state, key, body, idempotency_key)
+    created = await create_job(session, state, key, body, idempotency_key, digest)
     await session.commit()
     if not created.replayed:
         if not created.enqueued:
@@ -157,7 +176,15 @@ async def _replay(session: AsyncSession, key: Principal, idem: str, digest: str)
 
 async def enqueue(state: AppState, jobs: list[Job]) -> None:
     """Hand the jobs to the broker (after their rows are committed)."""
-    items = [Enqueue(str(j.id), state.registry.queue_of(j.model), j.priority) for j in jobs]
+    items = [
+        Enqueue(
+            str(j.id),
+            state.registry.queue_of(j.model),
+            j.priority,
+            label=f"model={j.model} tenant={j.tenant}",
+        )
+        for j in jobs
+    ]
     await state.enqueuer.enqueue_async(state.broker, items)
 
 
@@ -291,11 +318,18 @@ def timings(job: Job) -> Timings:
     )
 
 
-def to_out(job: Job, position: int | None = None) -> JobOut:
+async def running_progress(state: AppState, job: Job) -> Progress | None:
+    """A running job's output so far, read from its event stream (None for other jobs)."""
+    if job.status != JobStatus.running:
+        return None
+    return progress(from_entries(await state.redis.xrange(stream_key(str(job.id)))))
+
+
+def to_out(job: Job, position: int | None = None, so_far: Progress | None = None) -> JobOut:
     base = f"/v1/jobs/{job.id}"
-    error = (
-        ErrorInfo(type=job.error_type, message=job.error_message or "") if job.error_type else None
-    )
+    # Backends' and client libraries' messages can name hosts: not the tenant's business.
+    message = redact_addresses(job.error_message or "")
+    error = ErrorInfo(type=job.error_type, message=message) if job.error_type else None
     return JobOut(
         id=job.id,
         status=job.status,
@@ -305,11 +339,12 @@ def to_out(job: Job, position: int | None = None) -> JobOut:
         created_at=job.created_at,
         started_at=job.started_at,
         finished_at=job.finished_at,
-        output=job.output,
+        deadline_at=job.deadline_at,
+        output=so_far.text if so_far else job.output,
         finish_reason=job.finish_reason,
         usage=Usage(
             input_tokens=job.input_tokens,
-            output_tokens=job.output_tokens,
+            output_tokens=so_far.tokens if so_far else job.output_tokens,
             cost_usd=float(job.cost_usd) if job.cost_usd is not None else None,
         ),
         timings=timings(job),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -10,11 +9,17 @@ from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException
 
-from api.errors import ApiError
+from api.errors import (
+    ApiError,
+    dependency_down,
+    invalid_json,
+    log_unexpected,
+    unavailable,
+    unreadable_body,
+)
 from api.openai.schemas import ErrorBody, ErrorDetail
-
-log = logging.getLogger("inferq.openai")
 
 JOB_HEADER = "X-Inferq-Job-Id"
 
@@ -62,6 +67,9 @@ def from_api_error(exc: ApiError) -> OpenAIError:
 
 def from_validation(exc: RequestValidationError) -> OpenAIError:
     """A 400 naming the first offending parameter, as OpenAI does."""
+    not_json = invalid_json(exc)
+    if not_json is not None:
+        return OpenAIError(400, not_json, code="invalid_json")
     errors = list(exc.errors())
     first = errors[0] if errors else {}
     param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
@@ -69,6 +77,24 @@ def from_validation(exc: RequestValidationError) -> OpenAIError:
     return OpenAIError(
         400, f"{param}: {message}" if param else message, param=param, code="invalid_value"
     )
+
+
+def from_http_error(exc: HTTPException) -> OpenAIError:
+    """Starlette's and FastAPI's own errors (a body that cannot be parsed, chiefly)."""
+    unreadable = unreadable_body(exc)
+    if unreadable is not None:
+        return OpenAIError(400, unreadable, code="invalid_json")
+    return OpenAIError(exc.status_code, str(exc.detail), headers=dict(exc.headers or {}))
+
+
+def from_unexpected(request: Request, exc: Exception) -> OpenAIError:
+    """A 503 while a dependency is down (the SDK retries it); any other error is a 500."""
+    dependency = dependency_down(exc)
+    if dependency is not None:
+        down = unavailable(request.scope, dependency)
+        return OpenAIError(503, down.message, code=down.type, headers=down.headers)
+    log_unexpected(request.scope, exc)
+    return OpenAIError(500, "internal error", code="internal_error")
 
 
 def render(exc: OpenAIError) -> JSONResponse:
@@ -91,8 +117,9 @@ class OpenAIRoute(APIRoute):
                 return render(from_api_error(exc))
             except RequestValidationError as exc:
                 return render(from_validation(exc))
-            except Exception:
-                log.exception("unexpected error on %s", request.url.path)
-                return render(OpenAIError(500, "internal error", code="internal_error"))
+            except HTTPException as exc:
+                return render(from_http_error(exc))
+            except Exception as exc:
+                return render(from_unexpected(request, exc))
 
         return guarded

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Request, Response
+from pydantic import BaseModel
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.auth import Principal
@@ -22,19 +23,30 @@ from api.openai.schemas import (
     OpenAIRequest,
     TextCompletion,
 )
+from api.openapi import SSE_EVENT, Responses, error_responses
 from api.state import AppState
 
 router = APIRouter(
     prefix="/v1",
     tags=["openai"],
     route_class=OpenAIRoute,
-    responses={code: {"model": ErrorBody} for code in (400, 401, 404, 429, 500)},
+    responses=error_responses(400, 401, 404, 429, 500, 503, model=ErrorBody),
 )
+
+# A finished job's failure is answered with a status of its own (service.FAILURE_STATUS).
+COMPLETION_ERRORS = error_responses(413, 502, 504, model=ErrorBody)
+
+
+def _completion(model: type[BaseModel]) -> Responses:
+    """A whole completion as JSON, or with `stream: true` its chunks as server-sent events."""
+    stream = {"text/event-stream": {"schema": SSE_EVENT}}
+    return {200: {"model": model, "content": stream}, **COMPLETION_ERRORS}
+
 
 IdempotencyKey = Annotated[str | None, Header(max_length=255)]
 
 
-@router.post("/chat/completions", response_model=None, responses={200: {"model": ChatCompletion}})
+@router.post("/chat/completions", response_model=None, responses=_completion(ChatCompletion))
 async def chat_completions(
     body: ChatCompletionRequest,
     request: Request,
@@ -48,7 +60,7 @@ async def chat_completions(
     return await _answer(request, key, session, state, idempotency_key, job, body, "chat")
 
 
-@router.post("/completions", response_model=None, responses={200: {"model": TextCompletion}})
+@router.post("/completions", response_model=None, responses=_completion(TextCompletion))
 async def completions(
     body: CompletionRequest,
     request: Request,
@@ -72,7 +84,9 @@ async def _answer(
     body: OpenAIRequest,
     kind: Literal["chat", "text"],
 ) -> Response:
-    created = await service.create(session, state, key, job, idempotency_key)
+    digest = service.request_digest(body, kind)
+    retried = service.sdk_retry(request.headers)
+    created = await service.create(session, state, key, job, idempotency_key, digest, retried)
     reply = service.Reply.of(created.job, kind, body)
     if body.stream:
         return streaming.stream(state, key, reply)

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import json
 import logging
+import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
@@ -21,10 +24,11 @@ import anyio
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.auth import Principal
-from api.errors import ApiError, InvalidRequest
+from api.errors import ApiError, InvalidRequest, redact_addresses
 from api.events.service import JobEvents
 from api.jobs.schemas import JobCreate, Message
 from api.jobs.service import Created, cancel_job, resolve_model, submit_job
@@ -94,6 +98,12 @@ FINISH_REASONS = {
     "tool_calls": "tool_calls",
     "content_filter": "content_filter",
 }
+
+# The attempt number the `openai` SDK sends with every request (see `sdk_retry`).
+SDK_RETRY_HEADER = "x-stainless-retry-count"
+# How far back a retry looks for its call's job: the SDK's default timeout (600 s) for the
+# first attempt, then its backoff.
+SDK_RETRY_WINDOW_SECONDS = 900.0
 
 # The HTTP status of a failed job, by its error type; other failures are the server's.
 FAILURE_STATUS = {
@@ -193,18 +203,70 @@ def completion_job(body: CompletionRequest) -> JobCreate:
     )
 
 
+def request_digest(body: OpenAIRequest, kind: Literal["chat", "text"]) -> str:
+    """The hash of the request as sent: the same for every attempt of one SDK call."""
+    sent = {"kind": kind, "body": body.model_dump(mode="json")}
+    canonical = json.dumps(sent, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def sdk_retry(headers: Mapping[str, str]) -> bool:
+    """Whether this request is the `openai` SDK retrying a call it already sent.
+
+    The SDK numbers each attempt of a call in `x-stainless-retry-count` (0 for the first)
+    and sends nothing else that stays the same across them: it makes an idempotency key
+    per call, but the `OpenAI` client sends it in no header. So a retry is told apart by
+    its number, and its earlier attempt found by what stays the same: the API key and the
+    request body.
+    """
+    count = headers.get(SDK_RETRY_HEADER, "")
+    return count.isdigit() and int(count) > 0
+
+
+async def earlier_attempt(session: AsyncSession, key: Principal, digest: str) -> Job | None:
+    """The job an earlier attempt of this call made: the key's newest with the same body.
+
+    A job cancelled because its caller went away (a timeout, a dropped connection) is not
+    reused: the retry is that caller coming back for an answer.
+    """
+    since_ms = int((time.time() - SDK_RETRY_WINDOW_SECONDS) * 1000)
+    oldest = uuid.UUID(int=since_ms << 80)  # ids are UUIDv7: time-ordered, ms first
+    job: Job | None = await session.scalar(
+        select(Job)
+        .where(
+            Job.tenant == key.tenant,
+            Job.id >= oldest,
+            Job.api_key_id.is_not_distinct_from(key.key_id),
+            Job.request_hash == digest,
+            Job.status != JobStatus.cancelled,
+        )
+        .order_by(Job.id.desc())
+        .limit(1)
+    )
+    return job
+
+
 async def create(
     session: AsyncSession,
     state: AppState,
     key: Principal,
     body: JobCreate,
     idempotency_key: str | None,
+    digest: str,
+    retried: bool = False,
 ) -> Created:
+    """The request's job: new, or the one made by the same Idempotency-Key or by an earlier
+    attempt of the same SDK call (`retried`; see `sdk_retry`)."""
     try:
         resolve_model(state.registry, body.model)
     except InvalidRequest as exc:
         raise OpenAIError(404, exc.message, param="model", code="model_not_found") from exc
-    return await submit_job(session, state, key, body, idempotency_key)
+    if retried and idempotency_key is None:
+        earlier = await earlier_attempt(session, key, digest)
+        await session.commit()  # hold no connection while the answer is awaited
+        if earlier is not None:
+            return Created(earlier, replayed=True)
+    return await submit_job(session, state, key, body, idempotency_key, digest)
 
 
 def usage(input_tokens: int | None, output_tokens: int | None) -> Usage:
@@ -276,9 +338,20 @@ class Reply:
 
 
 def job_error(job_id: uuid.UUID, error_type: str | None, message: str) -> OpenAIError:
+    """A failed job as an OpenAI error; the SDK must not retry it.
+
+    The platform has already retried the backend; a retry by the SDK would find this same
+    job (see `sdk_retry`). Backend addresses are taken out of the message.
+    """
     kind = error_type or "error"
     status = FAILURE_STATUS.get(kind, 500)
-    return OpenAIError(status, message or f"the job failed ({kind})", code=kind, job_id=str(job_id))
+    return OpenAIError(
+        status,
+        redact_addresses(message) or f"the job failed ({kind})",
+        code=kind,
+        job_id=str(job_id),
+        headers={"x-should-retry": "false"},
+    )
 
 
 def follow(state: AppState, job_id: uuid.UUID) -> contextlib.aclosing[AsyncGenerator[Event, None]]:

@@ -17,6 +17,7 @@ from inferq.bench.servers import DataServers, libpq_url
 from inferq.embedded import free_port
 from inferq.processes import Child, stop_all
 from inferq.queue import ENQUEUED_KEY, make_producer_app
+from inferq.registry import queue_name
 from inferq.settings import Settings
 
 READY_TIMEOUT_S = 60.0
@@ -39,13 +40,13 @@ class ModelEntry:
 
     name: str
     url: str
-    queue: str
+    queue: str  # the model's queue under the run's prefix (INFERQ_QUEUE_PREFIX), for reports
     max_tokens: int
 
     def toml(self) -> str:
         return (
             f'[models.{self.name}]\nbackend = "tgi"\nurl = "{self.url}"\n'
-            f'queue = "{self.queue}"\nmax_tokens = {self.max_tokens}\n'
+            f"max_tokens = {self.max_tokens}\n"
         )
 
 
@@ -73,8 +74,12 @@ class Cluster:
     retired_cpu: dict[str, float] = field(default_factory=dict)
     queues: set[str] = field(default_factory=set)
 
+    @property
+    def queue_prefix(self) -> str:
+        return f"inferq.bench.{self.run_id}"
+
     def queue(self, model: str) -> str:
-        name = f"inferq.bench.{self.run_id}.{model}"
+        name = queue_name(self.queue_prefix, model)
         self.queues.add(name)
         return name
 
@@ -85,6 +90,7 @@ class Cluster:
             "INFERQ_REDIS_URL": self.servers.redis_url,
             "INFERQ_MODELS_FILE": str(models_file),
             "INFERQ_BOOTSTRAP_KEY": self.api_key,
+            "INFERQ_QUEUE_PREFIX": self.queue_prefix,
             # Event streams of finished jobs need not outlive the run by long.
             "INFERQ_STREAM_TTL_SECONDS": "600",
         }

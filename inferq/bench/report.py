@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from inferq.bench.stats import Difference, Percentiles
+from inferq.bench.submit import KeyUse
 
 if TYPE_CHECKING:
     from inferq.bench.runner import BenchResult
@@ -101,6 +102,7 @@ def _tables(result: BenchResult) -> list[Table]:
         tables.append(stream_table(result.stream))
     if result.submit is not None:
         tables.append(submit_table(result))
+        tables.append(submit_keys_table(result))
     if result.fanout is not None:
         tables.append(fanout_table(result))
     if result.scale is not None:
@@ -183,6 +185,37 @@ def submit_table(result: BenchResult) -> Table:
             _ms(lat.p99),
             f"{level.client_cpu_share:.2f}",
             _errors(level.errors),
+        )
+    return table
+
+
+def submit_keys_table(result: BenchResult) -> Table:
+    """The same submits by the key they carried: p50 / p99 ms, and errors."""
+    assert result.submit is not None
+    uses = list(KeyUse)
+    table = Table(
+        title="submit by key: p50 / p99 ms (bootstrap; API keys used before the level;"
+        " new keys made before the level, first used in it)"
+    )
+    for column in ("API processes", "submitters", "new keys", *uses, "errors"):
+        table.add_column(column, justify="right")
+    for level in result.submit.levels:
+        cells = []
+        for use in uses:
+            figures = level.by_key.get(use.value)
+            lat = figures.latency_ms if figures else None
+            cells.append(f"{_ms(lat.p50)} / {_ms(lat.p99)} ({lat.n})" if lat else "-")
+        errors = {
+            f"{use}: {kind}": count
+            for use, figures in level.by_key.items()
+            for kind, count in figures.errors.items()
+        }
+        table.add_row(
+            str(level.api_processes),
+            str(level.concurrency),
+            str(level.new_keys),
+            *cells,
+            _errors(errors),
         )
     return table
 

@@ -1,15 +1,24 @@
-"""Phase 2: the front door alone; jobs go to a queue that no worker consumes."""
+"""Phase 2: the front door alone; jobs go to a queue that no worker consumes.
+
+Submits carry three kinds of keys in turn, as a shared platform sees them: the bootstrap
+key (compared in memory, no lookup), API keys made through the admin API and used before
+the level (in the API's key cache), and new keys made just before the level and first
+used in its burst, whose first request misses every cache and is looked up in Postgres.
+Each kind is reported on its own, the first request of a new key apart from its others.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import json
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httptools
+import httpx
 
 from inferq.bench.config import SubmitConfig
 from inferq.bench.stats import Percentiles
@@ -18,6 +27,31 @@ from inferq.bench.wire import KeepAlive
 Tick = Callable[[], None]
 WARMUP_JOBS = 20
 MODEL = "void"  # a model whose queue no worker consumes
+KNOWN_KEYS = 8
+NEW_KEY_USES = 4  # each new key serves this many submits, close together
+MAX_NEW_KEYS = 128  # per level; past them, the new-key turns go to known keys
+KEY_TENANTS = 4
+ADMIN_CONCURRENCY = 16
+ADMIN_TIMEOUT = httpx.Timeout(30.0)
+
+
+class KeyUse(enum.StrEnum):
+    bootstrap = "bootstrap"
+    known = "known key"  # made and used before the level
+    new_first = "new key, first submit"  # the key's first request ever
+    new_again = "new key, later submits"
+
+
+# The turn of each submit, in order: one in three goes to a new key.
+TURNS = (KeyUse.bootstrap, KeyUse.known, KeyUse.new_first)
+
+
+@dataclass(frozen=True)
+class KeyUseFigures:
+    requests: int
+    accepted: int
+    errors: dict[str, int]
+    latency_ms: Percentiles
 
 
 @dataclass(frozen=True)
@@ -31,6 +65,8 @@ class SubmitLevel:
     jobs_per_s: float
     latency_ms: Percentiles
     client_cpu_share: float  # the bench process's CPU / wall: near 1.0, it was the bottleneck
+    new_keys: int  # made through the admin API before the level, first used in it
+    by_key: dict[str, KeyUseFigures]  # by KeyUse value
 
 
 @dataclass(frozen=True)
@@ -41,56 +77,152 @@ class SubmitResult:
     levels: list[SubmitLevel]
 
 
+@dataclass
+class Keys:
+    """Which key each submit carries; a new key is handed out NEW_KEY_USES times in a row."""
+
+    bootstrap: str
+    known: list[str]
+    new: list[str]
+    sent: set[str] = field(default_factory=set)
+
+    def pick(self, index: int) -> tuple[KeyUse, str]:
+        turn = TURNS[index % len(TURNS)]
+        if turn is KeyUse.bootstrap:
+            return turn, self.bootstrap
+        slot = index // len(TURNS)
+        if turn is KeyUse.new_first and slot // NEW_KEY_USES < len(self.new):
+            key = self.new[slot // NEW_KEY_USES]
+            first = key not in self.sent
+            self.sent.add(key)
+            return (KeyUse.new_first if first else KeyUse.new_again), key
+        return KeyUse.known, self.known[slot % len(self.known)]
+
+
+@dataclass
+class Tally:
+    """Latencies of accepted submits and errors, by key use."""
+
+    latencies: defaultdict[KeyUse, list[float]] = field(default_factory=lambda: defaultdict(list))
+    errors: defaultdict[KeyUse, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
+
+    def figures(self) -> dict[str, KeyUseFigures]:
+        uses = [use for use in KeyUse if use in self.latencies or use in self.errors]
+        return {
+            use.value: KeyUseFigures(
+                requests=len(self.latencies[use]) + sum(self.errors[use].values()),
+                accepted=len(self.latencies[use]),
+                errors=dict(self.errors[use]),
+                latency_ms=Percentiles.of(self.latencies[use]),
+            )
+            for use in uses
+        }
+
+    def all_latencies(self) -> list[float]:
+        return [ms for values in self.latencies.values() for ms in values]
+
+    def all_errors(self) -> dict[str, int]:
+        return dict(sum(self.errors.values(), Counter()))
+
+
+async def _submit_one(http: KeepAlive, keys: Keys, index: int, tally: Tally) -> None:
+    use, key = keys.pick(index)
+    body = {"model": MODEL, "prompt": f"submit {index}", "max_tokens": 16, "seed": index}
+    payload = json.dumps(body).encode()
+    started = time.perf_counter()
+    try:
+        status, _ = await http.post_json("/v1/jobs", payload, {"Authorization": f"Bearer {key}"})
+    except (OSError, httptools.HttpParserError) as exc:
+        tally.errors[use][type(exc).__name__] += 1
+        return
+    if status == 202:
+        tally.latencies[use].append((time.perf_counter() - started) * 1000)
+    else:
+        tally.errors[use][f"HTTP {status}"] += 1
+
+
 async def run_level(
-    connections: list[KeepAlive], api_processes: int, concurrency: int, jobs: int, tick: Tick
+    connections: list[KeepAlive],
+    keys: Keys,
+    api_processes: int,
+    concurrency: int,
+    jobs: int,
+    tick: Tick,
 ) -> SubmitLevel:
     """`concurrency` closed-loop submitters, a connection each, share `jobs` submissions."""
     remaining = iter(range(jobs))
-    latencies: list[float] = []
-    errors: Counter[str] = Counter()
+    tally = Tally()
 
     async def submitter(http: KeepAlive) -> None:
         for index in remaining:
-            body = {"model": MODEL, "prompt": f"submit {index}", "max_tokens": 16, "seed": index}
-            payload = json.dumps(body).encode()
-            started = time.perf_counter()
-            try:
-                status, _ = await http.post_json("/v1/jobs", payload)
-            except (OSError, httptools.HttpParserError) as exc:
-                errors[type(exc).__name__] += 1
-            else:
-                if status == 202:
-                    latencies.append((time.perf_counter() - started) * 1000)
-                else:
-                    errors[f"HTTP {status}"] += 1
+            await _submit_one(http, keys, index, tally)
             tick()
 
     start, cpu = time.perf_counter(), time.process_time()
     await asyncio.gather(*(submitter(connections[i]) for i in range(concurrency)))
     wall = time.perf_counter() - start
+    latencies = tally.all_latencies()
     return SubmitLevel(
         api_processes=api_processes,
         concurrency=concurrency,
         jobs=jobs,
         accepted=len(latencies),
-        errors=dict(errors),
+        errors=tally.all_errors(),
         wall_s=round(wall, 3),
         jobs_per_s=len(latencies) / wall if wall else 0.0,
         latency_ms=Percentiles.of(latencies),
         client_cpu_share=round((time.process_time() - cpu) / wall, 3) if wall else 0.0,
+        new_keys=len(keys.new),
+        by_key=tally.figures(),
     )
+
+
+async def create_keys(api_url: str, admin_key: str, count: int, label: str) -> list[str]:
+    """`count` API keys through the admin API, spread over a few tenants; their secrets."""
+    limit = asyncio.Semaphore(ADMIN_CONCURRENCY)
+    headers = {"Authorization": f"Bearer {admin_key}"}
+
+    async def one(http: httpx.AsyncClient, index: int) -> str:
+        tenant = f"bench-{index % KEY_TENANTS}"
+        async with limit:
+            response = await http.post(
+                "/v1/admin/keys", json={"name": f"{label}-{index}", "tenant": tenant}
+            )
+        response.raise_for_status()
+        return str(response.json()["secret"])
+
+    async with httpx.AsyncClient(base_url=api_url, headers=headers, timeout=ADMIN_TIMEOUT) as http:
+        return list(await asyncio.gather(*(one(http, i) for i in range(count))))
+
+
+def new_key_count(jobs: int) -> int:
+    """Enough new keys for every new-key turn of a level, up to MAX_NEW_KEYS."""
+    turns = -(-jobs // len(TURNS))
+    return min(MAX_NEW_KEYS, -(-turns // NEW_KEY_USES))
 
 
 async def run(
     api_url: str, api_key: str, config: SubmitConfig, api_processes: int, tick: Tick
 ) -> list[SubmitLevel]:
-    """Each level after the other, on the same kept-alive connections, after a warm-up."""
-    headers = {"Authorization": f"Bearer {api_key}"}
+    """Each level after the other, on the same kept-alive connections, after a warm-up.
+
+    The known keys are made and used in the warm-up; each level's new keys are made just
+    before it (outside its timing) and are first used in it.
+    """
+    known = await create_keys(api_url, api_key, KNOWN_KEYS, f"known-{api_processes}")
     widest = max(config.concurrency)
     results: list[SubmitLevel] = []
-    with KeepAlive.many(api_url, headers, widest) as connections:
-        await run_level(connections, api_processes, min(4, widest), WARMUP_JOBS, lambda: None)
+    with KeepAlive.many(api_url, {}, widest) as connections:
+        # Enough warm-up submits for every known key to be used.
+        warmup = max(WARMUP_JOBS, len(TURNS) * KNOWN_KEYS)
+        warm = Keys(api_key, known, [])
+        await run_level(connections, warm, api_processes, min(4, widest), warmup, lambda: None)
         for concurrency in config.concurrency:
             jobs = config.jobs_per_level
-            results.append(await run_level(connections, api_processes, concurrency, jobs, tick))
+            label = f"new-{api_processes}-{concurrency}"
+            new = await create_keys(api_url, api_key, new_key_count(jobs), label)
+            keys = Keys(api_key, known, new)
+            results.append(
+                await run_level(connections, keys, api_processes, concurrency, jobs, tick)
+            )
     return results

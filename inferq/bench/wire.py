@@ -194,8 +194,11 @@ class KeepAlive:
         self._protocol: _ExchangeProtocol | None = None
         self._last_used = 0.0
 
-    async def post_json(self, path: str, body: bytes) -> tuple[int, bytes]:
-        """POST `body` (JSON) to `path`; the status and the response body."""
+    async def post_json(
+        self, path: str, body: bytes, headers: dict[str, str] | None = None
+    ) -> tuple[int, bytes]:
+        """POST `body` (JSON) to `path`, with `headers` over the connection's own; the status
+        and the response body."""
         protocol = self._protocol
         if protocol is not None and time.monotonic() - self._last_used > self.max_idle_s:
             self.close()
@@ -204,7 +207,7 @@ class KeepAlive:
             loop = asyncio.get_running_loop()
             _, protocol = await loop.create_connection(_ExchangeProtocol, *_address(self.url))
             self._protocol = protocol
-        headers = {**self.headers, "Content-Type": "application/json"}
+        headers = {**self.headers, **(headers or {}), "Content-Type": "application/json"}
         protocol.response = asyncio.get_running_loop().create_future()
         assert protocol.transport is not None
         protocol.transport.write(request_bytes("POST", self.url + path, headers, body))

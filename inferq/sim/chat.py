@@ -12,10 +12,11 @@ from inferq.sim.config import TGI_VERSION
 from inferq.sim.errors import SimError
 from inferq.sim.faults import Fault
 from inferq.sim.model import Token, render_chat
-from inferq.sim.schemas import ChatRequest
+from inferq.sim.schemas import ChatRequest, FaultMode
 from inferq.sim.service import Generation, Simulator
 from inferq.sim.web import (
     DONE_EVENT,
+    GARBAGE_EVENT,
     KEEPALIVE_EVENT,
     KEEPALIVE_S,
     parse_body,
@@ -46,6 +47,11 @@ def _finish_reason(generation: Generation) -> str:
     """Chat APIs call the eos finish `stop`."""
     reason = generation.plan.finish_reason
     return "stop" if reason == "eos_token" else reason
+
+
+def _final(generation: Generation) -> bool:
+    """Whether the last token was delivered and the stream ends as it should."""
+    return generation.seq.complete and generation.ending is None
 
 
 def _usage(generation: Generation) -> dict[str, int]:
@@ -121,13 +127,19 @@ async def _chunk_events(
                 yield KEEPALIVE_EVENT
             else:
                 yield sse_event(_chunk(sim, generation, body, token))
-        if body.stream_options is not None and body.stream_options.include_usage:
+        if generation.ending is FaultMode.GARBAGE:
+            yield GARBAGE_EVENT
+        elif generation.ending is None and _include_usage(body):
             yield sse_event(_usage_chunk(sim, generation))
     except SimError as exc:
         yield sse_event(exc.openai_payload())
     finally:
         sim.finish(generation)
     yield DONE_EVENT
+
+
+def _include_usage(body: ChatRequest) -> bool:
+    return body.stream_options is not None and body.stream_options.include_usage
 
 
 def _usage_chunk(sim: Simulator, generation: Generation) -> dict[str, object]:
@@ -143,6 +155,6 @@ def _chunk(
         "index": 0,
         "delta": {"role": "assistant", "content": "" if token.special else token.text},
         "logprobs": _logprobs([token]) if body.logprobs else None,
-        "finish_reason": _finish_reason(generation) if generation.seq.complete else None,
+        "finish_reason": _finish_reason(generation) if _final(generation) else None,
     }
     return {**_envelope(sim, "chat.completion.chunk"), "choices": [choice], "usage": None}

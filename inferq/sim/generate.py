@@ -11,9 +11,15 @@ from starlette.responses import JSONResponse, Response
 from inferq.sim.errors import SimError
 from inferq.sim.faults import Fault
 from inferq.sim.model import Token, prefill_tokens
-from inferq.sim.schemas import CompatGenerateRequest, GenerateParameters, GenerateRequest
+from inferq.sim.schemas import (
+    CompatGenerateRequest,
+    FaultMode,
+    GenerateParameters,
+    GenerateRequest,
+)
 from inferq.sim.service import Generation, Simulator
 from inferq.sim.web import (
+    GARBAGE_EVENT,
     KEEPALIVE_EVENT,
     KEEPALIVE_S,
     parse_body,
@@ -123,6 +129,8 @@ async def _stream_events(
                 yield KEEPALIVE_EVENT
             else:
                 yield sse_event(_token_event(generation, body.parameters, token))
+        if generation.ending is FaultMode.GARBAGE:
+            yield GARBAGE_EVENT
     except SimError as exc:
         yield sse_event(exc.payload())
     finally:
@@ -133,7 +141,7 @@ def _token_event(
     generation: Generation, params: GenerateParameters, token: Token
 ) -> dict[str, object]:
     """TGI `StreamResponse`; only the last one carries the text and details."""
-    final = generation.seq.complete
+    final = generation.seq.complete and generation.ending is None
     return {
         "index": generation.seq.delivered,
         "token": token.as_dict(),

@@ -134,6 +134,16 @@ class FaultMode(StrEnum):
     HTTP500 = "http500"
     DISCONNECT = "disconnect"
     STALL = "stall"
+    # A stream that ends cleanly after a few tokens, with no final event (TGI: no details;
+    # chat: no finish_reason, no usage), as a proxy cutting the response would leave it.
+    CUT = "cut"
+    # The generation stops after a few tokens with finish reason `abort` (vLLM's, when the
+    # engine drops a request).
+    ABORT = "abort"
+    # The output holds a NUL character, which some models do emit.
+    NUL = "nul"
+    # An unreadable SSE event after a few tokens.
+    GARBAGE = "garbage"
 
 
 class FaultRequest(_Body):

@@ -16,6 +16,10 @@ from inferq.sim.validation import ValidRequest, validate
 # Mid-stream faults strike after this many tokens (fewer if the output is shorter).
 FAULT_AFTER_TOKENS = 3
 _MID_STREAM = (FaultMode.GENERATION, FaultMode.DISCONNECT)
+# Faults that shorten the output, and those of them that also end the stream without its
+# final event (the routes apply those).
+_TRUNCATING = (FaultMode.CUT, FaultMode.ABORT, FaultMode.GARBAGE)
+_ENDINGS = (FaultMode.CUT, FaultMode.GARBAGE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +28,7 @@ class Generation:
 
     request: ValidRequest
     seq: Sequence
+    ending: FaultMode | None = None  # `cut` or `garbage`: how the stream ends instead
 
     @property
     def plan(self) -> Plan:
@@ -77,7 +82,8 @@ class Simulator:
             self.stats.failures["overloaded"] += 1
             raise overloaded()
         seq = self.engine.submit(self._job(request, fault, keepalive_s))
-        return Generation(request, seq)
+        ending = fault.mode if fault is not None and fault.mode in _ENDINGS else None
+        return Generation(request, seq, ending)
 
     def finish(self, generation: Generation) -> None:
         """Free the generation's slot (cancelling it if still running)."""
@@ -103,6 +109,8 @@ class Simulator:
             request.stop,
             config.fixed_output_tokens,
         )
+        if fault is not None:
+            plan = _faulted_plan(plan, fault.mode)
         stall_ms = config.stall_ms
         if fault is not None and fault.mode is FaultMode.STALL:
             stall_ms += fault.stall_ms
@@ -116,3 +124,15 @@ class Simulator:
             fault_at=min(FAULT_AFTER_TOKENS, len(plan.tokens) - 1),
             keepalive_s=keepalive_s,
         )
+
+
+def _faulted_plan(plan: Plan, mode: FaultMode) -> Plan:
+    """The output as a fault changes it: cut short (finish `abort` for that fault), or a NUL."""
+    if mode in _TRUNCATING:
+        kept = plan.tokens[: max(1, min(FAULT_AFTER_TOKENS, len(plan.tokens) - 1))]
+        return Plan(kept, "abort" if mode is FaultMode.ABORT else plan.finish_reason)
+    if mode is FaultMode.NUL:
+        first = plan.tokens[0]
+        nul = Token(first.id, first.text + "\x00", first.logprob, first.special)
+        return Plan((nul, *plan.tokens[1:]), plan.finish_reason)
+    return plan

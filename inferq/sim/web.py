@@ -20,6 +20,7 @@ from inferq.sim.service import Generation, Simulator
 KEEPALIVE_S = 15.0
 KEEPALIVE_EVENT = b":\n\n"
 DONE_EVENT = b"data: [DONE]\n\n"
+GARBAGE_EVENT = b'data: {"token": \n\n'  # the `garbage` fault: not JSON
 SSE_HEADERS = {"X-Accel-Buffering": "no", "Cache-Control": "no-cache"}
 
 M = TypeVar("M", bound=BaseModel)

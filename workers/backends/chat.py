@@ -41,6 +41,7 @@ class ChatStream(ClientStream):
             if chunk.usage:
                 self.completion.input_tokens = chunk.usage.prompt_tokens
                 self.completion.output_tokens = chunk.usage.completion_tokens
+        self._check_finished()
 
 
 def chat_params(request: GenerationRequest, model: str | None) -> dict[str, Any]:

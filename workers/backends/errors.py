@@ -60,6 +60,38 @@ def _unknown(exc: UnknownError) -> BackendError:
     return RetryableBackendError("generation", text)
 
 
+# What a transport failure means, in words a tenant can act on (the class names are httpx's).
+_TRANSPORT = {
+    "ConnectError": "could not connect",
+    "ConnectTimeout": "timed out while connecting",
+    "ReadTimeout": "sent nothing for longer than the timeout",
+    "WriteTimeout": "timed out while receiving the request",
+    "PoolTimeout": "no connection was free in time",
+    "RemoteProtocolError": "closed the connection in the middle of the response",
+    "ReadError": "the connection failed while reading",
+    "WriteError": "the connection failed while sending",
+}
+
+
+def _transport(exc: BaseException) -> str:
+    name = type(exc).__name__
+    return f"{_TRANSPORT.get(name, 'transport error')} ({name})"
+
+
+def unreadable(exc: BaseException) -> BackendError:
+    """A backend answer the client could not parse: retrying would read the same; fail once."""
+    return FatalBackendError(
+        "backend_error", f"the backend's response could not be read: {type(exc).__name__}: {exc}"
+    )
+
+
+def unexpected(exc: BaseException) -> BackendError:
+    """Any other failure of a generation: it would recur on every attempt; fail once."""
+    return FatalBackendError(
+        "backend_error", f"the generation failed unexpectedly: {type(exc).__name__}: {exc}"
+    )
+
+
 def translate(exc: BaseException) -> BackendError:
     """One BackendError for any failure raised while calling or reading a backend."""
     if isinstance(exc, ValidationError):
@@ -72,8 +104,10 @@ def translate(exc: BaseException) -> BackendError:
         return _unknown(exc)
     if isinstance(exc, HfHubHTTPError):
         return _http_error(exc)
-    if isinstance(exc, InferenceTimeoutError | httpx2.TimeoutException):
-        return RetryableBackendError("timeout", f"backend timed out: {exc}")
+    if isinstance(exc, InferenceTimeoutError):
+        return RetryableBackendError("timeout", "backend timed out: no answer within the timeout")
+    if isinstance(exc, httpx2.TimeoutException):
+        return RetryableBackendError("timeout", f"backend timed out: {_transport(exc)}")
     if isinstance(exc, httpx2.HTTPError):
-        return RetryableBackendError("connection", f"backend unreachable: {exc!r}")
-    return RetryableBackendError("backend_error", repr(exc))
+        return RetryableBackendError("connection", f"backend unreachable: {_transport(exc)}")
+    return unreadable(exc)

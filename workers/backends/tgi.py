@@ -2,15 +2,34 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import socket
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from typing import Any
+from contextlib import AbstractContextManager, ExitStack
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
+import httpx2
 from huggingface_hub import InferenceClient
 
 from inferq.registry import ModelSpec
-from workers.backends.base import Completion, GenerationRequest
-from workers.backends.errors import TRANSLATED, translate
+from workers.backends.base import (
+    NUL,
+    REPLACEMENT,
+    BackendError,
+    Completion,
+    GenerationRequest,
+    RetryableBackendError,
+    redact,
+)
+from workers.backends.errors import TRANSLATED, translate, unreadable
+
+log = logging.getLogger("inferq.worker")
+
+# Finish reasons that mean the generation did not finish (vLLM's), though the stream ended.
+_UNFINISHED = frozenset({"abort", "error"})
 
 
 class ClientStream(ABC):
@@ -19,6 +38,8 @@ class ClientStream(ABC):
     def __init__(self, client: InferenceClient) -> None:
         self.client = client
         self.completion = Completion()
+        # The client keeps its streaming responses on this stack until it is closed.
+        self._responses = client.exit_stack = _Responses()
 
     @abstractmethod
     def __iter__(self) -> Iterator[str]: ...
@@ -26,13 +47,85 @@ class ClientStream(ABC):
     def close(self) -> None:
         self.client.close()
 
+    def abort(self) -> None:
+        """Fail the stream's blocked read from another thread (a cancel during prefill)."""
+        self._responses.abort()
+
     def _guard(self, produce: Iterator[str]) -> Iterator[str]:
+        """The deltas, NUL-free; any failure as a BackendError; the connection closed at the end.
+
+        An exception that is no known client error comes from reading an answer the client
+        could not parse: it fails the job once, with its message, rather than escaping.
+        """
         try:
-            yield from produce
+            for delta in produce:
+                yield delta.replace(NUL, REPLACEMENT) if NUL in delta else delta
+        except BackendError:
+            raise
         except TRANSLATED as exc:
-            raise translate(exc) from exc
+            raise self._failure(translate(exc), exc) from exc
+        except Exception as exc:
+            raise self._failure(unreadable(exc), exc) from exc
         finally:
             self.close()
+
+    def _failure(self, error: BackendError, exc: Exception) -> BackendError:
+        """The error as tenants see it; the whole exception, address included, goes to the log."""
+        url = self.client.model or ""
+        log.warning("backend at %s failed (%s): %r", url, error.type, exc)
+        host = urlsplit(url).hostname
+        if host and host in error.message:
+            return type(error)(error.type, redact(error.message, host))
+        return error
+
+    def _check_finished(self) -> None:
+        """A stream that ended without saying it finished was cut short: try again."""
+        reason = self.completion.finish_reason
+        if reason is None:
+            raise RetryableBackendError(
+                "incomplete", "the backend's stream ended before the generation finished"
+            )
+        if reason in _UNFINISHED:
+            raise RetryableBackendError(
+                "incomplete", f"the backend ended the generation early (finish reason {reason})"
+            )
+
+
+_T = TypeVar("_T")
+
+
+class _Responses(ExitStack):
+    """An InferenceClient's exit stack that keeps its streaming responses in view.
+
+    Closing the client from another thread does not wake a read blocked on its socket (on
+    Linux); shutting the socket down does. The socket is reachable only from the response.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._held: list[httpx2.Response] = []
+        self._aborted = False
+
+    def enter_context(self, cm: AbstractContextManager[_T]) -> _T:
+        value = super().enter_context(cm)
+        if isinstance(value, httpx2.Response):
+            self._held.append(value)
+            if self._aborted:  # aborted while the request was being sent
+                _shut(value)
+        return value
+
+    def abort(self) -> None:
+        self._aborted = True
+        for response in list(self._held):
+            _shut(response)
+
+
+def _shut(response: httpx2.Response) -> None:
+    stream = response.extensions.get("network_stream")
+    sock = stream.get_extra_info("socket") if stream is not None else None
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 def make_client(spec: ModelSpec, api_key: str | None, timeout: float) -> InferenceClient:
@@ -58,6 +151,7 @@ class TextGenerationStream(ClientStream):
                 self.completion.finish_reason = str(chunk.details.finish_reason)
                 self.completion.output_tokens = chunk.details.generated_tokens
                 self.completion.input_tokens = getattr(chunk.details, "input_length", None)
+        self._check_finished()
 
 
 def tgi_params(request: GenerationRequest) -> dict[str, Any]:

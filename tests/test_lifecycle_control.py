@@ -1,0 +1,232 @@
+"""Stopping jobs early and on time: cancel while blocked, deadlines, a worker's graceful exit."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta
+
+import httpx
+import psycopg
+import pytest
+from sqlalchemy import Engine, text
+
+from inferq import lifecycle
+from inferq.db import make_sync_engine
+from inferq.queue import ENQUEUED_KEY
+from tests.conftest import Platform, Sim, submit, wait_for
+from tests.servers import Child, redis_client
+from tests.sse import Transcript, read
+
+
+@pytest.fixture
+def engine(platform: Platform) -> Iterator[Engine]:
+    engine = make_sync_engine(platform.database_url, pool_size=2)
+    yield engine
+    engine.dispose()
+
+
+def _sql(platform: Platform, statement: str, *params: object) -> None:
+    with psycopg.connect(platform.database_url, autocommit=True) as db:
+        db.execute(statement, params)  # type: ignore[arg-type]
+
+
+def _wait_until(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.05)
+
+
+def _worker(platform: Platform, name: str, models: str, **env: str) -> Child:
+    """A worker of its own, for models the session's worker does not serve."""
+    return platform.spawn(
+        "worker",
+        "--models",
+        models,
+        "--concurrency",
+        "2",
+        "--name",
+        f"{name}@inferq-test",
+        name=f"worker-{name}",
+        **env,
+    )
+
+
+def _stall_next_request(sim: Sim, seconds: float) -> None:
+    body = {"mode": "stall", "count": 1, "stall_ms": seconds * 1000}
+    httpx.post(f"{sim.url}/sim/faults", json=body, timeout=5).raise_for_status()
+
+
+# Cancel -------------------------------------------------------------------------------------
+
+
+def test_cancel_during_prefill_ends_at_once_and_frees_the_slot(
+    platform: Platform, http: httpx.Client
+) -> None:
+    sim = platform.sims["faulty"]
+    _wait_until(lambda: sim.state()["active"] == 0)
+    cancelled_before = sim.state()["cancelled"]
+    _stall_next_request(sim, 60)  # no token for a minute: the worker sits in a blocked read
+    try:
+        job = submit(http, model="faulty", prompt="a very slow first token", max_tokens=20)
+        _wait_until(lambda: sim.state()["active"] == 1)
+        asked = time.monotonic()
+        http.post(f"/v1/jobs/{job['id']}/cancel").raise_for_status()
+        stored = wait_for(http, job["id"], timeout=15)
+        took = time.monotonic() - asked
+    finally:
+        sim.clear_faults()
+    assert stored["status"] == "cancelled"
+    assert stored["finish_reason"] == "cancelled"
+    assert stored["output"] == ""
+    assert took < 15  # a minute before the first token would come
+    _wait_until(lambda: sim.state()["active"] == 0, timeout=5)
+    assert sim.state()["cancelled"] > cancelled_before
+    transcript = read(http, job["id"], Transcript())
+    assert transcript.of_type("done")[-1]["status"] == "cancelled"
+
+
+def test_cancel_during_a_retry_back_off_ends_at_once(
+    platform: Platform, http: httpx.Client
+) -> None:
+    sim = platform.sims["slow"]
+    # A long back-off: the capped wait between backend tries is then about ten seconds.
+    worker = _worker(platform, "patient", "lonely", INFERQ_BACKEND_RETRY_BASE_SECONDS="60")
+    try:
+        requests = sim.state()["total_requests"]
+        sim.fault("overloaded", count=2)
+        job = submit(http, model="lonely", prompt="waits out an overload", max_tokens=5)
+        _wait_until(lambda: sim.state()["total_requests"] > requests, timeout=60)
+        time.sleep(0.3)  # the worker is now asleep before its next try
+        http.post(f"/v1/jobs/{job['id']}/cancel").raise_for_status()
+        stored = wait_for(http, job["id"], timeout=6)
+    finally:
+        sim.clear_faults()
+        worker.stop()
+    assert stored["status"] == "cancelled"
+    assert sim.state()["total_requests"] == requests + 1  # no further try was made
+
+
+# Deadlines ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seconds", [0, -1, 7 * 86400 + 1, "soon"])
+def test_deadline_seconds_must_be_positive_and_bounded(http: httpx.Client, seconds: object) -> None:
+    response = http.post(
+        "/v1/jobs", json={"model": "parked", "prompt": "x", "deadline_seconds": seconds}
+    )
+    assert response.status_code == 422
+
+
+def test_a_job_not_started_by_its_deadline_expires(http: httpx.Client) -> None:
+    job = submit(
+        http, model="parked", prompt="nobody serves this", max_tokens=2, deadline_seconds=1
+    )
+    created = datetime.fromisoformat(job["created_at"])
+    deadline = datetime.fromisoformat(job["deadline_at"])
+    assert timedelta(seconds=0.5) < deadline - created < timedelta(seconds=1.5)
+    stored = wait_for(http, job["id"], timeout=20)
+    assert stored["status"] == "expired"
+    assert stored["error"]["type"] == "deadline_exceeded"
+    assert stored["started_at"] is None
+    transcript = read(http, job["id"], Transcript())
+    assert transcript.events[-1].event == "error"
+    assert transcript.of_type("error")[-1]["type"] == "deadline_exceeded"
+    assert transcript.of_type("status")[-1]["status"] == "expired"
+
+
+def test_a_claim_refuses_an_overdue_job_and_expires_it(
+    platform: Platform, http: httpx.Client, engine: Engine
+) -> None:
+    job = submit(http, model="parked", prompt="too late", max_tokens=2, deadline_seconds=3600)
+    job_id = uuid.UUID(job["id"])
+    # One transaction, so that the sweeper cannot expire the job first.
+    with engine.begin() as conn:
+        conn.execute(
+            text("UPDATE jobs SET deadline_at = now() - interval '1 second' WHERE id = :id"),
+            {"id": job_id},
+        )
+        assert lifecycle.claim(conn, job_id, "w", 30, 3) is None
+        assert lifecycle.expire(conn, job_id) == "parked"
+        assert lifecycle.expire(conn, job_id) is None  # once
+    stored = http.get(f"/v1/jobs/{job['id']}").json()
+    assert stored["status"] == "expired"
+    assert stored["error"]["type"] == "deadline_exceeded"
+    assert stored["attempts"] == 0
+
+
+def test_a_rerun_keeps_the_first_start(
+    platform: Platform, http: httpx.Client, engine: Engine
+) -> None:
+    job = submit(http, model="parked", prompt="run twice", max_tokens=2)
+    job_id = uuid.UUID(job["id"])
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        first = lifecycle.claim(conn, job_id, "w1", 30, 3)
+        assert first is not None and first.started_at is not None
+        _sql(
+            platform,
+            "UPDATE jobs SET lease_expires_at = now() - interval '1 s' WHERE id = %s",
+            job["id"],
+        )
+        second = lifecycle.claim(conn, job_id, "w2", 30, 3)
+    assert second is not None and second.attempt == 2
+    assert second.started_at == first.started_at
+
+
+def test_the_run_budget_spans_every_attempt(platform: Platform, http: httpx.Client) -> None:
+    """A job re-run after its worker died keeps the budget counted from its first start."""
+    job = submit(http, model="parked", prompt="started long ago", max_tokens=5)
+    # As if a worker had started it on `sim` eleven minutes ago (the budget is ten) and died.
+    _sql(
+        platform,
+        "UPDATE jobs SET model = 'sim', status = 'running', attempts = 1,"
+        " started_at = now() - interval '11 minutes',"
+        " lease_expires_at = now() - interval '1 minute' WHERE id = %s",
+        job["id"],
+    )
+    redis_client(platform.redis_url).zrem(ENQUEUED_KEY, job["id"])  # its message went to `parked`
+    stored = wait_for(http, job["id"], timeout=30)  # the sweeper re-enqueues it
+    assert stored["status"] == "failed"
+    assert stored["error"]["type"] == "deadline_exceeded"
+    assert stored["attempts"] == 2
+
+
+# Graceful shutdown --------------------------------------------------------------------------
+
+
+def test_sigterm_hands_running_jobs_to_another_worker_after_the_grace(
+    platform: Platform, http: httpx.Client
+) -> None:
+    env = {"INFERQ_SHUTDOWN_GRACE_SECONDS": "1", "INFERQ_LEASE_SECONDS": "300"}
+    leaving = _worker(platform, "leaving", "lonely", **env)
+    heir: Child | None = None
+    transcript = Transcript()
+    try:
+        job = submit(http, model="lonely", prompt="outlive my worker", max_tokens=400, seed=9)
+        reader = threading.Thread(target=read, args=(http, job["id"], transcript))
+        reader.start()
+        _wait_until(lambda: len(transcript.of_type("token")) >= 3, timeout=60)
+        heir = _worker(platform, "heir-of-leaving", "lonely", **env)
+        leaving.terminate()
+        terminated = time.monotonic()
+        leaving.popen.wait(timeout=60)
+        exited = time.monotonic() - terminated
+        stored = wait_for(http, job["id"], timeout=150)
+        finished = time.monotonic() - terminated
+        reader.join(timeout=30)
+    finally:
+        leaving.stop()
+        if heir is not None:
+            heir.stop()
+    expected = platform.sims["slow"].generate("outlive my worker", 400, seed=9)
+    assert stored["status"] == "succeeded"
+    assert stored["output"] == expected["generated_text"]
+    assert stored["attempts"] == 2
+    assert transcript.of_type("reset"), "readers must be told the output restarts"
+    assert transcript.output() == stored["output"]
+    assert exited < 30  # the grace is one second
+    assert finished < 150  # not after the five-minute lease
