@@ -67,3 +67,16 @@ def _on_a_served_model(case: schemathesis.Case) -> None:
 def test_every_answer_is_as_documented(case: schemathesis.Case, platform: Platform) -> None:
     _on_a_served_model(case)
     case.call_and_validate(base_url=platform.api_url, headers=AUTH, checks=CHECKS)
+
+
+def test_the_document_declares_bearer_auth_and_the_error_envelope() -> None:
+    """/docs offers an Authorize button, and errors are documented in their real shape."""
+    document = _document()
+    schemes = document["components"]["securitySchemes"]
+    assert any(s.get("type") == "http" and s.get("scheme") == "bearer" for s in schemes.values())
+    submit = document["paths"]["/v1/jobs"]["post"]
+    assert submit.get("security"), "submitting a job is not documented as needing a key"
+    envelope = submit["responses"]["422"]["content"]["application/json"]["schema"]
+    assert "HTTPValidationError" not in str(envelope)
+    events = document["paths"]["/v1/jobs/{job_id}/events"]["get"]["responses"]["200"]
+    assert list(events["content"]) == ["text/event-stream"]
