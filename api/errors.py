@@ -12,7 +12,8 @@ import logging
 import re
 import socket
 import traceback
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import asyncpg
@@ -235,12 +236,30 @@ def unreadable_body(exc: StarletteHTTPException) -> str | None:
     return None
 
 
-def _describe(errors: list[dict[str, Any]]) -> str:
-    parts = []
-    for error in errors[:5]:
-        where = ".".join(str(p) for p in error.get("loc", ()) if p != "body")
-        parts.append(f"{where}: {error.get('msg')}" if where else str(error.get("msg")))
-    return "; ".join(parts)
+# --- validation errors in words (both envelopes) --------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One validation error: where (a dotted path, without FastAPI's leading `body`) and what."""
+
+    param: str | None
+    message: str  # "where: what", or what alone
+
+
+def problems(errors: Iterable[Mapping[str, Any]]) -> list[Problem]:
+    """Pydantic's errors (a request's or a model's) as the error envelopes word them."""
+    found = []
+    for error in errors:
+        where = ".".join(str(p) for p in error.get("loc", ()) if p != "body") or None
+        what = str(error.get("msg"))
+        found.append(Problem(where, f"{where}: {what}" if where else what))
+    return found
+
+
+def describe(errors: Sequence[Mapping[str, Any]], most: int = 5) -> str:
+    """The first few errors in one message."""
+    return "; ".join(problem.message for problem in problems(errors[:most]))
 
 
 # --- handlers -------------------------------------------------------------------------------
@@ -253,7 +272,7 @@ async def _api_error(_: Request, exc: Exception) -> JSONResponse:
 
 async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    message = invalid_json(exc) or _describe(list(exc.errors()))
+    message = invalid_json(exc) or describe(exc.errors())
     return JSONResponse(envelope("invalid_request", message), 422)
 
 

@@ -12,12 +12,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import errors, openapi
 from api.admin.router import router as admin_router
-from api.events.hub import Hub
 from api.events.response import drain_on_exit_signal
 from api.events.router import router as events_router
 from api.health.queues import QueueDepthMonitor
 from api.health.router import router as health_router
-from api.jobs.batcher import SubmitBatcher
 from api.jobs.router import router as jobs_router
 from api.openai.router import router as openai_router
 from api.state import AppState
@@ -121,11 +119,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         configure_logging(settings.log_level)
         state = AppState.create(settings)
-        state.hub = Hub(state.redis, settings.sse_subscribe_timeout_seconds)
-        await state.hub.start()
+        await state.start()
         undo_drain = drain_on_exit_signal(state.hub.drain)  # end SSE streams at SIGTERM
-        state.batcher = SubmitBatcher(state)
-        state.batcher.start()
         queue_depth = QueueDepthMonitor(state.redis, state.registry)
         queue_depth.start()
         app.state.inferq = state
@@ -134,9 +129,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             await queue_depth.close()
-            await state.batcher.close()
             undo_drain()
-            await state.hub.close()
             await state.close()
 
     # Metrics are Prometheus's (/metrics); FastAPI's OpenTelemetry hooks would only cost a

@@ -1,20 +1,19 @@
-"""What an API process holds: made in the lifespan, closed at shutdown."""
+"""What an API process holds: made whole at start-up, started in the lifespan, closed at the end."""
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import redis.asyncio as aioredis
 from cachetools import LRUCache
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
+from api.auth import KeyRing
 from api.events.hub import Hub
-
-if TYPE_CHECKING:
-    from api.jobs.batcher import SubmitBatcher
+from api.jobs.batcher import SubmitBatcher
+from api.jobs.enqueue import JobQueue
 from inferq.db import async_sessions, make_async_engine
 from inferq.events import PUBLISH_SCRIPT
 from inferq.queue import Enqueuer, make_producer_app
@@ -35,39 +34,52 @@ class AppState:
     redis: aioredis.Redis
     publish_script: Any
     registry: Registry
-    enqueuer: Enqueuer
     broker: aioredis.Redis  # the broker's Redis (the same client when it is one server)
-    key_cache: dict[str, Any] = field(default_factory=dict)
-    # Key lookups under way, by digest: concurrent requests with one cold key share one.
-    key_lookups: dict[str, asyncio.Future[Any]] = field(default_factory=dict)
+    queue: JobQueue
+    keys: KeyRing
+    hub: Hub
+    batcher: SubmitBatcher
     job_tenants: LRUCache[uuid.UUID, str] = field(default_factory=lambda: LRUCache(100_000))
-    hub: Hub = None  # type: ignore[assignment]  # started in the lifespan
-    batcher: SubmitBatcher = None  # type: ignore[assignment]  # started in the lifespan
 
     @classmethod
     def create(cls, settings: Settings) -> AppState:
+        """Everything the process needs; nothing runs until `start`."""
         engine = make_async_engine(settings.database_url, settings.db_pool_size)
+        autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
         client = async_client(settings.redis_url, settings.redis_pool_size, name=API_CLIENT)
-        broker = (
-            client
-            if settings.broker == settings.redis_url
-            else async_client(settings.broker, 16, name=API_CLIENT)
-        )
+        broker = _broker_client(settings, client)
+        registry = registry_of(settings)
+        queue = JobQueue(registry, Enqueuer(make_producer_app(settings)), broker)
         return cls(
             settings=settings,
             engine=engine,
-            autocommit=engine.execution_options(isolation_level="AUTOCOMMIT"),
+            autocommit=autocommit,
             sessions=async_sessions(engine),
             redis=client,
             publish_script=client.register_script(PUBLISH_SCRIPT),
-            registry=registry_of(settings),
-            enqueuer=Enqueuer(make_producer_app(settings)),
+            registry=registry,
             broker=broker,
+            queue=queue,
+            keys=KeyRing(autocommit, settings.bootstrap_key),
+            hub=Hub(client, settings.sse_subscribe_timeout_seconds),
+            batcher=SubmitBatcher(autocommit, queue.put),
         )
 
+    async def start(self) -> None:
+        await self.hub.start()
+        self.batcher.start()
+
     async def close(self) -> None:
-        self.enqueuer.close()
+        await self.batcher.close()
+        await self.hub.close()
+        self.queue.close()
         if self.broker is not self.redis:
             await self.broker.aclose()
         await self.redis.aclose()
         await self.engine.dispose()
+
+
+def _broker_client(settings: Settings, redis: aioredis.Redis) -> aioredis.Redis:
+    if settings.broker == settings.redis_url:
+        return redis
+    return async_client(settings.broker, 16, name=API_CLIENT)

@@ -9,17 +9,35 @@ from pathlib import Path
 
 import click
 
-from inferq import instance
+from inferq import instance, tools
 from inferq.registry import Registry, queue_prefix_of
 from inferq.settings import get_settings
 
 
-def _exec_celery(args: list[str]) -> None:
-    """Replace this process with Celery on the workers' app (started by module path)."""
-    argv = [sys.executable, "-m", "celery", "-A", "workers.app:app", *args]
+def _exec_module(module: str, args: list[str], env: dict[str, str] | None = None) -> None:
+    """Replace this process with `python -m MODULE ARGS`."""
     # Ctrl-C stops it even where SIGINT was inherited as ignored (a shell's background job).
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-    os.execv(sys.executable, argv)
+    argv = [sys.executable, "-m", module, *args]
+    os.execve(sys.executable, argv, os.environ if env is None else env)
+
+
+def _exec_celery(args: list[str]) -> None:
+    """Replace this process with Celery on the workers' app (started by module path)."""
+    _exec_module("celery", ["-A", "workers.app:app", *args])
+
+
+def _exec_tool(tool: tools.Tool, args: list[str]) -> None:
+    """Replace this process with the tool, or say in one line where it is to be found."""
+    env = tools.environment(tool)
+    if env is None:
+        click.echo(tool.missing(), err=True)
+        sys.exit(1)
+    _exec_module(tool.module, args, env)
+
+
+# The tools parse their own options, --help included: everything after the name is theirs.
+TOOL_SETTINGS = {"ignore_unknown_options": True, "allow_extra_args": True}
 
 
 # Commands that start their own servers do not join a running `inferq up`.
@@ -129,31 +147,14 @@ def flower(port: int, address: str) -> None:
     _exec_celery(["flower", f"--port={port}", f"--address={address}", f"--basic-auth={auth}"])
 
 
-@main.command()
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8081, show_default=True)
-@click.option("--ttft-ms", default=50.0, show_default=True)
-@click.option("--itl-ms", default=20.0, show_default=True)
-@click.option("--max-concurrent-requests", default=128, show_default=True)
-@click.option("--fixed-output-tokens", default=None, type=int)
-def sim(
-    host: str,
-    port: int,
-    ttft_ms: float,
-    itl_ms: float,
-    max_concurrent_requests: int,
-    fixed_output_tokens: int | None,
-) -> None:
-    """Serve the TGI-protocol simulator."""
-    from inferq.sim import SimConfig, serve
+@main.command(context_settings=TOOL_SETTINGS, add_help_option=False)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def sim(args: tuple[str, ...]) -> None:
+    """Serve the TGI-protocol simulator.
 
-    config = SimConfig(
-        ttft_ms=ttft_ms,
-        itl_ms=itl_ms,
-        max_concurrent_requests=max_concurrent_requests,
-        fixed_output_tokens=fixed_output_tokens,
-    )
-    serve(config, host=host, port=port)
+    Runs `python -m sim` from the source tree, which parses the options (--help lists them).
+    """
+    _exec_tool(tools.SIM, list(args))
 
 
 @main.command()
@@ -250,37 +251,11 @@ def up(
     sys.exit(run_standalone(ports, models_file, data_dir, concurrency))
 
 
-@main.command()
-@click.option(
-    "--phases",
-    default="stream,submit,fanout,scale",
-    show_default=True,
-    help="comma-separated phases to run",
-)
-@click.option("--smoke", is_flag=True, help="tiny sizes that finish in seconds")
-@click.option(
-    "--out",
-    "out_dir",
-    default="bench-results",
-    show_default=True,
-    type=click.Path(file_okay=False, path_type=Path),
-)
-@click.option(
-    "--database-url",
-    envvar="INFERQ_BENCH_DATABASE_URL",
-    help="Postgres admin URL; the run creates (and drops) its own database on that server "
-    "[env INFERQ_BENCH_DATABASE_URL; default: embedded]",
-)
-@click.option(
-    "--redis-url",
-    envvar="INFERQ_BENCH_REDIS_URL",
-    help="Redis URL; nothing is flushed, the run's queues carry its id "
-    "[env INFERQ_BENCH_REDIS_URL; default: embedded]",
-)
-def bench(
-    phases: str, smoke: bool, out_dir: Path, database_url: str | None, redis_url: str | None
-) -> None:
-    """Measure the platform against its backend: stream, submit, fan-out, scale."""
-    from inferq.bench.command import run_command
+@main.command(context_settings=TOOL_SETTINGS, add_help_option=False)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench(args: tuple[str, ...]) -> None:
+    """Measure the platform against its backend: stream, submit, fan-out, scale.
 
-    sys.exit(run_command(phases, smoke, out_dir, database_url, redis_url))
+    Runs `python -m bench` from the source tree, which parses the options (--help lists them).
+    """
+    _exec_tool(tools.BENCH, list(args))

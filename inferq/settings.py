@@ -94,6 +94,11 @@ class Settings(BaseSettings):
     # while the API's pub/sub connection to Redis is being re-established; then a 503.
     sse_subscribe_timeout_seconds: float = 10.0
 
+    # Redis outages (DESIGN §5): how long a worker keeps trying to publish a generation's
+    # tokens while Redis is unreachable before it stops the attempt (its lease then lapses
+    # and the job runs again); keep it below stall_bound_seconds.
+    redis_outage_seconds: float = 30.0
+
     @property
     def stall_bound_seconds(self) -> float:
         return self.stall_seconds or self.backend_timeout_seconds + 30.0

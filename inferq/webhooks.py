@@ -49,7 +49,9 @@ def sign(secret: str, message_id: str, timestamp: int, body: bytes) -> str:
     return "v1," + base64.b64encode(digest).decode()
 
 
-def signed_headers(secret: str, message_id: str, body: bytes, now: float | None = None) -> dict:
+def signed_headers(
+    secret: str, message_id: str, body: bytes, now: float | None = None
+) -> dict[str, str]:
     timestamp = int(time.time() if now is None else now)
     return {
         "content-type": "application/json",

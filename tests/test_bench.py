@@ -102,7 +102,7 @@ def test_bench_smoke_reports_every_phase(tmp_path: Path) -> None:
 def test_the_fan_out_clients_sse_parser_reads_what_the_api_writes() -> None:
     from api.events.router import PING
     from api.events.wire import encode
-    from inferq.bench.wire import parse_frame
+    from bench.wire import parse_frame
     from inferq.events import Event, EventType
 
     token = dataclasses.replace(Event.make(EventType.token, text="a\nb"), id="1700000000000-3")
@@ -121,7 +121,7 @@ def test_a_kept_alive_submit_connection_is_replaced_once_idle(platform: Platform
     """uvicorn drops a connection idle for 5 s; the bench's client must not send on one."""
     import uvloop
 
-    from inferq.bench.wire import KeepAlive
+    from bench.wire import KeepAlive
 
     body = json.dumps({"model": "sim", "prompt": "hello", "max_tokens": 2}).encode()
 

@@ -230,7 +230,7 @@ def test_compose_models_point_at_sim_and_tgi_services() -> None:
     services = compose_services()
     models = compose_models()
     assert models["sim"]["url"] == "http://sim:8081"
-    assert models["tgi"]["url"] == "http://tgi:80"
+    assert models["small"]["url"] == "http://tgi:80"  # the model's name, as in Kubernetes
     for name, model in models.items():
         assert model["backend"] in {"tgi", "openai"}, name
         assert model["url"].split("//")[1].split(":")[0] in services, name
@@ -256,7 +256,7 @@ def test_compose_runs_without_gpu_by_default() -> None:
     assert worker["depends_on"]["sim"]["condition"] == "service_healthy"
     gpu_workers = [s for s in services.values() if "tgi" in s.get("depends_on", {})]
     assert gpu_workers and all(s.get("profiles") == ["gpu"] for s in gpu_workers)
-    assert all(option(s["command"], "--models") == "tgi" for s in gpu_workers)
+    assert all(option(s["command"], "--models") == "small" for s in gpu_workers)
     for name, svc in services.items():
         has_gpu = "reservations" in svc.get("deploy", {}).get("resources", {})
         assert has_gpu == (name == "tgi"), name

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 
@@ -9,7 +10,16 @@ import httpx
 import psycopg
 import pytest
 
-from tests.conftest import Platform, submit, wait_for
+from inferq.events import (
+    PUBLISH_SCRIPT,
+    channel,
+    script_args,
+    script_keys,
+    terminal_events,
+    usage,
+)
+from tests.conftest import BOOTSTRAP_KEY, Platform, submit, wait_for
+from tests.servers import free_port, redis_client, wait_http
 from tests.sse import Transcript, read
 
 
@@ -106,6 +116,61 @@ def test_cancel_of_a_queued_job_is_immediate(http: httpx.Client) -> None:
     assert response.json()["status"] == "cancelled"
     assert http.post(f"/v1/jobs/{job['id']}/cancel").status_code == 200  # idempotent
     assert http.get(f"/v1/jobs/{job['id']}").json()["status"] == "cancelled"
+
+
+def test_cancel_of_a_running_job_waits_for_its_end_on_the_event_channel(
+    platform: Platform, http: httpx.Client
+) -> None:
+    """The API listens for the job's `done` (through its hub) instead of polling the row."""
+    port = free_port()
+    api = platform.spawn(
+        "api", "--port", str(port), name="api-long-cancel-wait", INFERQ_CANCEL_WAIT_SECONDS="30"
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/readyz", api)
+        # No worker serves `parked`: the test plays the worker that has claimed the job.
+        job = submit(http, model="parked", prompt="held", max_tokens=4)
+        with psycopg.connect(platform.database_url) as db:
+            db.execute(
+                "UPDATE jobs SET status = 'running', attempts = 1, started_at = now(),"
+                " lease_expires_at = now() + interval '1 hour' WHERE id = %s",
+                (job["id"],),
+            )
+        answer: list[httpx.Response] = []
+        auth = {"Authorization": f"Bearer {BOOTSTRAP_KEY}"}
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=auth, timeout=60) as other:
+            cancel = threading.Thread(
+                target=lambda: answer.append(other.post(f"/v1/jobs/{job['id']}/cancel"))
+            )
+            cancel.start()
+            _wait_for_listener(platform, job["id"])
+            _end_as_cancelled(platform, job["id"])
+            cancel.join(timeout=20)
+        assert answer and answer[0].status_code == 200, answer
+        assert answer[0].json()["status"] == "cancelled"
+    finally:
+        api.stop()
+
+
+def _wait_for_listener(platform: Platform, job_id: str) -> None:
+    redis = redis_client(platform.redis_url)
+    deadline = time.monotonic() + 20  # the cancel waits 30 s
+    while redis.pubsub_numsub(channel(job_id))[0][1] == 0:
+        assert time.monotonic() < deadline, "the cancel does not listen for the job's end"
+        time.sleep(0.05)
+
+
+def _end_as_cancelled(platform: Platform, job_id: str) -> None:
+    """What a worker does on a cancel: end the row, then publish the job's closing events."""
+    with psycopg.connect(platform.database_url) as db:
+        db.execute(
+            "UPDATE jobs SET status = 'cancelled', finish_reason = 'cancelled',"
+            " finished_at = now() WHERE id = %s",
+            (job_id,),
+        )
+    events = terminal_events("cancelled", "cancelled", usage(0, 0, 0.0))
+    publish = redis_client(platform.redis_url).register_script(PUBLISH_SCRIPT)
+    publish(keys=script_keys(job_id), args=script_args(events, 1000, 60))
 
 
 def test_cancel_of_a_finished_job_conflicts(http: httpx.Client) -> None:

@@ -20,7 +20,7 @@ import psycopg
 import pytest
 from openai import OpenAI
 
-from inferq.sim.model import VOCABULARY
+from sim.model import VOCABULARY
 from tests.conftest import BOOTSTRAP_KEY, Platform, wait_for
 from tests.servers import Child, free_port, wait_http
 

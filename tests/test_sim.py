@@ -54,7 +54,7 @@ def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 20
 def _run_sim(*flags: str) -> Iterator[str]:
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    cmd = [sys.executable, "-m", "inferq.sim", "--port", str(port), *flags]
+    cmd = [sys.executable, "-m", "sim", "--port", str(port), *flags]
     # The sim logs to stderr; a file, unlike a pipe, never fills up and blocks it.
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=log)

@@ -128,6 +128,39 @@ def test_marked_job_whose_message_is_gone_is_enqueued_again(ctx: WorkerContext) 
     assert ctx.broker.zscore(ENQUEUED_KEY, job_id) > time.time() - 30  # type: ignore[operator]
 
 
+def test_queued_job_whose_message_a_dead_worker_took_is_enqueued_again(
+    ctx: WorkerContext,
+) -> None:
+    """A worker took the message (kombu keeps it in its unacked hash, restored only after the
+    visibility timeout) and was killed before it could claim the job."""
+    ctx.settings = ctx.settings.model_copy(update={"orphan_mark_seconds": 1.0})
+    (job_id,) = _insert(ctx, 1, "queued")
+    queue = ctx.registry.queue_of("sim")
+    ctx.enqueuer.enqueue(ctx.broker, [Enqueue(job_id, queue)])
+    ctx.broker.zadd(ENQUEUED_KEY, {job_id: time.time() - 60})  # enqueued a while ago
+    app = make_producer_app(ctx.settings)
+    connection = app.connection_for_write()
+    taken = None
+    try:
+        channel = connection.channel()
+        taken = channel.basic_get(queue)  # delivered as to a worker: into the unacked hash
+        assert taken is not None and taken.headers["id"] == job_id
+        assert ctx.broker.hexists(UNACKED_KEY, taken.delivery_tag)
+        assert sweeper.sweep(ctx).requeued_orphaned == 0  # just taken: its worker may be alive
+        time.sleep(1.5)  # no claim for longer than orphan_mark_seconds: its worker died
+        report = sweeper.sweep(ctx)
+        assert report.requeued_orphaned == 1
+        assert _waiting(ctx) == [job_id]
+        assert sweeper.sweep(ctx).requeued_orphaned == 0  # the new message waits: no third one
+    finally:
+        channel.qos.restore_at_shutdown = False  # as a killed worker: nothing put back
+        connection.close()
+        app.close()
+        if taken is not None:  # the hash and its index are shared with the suite's workers
+            ctx.broker.hdel(UNACKED_KEY, taken.delivery_tag)
+            ctx.broker.zrem(sweeper.UNACKED_INDEX_KEY, taken.delivery_tag)
+
+
 def test_each_pass_records_its_time_for_the_stall_alert(ctx: WorkerContext) -> None:
     sweeper.sweep(ctx)
     key = sweeper_key(ctx.registry.queue_prefix, SWEEPER_LAST_RUN_KEY)

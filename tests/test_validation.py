@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
+import uuid
 
 import httpx
 import psycopg
@@ -117,6 +119,20 @@ def test_admin_keys_need_an_admin_key(platform: Platform, http: httpx.Client) ->
         stored = db.execute("SELECT * FROM api_keys WHERE name = 'ops'").fetchone()
     assert secret not in repr(stored)  # only its digest is kept
     assert platform.client(secret).get("/v1/jobs").status_code == 200
+
+
+def test_a_revoked_key_is_refused_within_five_seconds(platform: Platform) -> None:
+    name = f"revoked-{uuid.uuid4().hex[:8]}"
+    client = platform.client(platform.new_key(name))
+    assert client.get("/v1/jobs").status_code == 200  # the API now holds the key in its cache
+    with psycopg.connect(platform.database_url) as db:
+        db.execute("UPDATE api_keys SET revoked_at = now() WHERE name = %s", (name,))
+    revoked = time.monotonic()
+    while (status := client.get("/v1/jobs").status_code) == 200:
+        # The design's 5 s, with room for a loaded machine.
+        assert time.monotonic() - revoked < 7.0, "a revoked key is still accepted"
+        time.sleep(0.1)
+    assert status == 401
 
 
 def test_keys_create_command_prints_a_working_key(platform: Platform) -> None:

@@ -31,6 +31,12 @@ class InferqCelery(Celery):
 
 app = InferqCelery("inferq")
 app.conf.update(celery_config(get_settings()))
+if get_settings().broker.startswith("redis://"):
+    # kombu's Redis transport, made to survive a Redis restart under a connected consumer
+    # (workers/transport.py): for the processes that consume through Celery (worker, beat,
+    # Flower). rediss:// and unix:// keep kombu's own, which alone applies their TLS and
+    # socket defaults.
+    app.conf.broker_transport = "workers.transport:Transport"
 
 
 @signals.setup_logging.connect

@@ -36,7 +36,7 @@ from workers.context import WorkerContext
 from workers.expiry import expire_job
 from workers.interrupts import Interrupt, Interrupted, Reason
 from workers.observe import record_claim, record_finish
-from workers.publisher import ClaimLost, TokenPublisher
+from workers.publisher import ClaimLost, RedisUnavailable, TokenPublisher
 
 log = logging.getLogger("inferq.worker")
 
@@ -117,6 +117,7 @@ class Generation:
             pace=ctx.pace,
             flush_max_tokens=settings.flush_max_tokens,
             claim=claim,
+            outage_s=settings.redis_outage_seconds,
         )
         self.restarts = 0
         self.parts: list[str] = []
@@ -140,6 +141,10 @@ class Generation:
             self.finish(outcome)
         except ClaimLost:
             log.warning("lease lost, another worker owns the job", extra=self._log())
+        except RedisUnavailable:
+            # A Redis outage is no failure of the job: the lease lapses, the sweeper enqueues
+            # the job again (unless it ended) and another attempt runs it once Redis is back.
+            log.warning("Redis unreachable too long: attempt stopped", extra=self._log())
         except Interrupted:  # the worker is shutting down
             self._hand_back()
         except Exception as exc:

@@ -3,17 +3,33 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
+
+from redis import exceptions as redis_errors
 
 from inferq.events import REFUSED, Event, EventType, fence, script_args, script_keys
 from inferq.lifecycle import Claim
 
+log = logging.getLogger("inferq.worker")
+
+# A Redis that cannot be reached (restarting, failing over, a network cut).
+UNREACHABLE = (redis_errors.ConnectionError, redis_errors.TimeoutError)
+# Back-off between tries while Redis is unreachable: quick to notice its return, then calmer.
+RETRY_FIRST_S, RETRY_MAX_S = 0.05, 1.0
+
 
 class ClaimLost(Exception):
     """Another worker took the job over (our lease expired); stop without finishing."""
+
+
+class RedisUnavailable(Exception):
+    """Redis stayed unreachable past the publisher's bound. Not a failure of the job: stop the
+    attempt without finishing it, so that its lease lapses and it runs again later."""
 
 
 class FlushPace:
@@ -45,6 +61,37 @@ class FlushPace:
                 self.active -= 1
 
 
+@dataclass
+class Shown:
+    """What readers were shown since the last `reset`: written again, after a `reset`, when
+    Redis may have lost the stream, so that the tokens after the last `reset` stay the text."""
+
+    attempt: int
+    parts: list[str] = field(default_factory=list)
+    tokens: int = 0
+
+    def add(self, text: str, tokens: int) -> None:
+        self.parts.append(text)
+        self.tokens += tokens
+
+    def record(self, events: list[Event]) -> None:
+        """Follow the caller's own events (a `reset` starts the text over)."""
+        for event in events:
+            if event.type is EventType.reset:
+                self.attempt = int(event.payload().get("attempt") or self.attempt)
+                self.parts, self.tokens = [], 0
+            elif event.type is EventType.token:
+                payload = event.payload()
+                self.add(payload["text"], int(payload.get("tokens", 1)))
+
+    def replay(self) -> list[Event]:
+        events = [Event.make(EventType.reset, attempt=self.attempt)]
+        if self.parts:
+            text = "".join(self.parts)
+            events.append(Event.make(EventType.token, text=text, tokens=self.tokens))
+        return events
+
+
 class TokenPublisher:
     """Writes a job's events under its claim; each flush also reads the job's cancel flag and
     learns whether the claim still holds (one round trip)."""
@@ -59,36 +106,80 @@ class TokenPublisher:
         pace: FlushPace,
         flush_max_tokens: int,
         claim: Claim,
+        outage_s: float = 30.0,
     ) -> None:
         self._script = script
+        self._job_id = job_id
         self._keys = script_keys(job_id)
         self._fence = fence(claim.attempt, str(claim.token))
         self._maxlen = maxlen
         self._ttl = ttl
         self._pace = pace
         self._max_tokens = flush_max_tokens
+        self._outage_s = outage_s
         self._pending: list[str] = []
+        self._shown = Shown(claim.attempt)
         self._last_flush = 0.0
         self.cancelled = False
 
     def send(self, events: list[Event], *, final: bool = False) -> bool:
         """Write events now (pending tokens first); True when the job was asked to cancel.
 
-        Raises ClaimLost, having written nothing, once a newer claim has written.
+        Raises ClaimLost, having written nothing, once a newer claim has written; raises
+        RedisUnavailable once Redis stayed unreachable for `outage_s`.
         """
-        if self._pending:
-            events = [self._token_event(), *events]
-        if not events:
+        text, count = "".join(self._pending), len(self._pending)
+        self._pending.clear()
+        # `tokens`: so that a poll can tell a running job's token count.
+        batch = [Event.make(EventType.token, text=text, tokens=count)] if count else []
+        batch += events
+        if not batch:
             return self.cancelled
-        ttl = self._ttl if final else 0
-        flag = self._script(
-            keys=self._keys, args=script_args(events, self._maxlen, ttl, self._fence)
-        )
+        flag = self._write(batch, self._ttl if final else 0)
         if flag == REFUSED:
             raise ClaimLost
+        if count:
+            self._shown.add(text, count)
+        self._shown.record(events)
         self.cancelled = bool(flag)
         self._last_flush = time.monotonic()
         return self.cancelled
+
+    def _write(self, events: list[Event], ttl: int) -> Any:
+        try:
+            return self._call(events, ttl)
+        except UNREACHABLE as exc:
+            return self._write_after_outage(events, ttl, exc)
+
+    def _call(self, events: list[Event], ttl: int) -> Any:
+        args = script_args(events, self._maxlen, ttl, self._fence)
+        return self._script(keys=self._keys, args=args)
+
+    def _write_after_outage(self, events: list[Event], ttl: int, error: Exception) -> Any:
+        """Try again until Redis answers, for up to `outage_s`.
+
+        Redis may come back empty, the stream lost; the failed write may also have gone
+        through before its answer was lost. Either way the write that succeeds first tells
+        readers to start over and shows them the whole text again (`Shown`), then the
+        events: the tokens after the last `reset` stay exactly the text. The claim's fence
+        holds on an emptied Redis too: the first fenced write takes the missing claim key.
+        """
+        log.warning(
+            "Redis unreachable, retrying for up to %.0f s: %s",
+            self._outage_s,
+            error,
+            extra={"job_id": self._job_id},
+        )
+        deadline = time.monotonic() + self._outage_s
+        delay = RETRY_FIRST_S
+        while time.monotonic() < deadline:
+            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(2 * delay, RETRY_MAX_S)
+            try:
+                return self._call([*self._shown.replay(), *events], ttl)
+            except UNREACHABLE as exc:
+                error = exc
+        raise RedisUnavailable(f"Redis unreachable for {self._outage_s:.0f} s") from error
 
     def add_token(self, text: str) -> bool:
         """Buffer a delta; flush every interval or N tokens. True when cancel was requested."""
@@ -100,9 +191,3 @@ class TokenPublisher:
 
     def flush(self) -> bool:
         return self.send([])
-
-    def _token_event(self) -> Event:
-        text = "".join(self._pending)
-        count = len(self._pending)  # so that a poll can tell a running job's token count
-        self._pending.clear()
-        return Event.make(EventType.token, text=text, tokens=count)

@@ -51,6 +51,8 @@ SCAN_CHUNK = 500  # stored messages per LRANGE / HSCAN round trip
 MARK_RETENTION_SECONDS = 24 * 3600
 QUEUES_SCANNED_KEY = "queues_scanned"  # set while a scan of the queues is not due again
 STREAMS_CHECKED_KEY = "streams_checked_until"  # ended jobs up to this time are closed
+# kombu's index of its unacked hash: delivery tag -> delivery time (its `unacked_index_key`).
+UNACKED_INDEX_KEY = "unacked_index"
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,14 +146,21 @@ def _scan_due(ctx: WorkerContext) -> bool:
 
 
 def _without_message(ctx: WorkerContext, suspects: list[Row[Any]]) -> list[Row[Any]]:
-    """The suspects whose message is neither waiting in its queue nor delivered and unacked.
+    """The suspects whose message is neither waiting in its queue nor delivered to a live
+    worker.
 
     A job merely waiting its turn has its message in the queue; one a worker has taken has
     it in kombu's unacked hash until the task ends (and the worker drops the mark at once).
+    A worker claims a job as soon as it receives it (the threads pool runs every message it
+    prefetches), so a job still queued whose message was delivered longer ago than
+    `orphan_mark_seconds` was taken by a worker that died before its claim: that message is
+    counted as gone (kombu would restore it only after the visibility timeout). The claim is
+    conditional, so a late duplicate does no harm.
     """
     queues = {ctx.registry.queue_of(r.model) for r in suspects}
     # Lists before the unacked hash: a message moving from one to the other is then seen.
-    present = _waiting_task_ids(ctx, queues) | _unacked_task_ids(ctx)
+    taken_since = time.time() - ctx.settings.orphan_mark_seconds
+    present = _waiting_task_ids(ctx, queues) | _unacked_task_ids(ctx, taken_since)
     gone = [r for r in suspects if str(r.id) not in present]
     # A worker that took the message since the page was read has dropped the mark.
     return [r for r, mark in zip(gone, _marks(ctx, gone), strict=True) if mark is not None]
@@ -175,9 +184,13 @@ def _waiting_task_ids(ctx: WorkerContext, queues: set[str]) -> set[str]:
     return found
 
 
-def _unacked_task_ids(ctx: WorkerContext) -> set[str]:
+def _unacked_task_ids(ctx: WorkerContext, delivered_since: float) -> set[str]:
+    """Task ids of the messages in kombu's unacked hash delivered since `delivered_since`
+    (Unix time; kombu's index of the hash scores each delivery tag with its delivery time)."""
+    # The old ones first: a message delivered in between is in the hash and not among them.
+    stale = set(ctx.broker.zrangebyscore(UNACKED_INDEX_KEY, "-inf", delivered_since))
     stored = ctx.broker.hscan_iter(UNACKED_KEY, count=SCAN_CHUNK)
-    return {i for i in (task_id_of(value) for _, value in stored) if i}
+    return {i for i in (task_id_of(v) for tag, v in stored if tag not in stale) if i}
 
 
 def _requeue_expired(ctx: WorkerContext) -> int:

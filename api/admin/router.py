@@ -6,11 +6,9 @@ import uuid
 
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.deps import AdminKey, SessionDep
-from inferq import keys
-from inferq.models import ApiKey
+from inferq.admin import create_key_async
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
 
@@ -30,17 +28,16 @@ class KeyCreated(BaseModel):
     secret: str
 
 
-async def create_key(session: AsyncSession, name: str, tenant: str, admin: bool) -> KeyCreated:
-    new = keys.generate()
-    row = ApiKey(name=name, tenant=tenant, admin=admin, prefix=new.prefix, secret_sha256=new.digest)
-    session.add(row)
-    await session.flush()
-    return KeyCreated(
-        id=row.id, name=name, tenant=tenant, admin=admin, prefix=new.prefix, secret=new.secret
-    )
-
-
 @router.post("/keys", status_code=201, response_model=KeyCreated)
 async def create(body: KeyCreate, _: AdminKey, session: SessionDep) -> KeyCreated:
     """Create an API key; its secret is shown in this response only."""
-    return await create_key(session, body.name, body.tenant, body.admin)
+    created = await create_key_async(session, body.name, body.tenant, body.admin)
+    row = created.row
+    return KeyCreated(
+        id=row.id,
+        name=row.name,
+        tenant=row.tenant,
+        admin=row.admin,
+        prefix=row.prefix,
+        secret=created.secret,
+    )

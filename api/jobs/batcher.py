@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import insert
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from api import tasks
-from api.jobs import service
-from api.state import AppState
 from inferq.models import Job
 
 log = logging.getLogger("inferq.api")
 
 MAX_BATCH = 256
+
+# Hands committed jobs to the broker.
+EnqueueJobs = Callable[[list[Job]], Awaitable[None]]
 
 
 @dataclass(slots=True)
@@ -32,8 +35,9 @@ class SubmitBatcher:
     is being written form the next one, so round trips per job fall as the rate rises.
     """
 
-    def __init__(self, state: AppState) -> None:
-        self._state = state
+    def __init__(self, autocommit: AsyncEngine, enqueue: EnqueueJobs) -> None:
+        self._autocommit = autocommit
+        self._enqueue_jobs = enqueue
         self._pending: list[_Pending] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -74,7 +78,7 @@ class SubmitBatcher:
 
     async def _insert(self, rows: list[dict[str, Any]]) -> list[Job]:
         # One multi-row INSERT is atomic on its own: no BEGIN/COMMIT round trips.
-        async with self._state.autocommit.connect() as conn:
+        async with self._autocommit.connect() as conn:
             result = await conn.execute(
                 insert(Job).returning(Job.id, Job.created_at, sort_by_parameter_order=True),
                 [_columns(row) for row in rows],
@@ -84,7 +88,7 @@ class SubmitBatcher:
 
     async def _enqueue(self, jobs: list[Job]) -> None:
         try:
-            await service.enqueue(self._state, jobs)
+            await self._enqueue_jobs(jobs)
         except Exception:
             # The jobs are committed: the sweeper enqueues them within seconds.
             log.exception("enqueue failed; leaving %d jobs to the sweeper", len(jobs))

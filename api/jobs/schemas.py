@@ -8,6 +8,9 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
 
+# A job's timings have one definition, shared with the webhook body.
+from inferq.webhooks import Timings
+
 MAX_TOKENS_LIMIT = 131_072
 MAX_DEADLINE_SECONDS = 7 * 86400
 JobEnd = Literal["succeeded", "failed", "cancelled", "expired"]
@@ -70,13 +73,6 @@ class Usage(BaseModel):
     input_tokens: int | None
     output_tokens: int | None
     cost_usd: float | None
-
-
-class Timings(BaseModel):
-    queue_ms: float | None
-    ttft_ms: float | None
-    duration_ms: float | None
-    tokens_per_second: float | None
 
 
 class ErrorInfo(BaseModel):

@@ -16,7 +16,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.auth import Principal
 from api.errors import Conflict, InvalidRequest, NotFound, redact_addresses
-from api.jobs.schemas import ErrorInfo, JobCreate, JobOut, Links, Timings, Usage
+from api.events.service import JobEvents
+from api.jobs.schemas import ErrorInfo, JobCreate, JobOut, Links, Usage
 from api.state import AppState
 from api.webhooks.service import guard_url
 from inferq.db import uuid7
@@ -33,9 +34,10 @@ from inferq.events import (
 )
 from inferq.metrics import JOBS_SUBMITTED
 from inferq.models import Job, JobStatus
-from inferq.queue import ENQUEUED_KEY, Enqueue
+from inferq.queue import ENQUEUED_KEY
 from inferq.registry import ModelSpec, Registry
 from inferq.settings import Settings
+from inferq.webhooks import job_timings
 
 DEFAULT_MAX_TOKENS = 256
 
@@ -156,7 +158,7 @@ async def submit_job(
     await session.commit()
     if not created.replayed:
         if not created.enqueued:
-            await enqueue(state, [created.job])
+            await state.queue.put([created.job])
         JOBS_SUBMITTED.labels(created.job.model).inc()
     return created
 
@@ -172,20 +174,6 @@ async def _replay(session: AsyncSession, key: Principal, idem: str, digest: str)
     if existing.request_hash != digest:
         raise Conflict("this Idempotency-Key was used with a different request body")
     return existing
-
-
-async def enqueue(state: AppState, jobs: list[Job]) -> None:
-    """Hand the jobs to the broker (after their rows are committed)."""
-    items = [
-        Enqueue(
-            str(j.id),
-            state.registry.queue_of(j.model),
-            j.priority,
-            label=f"model={j.model} tenant={j.tenant}",
-        )
-        for j in jobs
-    ]
-    await state.enqueuer.enqueue_async(state.broker, items)
 
 
 async def get_job(session: AsyncSession, key: Principal, job_id: uuid.UUID) -> Job:
@@ -259,12 +247,15 @@ async def cancel_job(
         .returning(Job)
         .execution_options(populate_existing=True)
     )
+    await session.commit()
     if cancelled is not None:
-        await session.commit()
         await _publish_end(state, jid)
         return cancelled
-    await session.commit()
-    return await _wait_until_ended(session, key, job_id, state.settings.cancel_wait_seconds)
+    await _wait_for_end(
+        JobEvents(state.redis, state.hub, state.sessions, job_id, None),
+        state.settings.cancel_wait_seconds,
+    )
+    return await _reread(session, job_id)
 
 
 async def _publish_end(state: AppState, job_id: str) -> None:
@@ -281,41 +272,26 @@ async def _publish_end(state: AppState, job_id: str) -> None:
     await state.broker.zrem(ENQUEUED_KEY, job_id)
 
 
-async def _wait_until_ended(
-    session: AsyncSession, key: Principal, job_id: uuid.UUID, seconds: float
-) -> Job:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + seconds
-    while True:
-        job = await session.scalar(
-            select(Job)
-            .where(Job.id == job_id, Job.tenant == key.tenant)
-            .execution_options(populate_existing=True)
-        )
-        assert job is not None
-        if JobStatus(job.status).terminal or loop.time() >= deadline:
-            return job
-        await session.rollback()  # end the snapshot so the next read sees the worker's commit
-        await asyncio.sleep(0.05)
+async def _wait_for_end(events: JobEvents, seconds: float) -> None:
+    """Until the job's `done` or `error` event (the worker publishes it after its commit),
+    for at most `seconds`; a job that goes on running is answered as it is."""
+    try:
+        async with asyncio.timeout(seconds):
+            await events.start()
+            while not events.ended:
+                await events.next()
+    except TimeoutError:
+        pass
+    finally:
+        await events.close()
 
 
-def _ms(later: Any, earlier: Any) -> float | None:
-    if later is None or earlier is None:
-        return None
-    return round((later - earlier).total_seconds() * 1000, 3)
-
-
-def timings(job: Job) -> Timings:
-    tps = None
-    if job.output_tokens and job.first_token_at and job.finished_at:
-        seconds = (job.finished_at - job.first_token_at).total_seconds()
-        tps = round(job.output_tokens / seconds, 3) if seconds > 0 else None
-    return Timings(
-        queue_ms=_ms(job.started_at, job.created_at),
-        ttft_ms=_ms(job.first_token_at, job.created_at),
-        duration_ms=_ms(job.finished_at, job.created_at),
-        tokens_per_second=tps,
+async def _reread(session: AsyncSession, job_id: uuid.UUID) -> Job:
+    job = await session.scalar(
+        select(Job).where(Job.id == job_id).execution_options(populate_existing=True)
     )
+    assert job is not None
+    return job
 
 
 async def running_progress(state: AppState, job: Job) -> Progress | None:
@@ -347,7 +323,7 @@ def to_out(job: Job, position: int | None = None, so_far: Progress | None = None
             output_tokens=so_far.tokens if so_far else job.output_tokens,
             cost_usd=float(job.cost_usd) if job.cost_usd is not None else None,
         ),
-        timings=timings(job),
+        timings=job_timings(job),
         error=error,
         cached=job.cached,
         attempts=job.attempts,

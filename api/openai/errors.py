@@ -13,9 +13,11 @@ from starlette.exceptions import HTTPException
 
 from api.errors import (
     ApiError,
+    Problem,
     dependency_down,
     invalid_json,
     log_unexpected,
+    problems,
     unavailable,
     unreadable_body,
 )
@@ -70,13 +72,8 @@ def from_validation(exc: RequestValidationError) -> OpenAIError:
     not_json = invalid_json(exc)
     if not_json is not None:
         return OpenAIError(400, not_json, code="invalid_json")
-    errors = list(exc.errors())
-    first = errors[0] if errors else {}
-    param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
-    message = str(first.get("msg", "invalid request"))
-    return OpenAIError(
-        400, f"{param}: {message}" if param else message, param=param, code="invalid_value"
-    )
+    first = next(iter(problems(exc.errors()[:1])), Problem(None, "invalid request"))
+    return OpenAIError(400, first.message, param=first.param, code="invalid_value")
 
 
 def from_http_error(exc: HTTPException) -> OpenAIError:

@@ -9,7 +9,6 @@ which frees the backend's slot; the job ends `cancelled` with its partial output
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import json
@@ -28,7 +27,8 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.auth import Principal
-from api.errors import ApiError, InvalidRequest, redact_addresses
+from api.disconnect import DisconnectWatcher
+from api.errors import ApiError, InvalidRequest, problems, redact_addresses
 from api.events.service import JobEvents
 from api.jobs.schemas import JobCreate, Message
 from api.jobs.service import Created, cancel_job, resolve_model, submit_job
@@ -184,9 +184,8 @@ def _job(body: OpenAIRequest, **inputs: Any) -> JobCreate:
             **inputs,
         )
     except ValidationError as exc:
-        first = exc.errors()[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
-        raise OpenAIError(400, f"{param}: {first['msg']}", param=param) from exc
+        first = problems(exc.errors()[:1])[0]
+        raise OpenAIError(400, first.message, param=first.param) from exc
 
 
 def chat_job(body: ChatCompletionRequest) -> JobCreate:
@@ -354,11 +353,16 @@ def job_error(job_id: uuid.UUID, error_type: str | None, message: str) -> OpenAI
     )
 
 
+def job_events(state: AppState, job_id: uuid.UUID) -> JobEvents:
+    """The job's events from its start."""
+    return JobEvents(state.redis, state.hub, state.sessions, job_id, None)
+
+
 def follow(state: AppState, job_id: uuid.UUID) -> contextlib.aclosing[AsyncGenerator[Event, None]]:
     """The job's events from its start; closing them leaves the hub."""
-    events = JobEvents(state.redis, state.hub, state.sessions, job_id, None)
     # JobEvents.__aiter__ is an async generator, which can be closed.
-    return contextlib.aclosing(cast(AsyncGenerator[Event, None], aiter(events)))
+    events = aiter(job_events(state, job_id))
+    return contextlib.aclosing(cast(AsyncGenerator[Event, None], events))
 
 
 async def until_end(state: AppState, job_id: uuid.UUID) -> Event:
@@ -370,22 +374,12 @@ async def until_end(state: AppState, job_id: uuid.UUID) -> Event:
     raise OpenAIError(500, "the job's event stream ended without an end", code="stream_ended")
 
 
-async def _disconnected(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
 async def until_end_or_gone(request: Request, state: AppState, job_id: uuid.UUID) -> Event | None:
     """The job's closing event, or None if the client disconnected first."""
-    ending = asyncio.ensure_future(until_end(state, job_id))
-    leaving = asyncio.ensure_future(_disconnected(request))
-    try:
-        done, _ = await asyncio.wait({ending, leaving}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in (ending, leaving):
-            task.cancel()
-        await asyncio.gather(ending, leaving, return_exceptions=True)
-    return ending.result() if ending in done else None
+    async with DisconnectWatcher(request.receive) as client:
+        return await until_end(state, job_id)
+    assert client.gone
+    return None
 
 
 async def abandon(state: AppState, key: Principal, job_id: uuid.UUID) -> None:

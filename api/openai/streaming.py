@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import contextlib
+import time
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel
-from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette import ServerSentEvent
 
 from api.auth import Principal
+from api.events.response import EventStream, GeneratorSource
 from api.openai.errors import OpenAIError
 from api.openai.schemas import ErrorBody
-from api.openai.service import Reply, abandon, finish_reason, follow, job_error, usage
+from api.openai.service import Reply, abandon, finish_reason, job_error, job_events, usage
 from api.state import AppState
 from inferq.events import TERMINAL_EVENTS, Event, EventType
 from inferq.models import JobStatus
+
+PING = b": ping\n\n"
+DONE = ServerSentEvent(data="[DONE]").encode()
+# A reader that takes no bytes for this long is dropped.
+SEND_TIMEOUT_SECONDS = 30.0
 
 
 class Diverged(Exception):
@@ -59,13 +67,13 @@ class Relay:
             raise Diverged
 
 
-def _sse(model: BaseModel, include_usage: bool = True) -> ServerSentEvent:
+def _sse(model: BaseModel, include_usage: bool = True) -> bytes:
     exclude = None if include_usage else {"usage"}
-    return ServerSentEvent(data=model.model_dump_json(exclude=exclude))
+    return ServerSentEvent(data=model.model_dump_json(exclude=exclude)).encode()
 
 
-def _error_event(error: OpenAIError) -> ServerSentEvent:
-    return ServerSentEvent(data=ErrorBody(error=error.detail).model_dump_json())
+def _error_event(error: OpenAIError) -> bytes:
+    return ServerSentEvent(data=ErrorBody(error=error.detail).model_dump_json()).encode()
 
 
 @dataclass
@@ -76,25 +84,51 @@ class ChunkStream:
     key: Principal
     reply: Reply
     relay: Relay = field(default_factory=Relay)
+    last_write: float = field(default_factory=time.monotonic)
 
-    async def __aiter__(self) -> AsyncIterator[ServerSentEvent]:
+    async def chunks(self) -> AsyncGenerator[bytes]:
+        """The stream's bytes: the opening, a chunk per piece of text, the end, `[DONE]`.
+
+        A stream with nothing to say gets a comment line now and then (the hub wakes idle
+        readers every few seconds); a process that stops ends its streams at once.
+        """
         for chunk in self.reply.opening():
             yield self._sse(chunk)
         try:
-            async with follow(self.state, self.reply.job_id) as events:
-                async for event in events:
-                    for out in self._translate(event):
-                        yield out
-                    if event.type in TERMINAL_EVENTS:
-                        break
+            async with contextlib.aclosing(self._from_job()) as outs:
+                async for out in outs:
+                    self.last_write = time.monotonic()
+                    yield out
         except Diverged:
             yield _error_event(self._diverged())
         except OpenAIError as exc:
             yield _error_event(exc)
+        else:
+            if not self.relay.ended:
+                return  # the process is stopping: no `[DONE]`, the answer is not complete
         self.relay.ended = True
-        yield ServerSentEvent(data="[DONE]")
+        yield DONE
 
-    def _translate(self, event: Event) -> list[ServerSentEvent]:
+    async def _from_job(self) -> AsyncGenerator[bytes]:
+        events = job_events(self.state, self.reply.job_id)
+        async with contextlib.aclosing(events.batches()) as batches:
+            async for batch in batches:
+                for event in batch:
+                    for out in self._translate(event):
+                        yield out
+                    if event.type in TERMINAL_EVENTS:
+                        self.relay.ended = True
+                        return
+                if self.state.hub.draining:
+                    return
+                if not batch and time.monotonic() - self.last_write >= self.ping_seconds:
+                    yield PING
+
+    @property
+    def ping_seconds(self) -> float:
+        return self.state.settings.sse_ping_seconds
+
+    def _translate(self, event: Event) -> list[bytes]:
         if event.type is EventType.reset:
             self.relay.reset()
         elif event.type is EventType.token:
@@ -107,7 +141,7 @@ class ChunkStream:
             raise job_error(self.reply.job_id, payload.get("type"), payload.get("message", ""))
         return []
 
-    def _closing(self, done: dict[str, Any]) -> list[ServerSentEvent]:
+    def _closing(self, done: dict[str, Any]) -> list[bytes]:
         if done.get("status") not in (JobStatus.succeeded, JobStatus.cancelled):
             raise job_error(self.reply.job_id, done.get("status"), "the job did not finish")
         self.relay.settle()
@@ -120,7 +154,7 @@ class ChunkStream:
             out.append(self._sse(usage_chunk))
         return out
 
-    def _sse(self, chunk: BaseModel) -> ServerSentEvent:
+    def _sse(self, chunk: BaseModel) -> bytes:
         return _sse(chunk, self.reply.include_usage)
 
     def _diverged(self) -> OpenAIError:
@@ -132,18 +166,17 @@ class ChunkStream:
             job_id=str(self.reply.job_id),
         )
 
-    async def on_disconnect(self, _message: object) -> None:
+    async def on_disconnect(self) -> None:
         if not self.relay.ended:
             await abandon(self.state, self.key, self.reply.job_id)
 
 
-def stream(state: AppState, key: Principal, reply: Reply) -> EventSourceResponse:
+def stream(state: AppState, key: Principal, reply: Reply) -> EventStream:
     chunks = ChunkStream(state, key, reply)
-    return EventSourceResponse(
-        aiter(chunks),
-        ping=int(state.settings.sse_ping_seconds),
-        sep="\n",
-        send_timeout=30,
-        headers={**reply.headers, "Cache-Control": "no-cache"},
-        client_close_handler_callable=chunks.on_disconnect,
+    headers = {"Cache-Control": "no-cache", "Connection": "keep-alive", "X-Accel-Buffering": "no"}
+    return EventStream(
+        GeneratorSource(chunks.chunks()),
+        headers={**reply.headers, **headers},
+        on_disconnect=chunks.on_disconnect,
+        send_timeout=SEND_TIMEOUT_SECONDS,
     )

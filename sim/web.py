@@ -13,8 +13,8 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Send
 
-from inferq.sim.errors import BodyRejection, DropConnection
-from inferq.sim.service import Generation, Simulator
+from sim.errors import BodyRejection, DropConnection
+from sim.service import Generation, Simulator
 
 # TGI (axum) sends an SSE comment this often when no event is due.
 KEEPALIVE_S = 15.0

@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.table import Table
 
-from inferq.bench.stats import Difference, Percentiles
-from inferq.bench.submit import KeyUse
+from bench.stats import Difference, Percentiles
+from bench.submit import KeyUse
 
 if TYPE_CHECKING:
-    from inferq.bench.runner import BenchResult
-    from inferq.bench.stream import StreamResult
+    from bench.runner import BenchResult
+    from bench.stream import StreamResult
 
 JSON_FILE = "bench.json"
 CHART_FILE = "stream-latency.png"

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from inferq.bench.runner import BenchResult
+    from bench.runner import BenchResult
 
 STREAM_C = 64
 MIB_LIMIT = 512

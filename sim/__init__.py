@@ -24,7 +24,7 @@ reason `abort`, or send an event that is not JSON; `nul` puts a NUL in the first
 `GET /sim/state` reports `{"active", "total_requests", "completed", "cancelled"}`.
 """
 
-from inferq.sim.config import SimConfig
-from inferq.sim.server import create_app, serve
+from sim.config import SimConfig
+from sim.server import create_app, serve
 
 __all__ = ["SimConfig", "create_app", "serve"]

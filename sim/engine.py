@@ -16,10 +16,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from enum import Enum
 
-from inferq.sim.config import SimConfig
-from inferq.sim.errors import DropConnection, generation_failed, overloaded
-from inferq.sim.model import Plan, Token
-from inferq.sim.schemas import FaultMode
+from sim.config import SimConfig
+from sim.errors import DropConnection, generation_failed, overloaded
+from sim.model import Plan, Token
+from sim.schemas import FaultMode
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,7 +31,7 @@ class SimParams:
         return (self.ttft_ms + self.itl_ms * (self.output_tokens - 1)) / 1000
 
     def args(self) -> list[str]:
-        """Flags for `python -m inferq.sim`."""
+        """Flags for `inferq sim` (`python -m sim`)."""
         return [
             "--ttft-ms",
             str(self.ttft_ms),

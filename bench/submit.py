@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 import httptools
 import httpx
 
-from inferq.bench.config import SubmitConfig
-from inferq.bench.stats import Percentiles
-from inferq.bench.wire import KeepAlive
+from bench.config import SubmitConfig
+from bench.stats import Percentiles
+from bench.wire import KeepAlive
 
 Tick = Callable[[], None]
 WARMUP_JOBS = 20

@@ -5,13 +5,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from inferq.sim.config import SimConfig
-from inferq.sim.engine import Engine, Job, Sequence, Stats
-from inferq.sim.errors import SimError, incomplete, invalid, overloaded
-from inferq.sim.faults import FAULT_HEADER, STALL_HEADER, Fault, Faults
-from inferq.sim.model import Plan, Token, plan_generation
-from inferq.sim.schemas import FaultMode, GenerateParameters
-from inferq.sim.validation import ValidRequest, validate
+from sim.config import SimConfig
+from sim.engine import Engine, Job, Sequence, Stats
+from sim.errors import SimError, incomplete, invalid, overloaded
+from sim.faults import FAULT_HEADER, STALL_HEADER, Fault, Faults
+from sim.model import Plan, Token, plan_generation
+from sim.schemas import FaultMode, GenerateParameters
+from sim.validation import ValidRequest, validate
 
 # Mid-stream faults strike after this many tokens (fewer if the output is shorter).
 FAULT_AFTER_TOKENS = 3

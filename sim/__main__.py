@@ -1,4 +1,4 @@
-"""`python -m inferq.sim`: run the simulator from the command line."""
+"""`python -m sim`: run the simulator from the command line."""
 
 from __future__ import annotations
 
@@ -6,13 +6,13 @@ import argparse
 import dataclasses
 from collections.abc import Sequence
 
-from inferq.sim import SimConfig, serve
+from sim import SimConfig, serve
 
 
 def build_parser() -> argparse.ArgumentParser:
     """One flag per `SimConfig` field, plus host and port."""
     parser = argparse.ArgumentParser(
-        prog="python -m inferq.sim", description="TGI-compatible simulated inference server"
+        prog="inferq sim", description="TGI-compatible simulated inference server"
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8081)

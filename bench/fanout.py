@@ -10,10 +10,10 @@ from dataclasses import dataclass
 
 import httpx
 
-from inferq.bench.config import FanoutConfig
-from inferq.bench.fanout_clients import Assignment, ClientReport, Schedule, run_clients
-from inferq.bench.monitor import PeakRss
-from inferq.bench.stats import Percentiles
+from bench.config import FanoutConfig
+from bench.fanout_clients import Assignment, ClientReport, Schedule, run_clients
+from bench.monitor import PeakRss
+from bench.stats import Percentiles
 
 Progress = Callable[[float], None]
 MIB = 1024 * 1024

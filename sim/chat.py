@@ -8,13 +8,13 @@ from collections.abc import AsyncGenerator
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from inferq.sim.config import TGI_VERSION
-from inferq.sim.errors import SimError
-from inferq.sim.faults import Fault
-from inferq.sim.model import Token, render_chat
-from inferq.sim.schemas import ChatRequest, FaultMode
-from inferq.sim.service import Generation, Simulator
-from inferq.sim.web import (
+from sim.config import TGI_VERSION
+from sim.errors import SimError
+from sim.faults import Fault
+from sim.model import Token, render_chat
+from sim.schemas import ChatRequest, FaultMode
+from sim.service import Generation, Simulator
+from sim.web import (
     DONE_EVENT,
     GARBAGE_EVENT,
     KEEPALIVE_EVENT,

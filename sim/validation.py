@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from inferq.sim.config import SimConfig
-from inferq.sim.errors import invalid
-from inferq.sim.model import count_tokens
-from inferq.sim.schemas import GenerateParameters
+from sim.config import SimConfig
+from sim.errors import invalid
+from sim.model import count_tokens
+from sim.schemas import GenerateParameters
 
 MAX_BEST_OF = 2
 MAX_TOP_N_TOKENS = 5

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psutil
 
-from inferq.bench.servers import DataServers
+from bench.servers import DataServers
 
 PACKAGES = (
     "inferq",

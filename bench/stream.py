@@ -11,11 +11,11 @@ from dataclasses import dataclass
 
 import httptools
 
-from inferq.bench import clients
-from inferq.bench.clients import Api, Request, Timing
-from inferq.bench.config import StreamConfig
-from inferq.bench.stats import Difference, Percentiles, ratio
-from inferq.bench.wire import KeepAlive
+from bench import clients
+from bench.clients import Api, Request, Timing
+from bench.config import StreamConfig
+from bench.stats import Difference, Percentiles, ratio
+from bench.wire import KeepAlive
 
 Send = Callable[[int, Request], Awaitable[Timing]]  # (client index, request)
 Tick = Callable[[], None]

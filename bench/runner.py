@@ -22,13 +22,13 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from inferq.bench import fanout, report, scale, stream, submit, targets
-from inferq.bench.cluster import Cluster, ModelEntry, Sim
-from inferq.bench.config import BenchConfig, Phase
-from inferq.bench.environment import Environment
-from inferq.bench.monitor import CpuMeter, CpuUsage
-from inferq.bench.probe import speed_probe_ms
-from inferq.bench.servers import data_servers
+from bench import fanout, report, scale, stream, submit, targets
+from bench.cluster import Cluster, ModelEntry, Sim
+from bench.config import BenchConfig, Phase
+from bench.environment import Environment
+from bench.monitor import CpuMeter, CpuUsage
+from bench.probe import speed_probe_ms
+from bench.servers import data_servers
 from inferq.processes import Child, wait_http
 
 # Every model the API knows; the main worker serves `stream` and `fanout`, none serves `void`,

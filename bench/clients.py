@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 
-from inferq.bench.wire import Frame, KeepAlive, OnFrame, event_stream
+from bench.wire import Frame, KeepAlive, OnFrame, event_stream
 
 # Explicit bounds: `read` is the longest gap between two events of one stream.
 TIMEOUT = httpx.Timeout(connect=30.0, read=120.0, write=30.0, pool=300.0)

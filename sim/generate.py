@@ -8,17 +8,17 @@ from collections.abc import AsyncGenerator
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from inferq.sim.errors import SimError
-from inferq.sim.faults import Fault
-from inferq.sim.model import Token, prefill_tokens
-from inferq.sim.schemas import (
+from sim.errors import SimError
+from sim.faults import Fault
+from sim.model import Token, prefill_tokens
+from sim.schemas import (
     CompatGenerateRequest,
     FaultMode,
     GenerateParameters,
     GenerateRequest,
 )
-from inferq.sim.service import Generation, Simulator
-from inferq.sim.web import (
+from sim.service import Generation, Simulator
+from sim.web import (
     GARBAGE_EVENT,
     KEEPALIVE_EVENT,
     KEEPALIVE_S,

@@ -11,11 +11,11 @@ import httpx
 import psycopg
 import uvloop
 
-from inferq.bench.clients import ClientShards
-from inferq.bench.cluster import Cluster, ModelEntry
-from inferq.bench.config import ScaleConfig
-from inferq.bench.servers import libpq_url
-from inferq.bench.stats import ratio
+from bench.clients import ClientShards
+from bench.cluster import Cluster, ModelEntry
+from bench.config import ScaleConfig
+from bench.servers import libpq_url
+from bench.stats import ratio
 from inferq.processes import Child, wait_http
 
 Tick = Callable[[], None]

@@ -1,4 +1,4 @@
-"""`inferq bench`: what the platform costs over its backend, measured side by side (issue 5).
+"""`inferq bench`: what the platform costs over its backend, measured side by side.
 
 Modules: `config` (sizes and simulator parameters), `servers` and `cluster` (Postgres, Redis
 and the platform's processes), `clients` (one timed request), one module per phase

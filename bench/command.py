@@ -9,9 +9,9 @@ from types import FrameType
 import click
 from rich.console import Console
 
-from inferq.bench.config import BenchConfig, Phase
-from inferq.bench.report import CHART_FILE, JSON_FILE
-from inferq.bench.runner import run_bench
+from bench.config import BenchConfig, Phase
+from bench.report import CHART_FILE, JSON_FILE
+from bench.runner import run_bench
 
 TABLE_WIDTH = 160
 

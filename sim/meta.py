@@ -5,10 +5,10 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
-from inferq.sim.config import TGI_VERSION
-from inferq.sim.schemas import FaultRequest
-from inferq.sim.service import Simulator
-from inferq.sim.web import parse_body, simulator
+from sim.config import TGI_VERSION
+from sim.schemas import FaultRequest
+from sim.service import Simulator
+from sim.web import parse_body, simulator
 
 
 async def info(request: Request) -> Response:

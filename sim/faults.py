@@ -5,8 +5,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from inferq.sim.errors import BodyRejection
-from inferq.sim.schemas import DEFAULT_FAULT_STALL_MS, FaultMode, FaultRequest
+from sim.errors import BodyRejection
+from sim.schemas import DEFAULT_FAULT_STALL_MS, FaultMode, FaultRequest
 
 FAULT_HEADER = "x-sim-error"
 STALL_HEADER = "x-sim-stall-ms"

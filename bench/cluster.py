@@ -12,8 +12,8 @@ import psutil
 import psycopg
 import redis
 
-from inferq.bench.config import SimParams
-from inferq.bench.servers import DataServers, libpq_url
+from bench.config import SimParams
+from bench.servers import DataServers, libpq_url
 from inferq.embedded import free_port
 from inferq.processes import Child, stop_all
 from inferq.queue import ENQUEUED_KEY, make_producer_app
@@ -107,9 +107,10 @@ class Cluster:
         return child
 
     def start_sim(self, role: str, params: SimParams) -> Sim:
-        """`python -m inferq.sim`, which has every latency knob as a flag."""
+        """`inferq sim`, which hands every latency knob on to the simulator as a flag."""
         port = free_port()
-        child = self.spawn(role, ["inferq.sim", "--port", str(port), *params.args()], _clean_env())
+        args = ["inferq", "sim", "--port", str(port), *params.args()]
+        child = self.spawn(role, args, _clean_env())
         return Sim(f"http://127.0.0.1:{port}", params, child)
 
     def start_api(

@@ -11,10 +11,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from inferq.sim import chat, generate, meta
-from inferq.sim.config import SimConfig
-from inferq.sim.errors import BodyRejection, SimError
-from inferq.sim.service import Simulator
+from sim import chat, generate, meta
+from sim.config import SimConfig
+from sim.errors import BodyRejection, SimError
+from sim.service import Simulator
 
 
 def create_app(config: SimConfig) -> Starlette:

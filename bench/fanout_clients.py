@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import uvloop
 
-from inferq.bench.wire import Frame, event_stream
+from bench.wire import Frame, event_stream
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,48 @@
+"""`python -m bench`, which `inferq bench` runs: parse the options, then run the benchmark."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from bench.command import run_command
+
+
+@click.command()
+@click.option(
+    "--phases",
+    default="stream,submit,fanout,scale",
+    show_default=True,
+    help="comma-separated phases to run",
+)
+@click.option("--smoke", is_flag=True, help="tiny sizes that finish in seconds")
+@click.option(
+    "--out",
+    "out_dir",
+    default="bench-results",
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+)
+@click.option(
+    "--database-url",
+    envvar="INFERQ_BENCH_DATABASE_URL",
+    help="Postgres admin URL; the run creates (and drops) its own database on that server "
+    "[env INFERQ_BENCH_DATABASE_URL; default: embedded]",
+)
+@click.option(
+    "--redis-url",
+    envvar="INFERQ_BENCH_REDIS_URL",
+    help="Redis URL; nothing is flushed, the run's queues carry its id "
+    "[env INFERQ_BENCH_REDIS_URL; default: embedded]",
+)
+def main(
+    phases: str, smoke: bool, out_dir: Path, database_url: str | None, redis_url: str | None
+) -> None:
+    """Measure the platform against its backend: stream, submit, fan-out, scale."""
+    sys.exit(run_command(phases, smoke, out_dir, database_url, redis_url))
+
+
+if __name__ == "__main__":
+    main(prog_name="inferq bench")

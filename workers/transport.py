@@ -1,0 +1,101 @@
+"""The broker transport of workers and beat: kombu's Redis transport, made to survive a Redis
+that goes away (and may come back empty) under a connected consumer.
+
+When Celery loses the broker connection it cleans up before reconnecting: `collect()` closes
+what it can and detaches the transport from its connection, then `close()` closes the channel
+again, and the channel's QoS puts the messages this consumer took and has not acknowledged
+back on their queues. By then the channel has dropped its connection pool, and its transport
+no longer knows the broker's address, so kombu's channel fails to build a client with an
+AttributeError. Celery does not count that as a connection error: the worker exits. Here a
+channel whose connection is gone raises redis's ConnectionError instead, which kombu and
+Celery handle as the lost connection it is, and the restore on close gives up on a broker it
+cannot reach instead of failing the close.
+
+Giving up that restore loses nothing:
+- the messages stay in the broker's `unacked` hash while Redis keeps its data: kombu restores
+  them after the visibility timeout, and the sweeper enqueues their jobs again long before
+  (a running job whose lease lapsed; a queued job whose message sat in `unacked` past the
+  orphan threshold, see workers/sweeper.py);
+- when Redis comes back empty there is nothing to restore: the sweeper enqueues again every
+  queued job that lost its enqueue mark and every running job whose lease lapsed;
+- with the threads pool the tasks behind those messages go on running through the reconnect,
+  so putting their messages back would only queue duplicates (which the claim skips).
+
+Celery selects it with `broker_transport` (inferq.queue.celery_config); the broker URL stays
+`redis://`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+from urllib.parse import quote
+
+from kombu.transport import redis as kombu_redis
+from kombu.utils.url import as_url
+from redis import exceptions as redis_errors
+
+log = logging.getLogger("inferq.worker")
+
+# The errors of a broker that cannot be reached (BusyLoadingError, a Redis still loading its
+# data, is a ConnectionError too).
+UNREACHABLE = (redis_errors.ConnectionError, redis_errors.TimeoutError)
+
+
+class QoS(kombu_redis.QoS):
+    def restore_unacked(self, client: Any = None) -> None:
+        try:
+            super().restore_unacked(client)
+        except UNREACHABLE as exc:
+            log.warning(
+                "broker unreachable while closing the channel: %d unacknowledged messages"
+                " left for the sweeper (%s)",
+                len(self._delivered),
+                exc,
+            )
+            self._delivered.clear()
+
+
+class Channel(kombu_redis.Channel):
+    QoS = QoS
+
+    def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
+        transport = self.connection
+        if transport is None or transport.client is None:
+            # The connection was closed: no broker address is left to connect to.
+            raise redis_errors.ConnectionError("the broker connection is closed")
+        params: dict[str, Any] = super()._connparams(asynchronous=asynchronous)
+        return params
+
+
+class Transport(kombu_redis.Transport):
+    Channel = Channel
+
+    def __init__(self, client: Any, **kwargs: Any) -> None:
+        super().__init__(client, **kwargs)
+        # kombu's Connection parses the URL itself when the transport class says it cannot
+        # (as kombu's own Redis transport does), and asks the transport instance for the URL
+        # to show when the instance says it can: so the URL shown (by Flower, which picks its
+        # broker client by the scheme, and in the logs) is the `redis://` one, not one named
+        # after this class.
+        self.can_parse_url = True
+
+    def as_uri(self, uri: str, include_password: bool = False, mask: str = "**") -> str:
+        if self.client is None:  # closed: let the connection say it as kombu would
+            raise NotImplementedError
+        info = self.client.info()
+        password = info["password"] if include_password else mask
+        if callable(password):
+            password = password()
+        return str(
+            as_url(
+                "redis",
+                info["hostname"],
+                info["port"],
+                info["userid"],
+                password,
+                quote(str(info["virtual_host"])),
+                sanitize=not include_password,
+                mask=mask,
+            )
+        )
