@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from api.errors import Unauthorized
 from inferq import keys
+from inferq.limits import KeyLimits
 from inferq.models import ApiKey
 
 # A revoked key must be refused within 5 s on every API replica, and nothing tells a replica
@@ -36,6 +37,7 @@ class Principal:
     name: str
     tenant: str
     admin: bool
+    limits: KeyLimits | None = None  # as of the lookup: a change applies within CACHE_SECONDS
 
 
 def bearer_secret(credentials: str | None) -> str:
@@ -73,6 +75,11 @@ class KeyRing:
         self._cache[digest] = principal
         return principal
 
+    def forget(self, digest: str) -> None:
+        """Drop a changed or revoked key, so that this process looks it up again at once
+        (the others do when their entry expires)."""
+        self._cache.pop(digest, None)
+
     def _is_bootstrap(self, secret: str) -> bool:
         if self._bootstrap is None:
             return False
@@ -99,9 +106,26 @@ class KeyRing:
         async with self._autocommit.connect() as conn:
             row = (
                 await conn.execute(
-                    select(ApiKey.id, ApiKey.name, ApiKey.tenant, ApiKey.admin).where(
+                    select(*_PRINCIPAL_COLUMNS).where(
                         ApiKey.secret_sha256 == digest, ApiKey.revoked_at.is_(None)
                     )
                 )
             ).first()
-        return None if row is None else Principal(row.id, row.name, row.tenant, row.admin)
+        if row is None:
+            return None
+        limits = KeyLimits.of(
+            row.rate_limit_per_minute, row.tokens_per_minute, row.daily_budget_usd, row.max_queued
+        )
+        return Principal(row.id, row.name, row.tenant, row.admin, limits)
+
+
+_PRINCIPAL_COLUMNS = (
+    ApiKey.id,
+    ApiKey.name,
+    ApiKey.tenant,
+    ApiKey.admin,
+    ApiKey.rate_limit_per_minute,
+    ApiKey.tokens_per_minute,
+    ApiKey.daily_budget_usd,
+    ApiKey.max_queued,
+)

@@ -17,6 +17,7 @@ from api.events.router import router as events_router
 from api.health.queues import QueueDepthMonitor
 from api.health.router import router as health_router
 from api.jobs.router import router as jobs_router
+from api.limits import RateLimitHeaders
 from api.openai.router import router as openai_router
 from api.state import AppState
 from api.webhooks.router import router as webhooks_router
@@ -147,6 +148,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         health_router,
     ):
         app.include_router(router, responses=_responses(router))
+    app.add_middleware(RateLimitHeaders)  # on every answer to a submit of a limited key
     app.add_middleware(BodyLimit)
     app.add_middleware(errors.CatchAll)  # outermost: whatever escapes is still JSON
     return app

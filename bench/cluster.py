@@ -16,13 +16,13 @@ from bench.config import SimParams
 from bench.servers import DataServers, libpq_url
 from inferq.embedded import free_port
 from inferq.processes import Child, stop_all
-from inferq.queue import ENQUEUED_KEY, make_producer_app
+from inferq.queue import ENQUEUED_KEY, make_producer_app, priority_lists
 from inferq.registry import queue_name
 from inferq.settings import Settings
 
 READY_TIMEOUT_S = 60.0
-# Celery's Redis transport keeps one list per priority step, plus kombu's binding sets.
-PRIORITY_STEPS = range(1, 10)
+# Celery's Redis transport keeps one list per priority step (priority_lists), plus kombu's
+# binding sets.
 
 
 def cpu_seconds(pid: int) -> float | None:
@@ -172,7 +172,7 @@ class Cluster:
 
     def clear_queue(self, queue: str) -> None:
         """Delete one of the run's queues (every priority step) and kombu's bindings of it."""
-        keys = [queue, *(f"{queue}:{step}" for step in PRIORITY_STEPS)]
+        keys = priority_lists(queue)
         keys += [f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}"]
         client = redis.Redis.from_url(self.servers.redis_url)
         try:

@@ -11,6 +11,7 @@ class Phase(enum.StrEnum):
     submit = "submit"
     fanout = "fanout"
     scale = "scale"
+    fairness = "fairness"
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,10 @@ class SubmitConfig:
     # The platform's own API process, then one started with `inferq api --workers N` for
     # each further N: how the front door grows with the processes of one host.
     api_processes: tuple[int, ...] = (1, 2)
+    # Keys with limits set too high to refuse against keys with none, alternately this many
+    # times at each of these client counts: what checking the limits costs a submit.
+    limits_concurrency: tuple[int, ...] = (8, 32)
+    limits_rounds: int = 3
 
 
 @dataclass(frozen=True)
@@ -94,12 +99,20 @@ class ScaleConfig:
 
 
 @dataclass(frozen=True)
+class FairnessConfig:
+    sim: SimParams
+    flood_jobs: int  # tenant A's, submitted at once; then tenant B submits one
+    worker_slots: int  # the phase's worker threads: the backlog is flood_jobs / worker_slots
+
+
+@dataclass(frozen=True)
 class BenchConfig:
     name: str
     stream: StreamConfig
     submit: SubmitConfig
     fanout: FanoutConfig
     scale: ScaleConfig
+    fairness: FairnessConfig
     phases: tuple[Phase, ...] = field(default=tuple(Phase))
     # Celery's threads pool is one process, so one core of Python: a node that must carry
     # thousands of tokens a second runs a worker process per core.
@@ -138,6 +151,11 @@ class BenchConfig:
                 worker_concurrency=8,
                 jobs_per_worker=96,
             ),
+            fairness=FairnessConfig(
+                sim=SimParams(ttft_ms=20, itl_ms=25, output_tokens=20, max_concurrent_requests=64),
+                flood_jobs=300,
+                worker_slots=16,
+            ),
         )
 
     @classmethod
@@ -152,7 +170,9 @@ class BenchConfig:
                 max_rounds=4,
                 warmup_requests=1,
             ),
-            submit=SubmitConfig(concurrency=(1, 4), jobs_per_level=20),
+            submit=SubmitConfig(
+                concurrency=(1, 4), jobs_per_level=20, limits_concurrency=(4,), limits_rounds=1
+            ),
             fanout=FanoutConfig(
                 sim=SimParams(ttft_ms=10, itl_ms=50, output_tokens=400, max_concurrent_requests=8),
                 clients=50,
@@ -167,6 +187,11 @@ class BenchConfig:
                 worker_concurrency=4,
                 jobs_per_worker=8,
                 submitters=8,
+            ),
+            fairness=FairnessConfig(
+                sim=SimParams(ttft_ms=10, itl_ms=10, output_tokens=10, max_concurrent_requests=8),
+                flood_jobs=40,
+                worker_slots=4,
             ),
             worker_processes=1,
         )

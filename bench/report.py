@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.stats import Difference, Percentiles
-from bench.submit import KeyUse
+from bench.submit import KeyUse, SubmitLevel
 
 if TYPE_CHECKING:
     from bench.runner import BenchResult
@@ -103,10 +103,14 @@ def _tables(result: BenchResult) -> list[Table]:
     if result.submit is not None:
         tables.append(submit_table(result))
         tables.append(submit_keys_table(result))
+        if any(level.keys != "mixed" for level in result.submit.levels):
+            tables.append(submit_limits_table(result))
     if result.fanout is not None:
         tables.append(fanout_table(result))
     if result.scale is not None:
         tables.append(scale_table(result))
+    if result.fairness is not None:
+        tables.append(fairness_table(result))
     tables.append(cpu_table(result))
     tables.append(targets_table(result))
     return tables
@@ -173,7 +177,7 @@ def submit_table(result: BenchResult) -> Table:
     )
     for column in columns:
         table.add_column(column, justify="right")
-    for level in result.submit.levels:
+    for level in _mixed(result.submit.levels):
         lat = level.latency_ms
         table.add_row(
             str(level.api_processes),
@@ -189,6 +193,51 @@ def submit_table(result: BenchResult) -> Table:
     return table
 
 
+def _mixed(levels: list[SubmitLevel]) -> list[SubmitLevel]:
+    return [level for level in levels if level.keys == "mixed"]
+
+
+def limits_ratio(levels: list[SubmitLevel]) -> dict[tuple[int, int], dict[str, float]]:
+    """Jobs/s with and without limits on the key, summed over the rounds, by (API processes,
+    clients); `ratio` is limits ÷ no limits."""
+    sums: dict[tuple[int, int], dict[str, list[float]]] = {}
+    for level in levels:
+        if level.keys == "mixed":
+            continue
+        kinds = sums.setdefault((level.api_processes, level.concurrency), {})
+        jobs, wall = kinds.setdefault(level.keys, [0.0, 0.0])
+        kinds[level.keys] = [jobs + level.accepted, wall + level.wall_s]
+    rates = {}
+    for where, kinds in sums.items():
+        plain, limited = (kinds.get(k, [0.0, 0.0]) for k in ("no limits", "limits"))
+        without = plain[0] / plain[1] if plain[1] else 0.0
+        with_ = limited[0] / limited[1] if limited[1] else 0.0
+        ratio = with_ / without if without else 0.0
+        rates[where] = {"no limits": without, "limits": with_, "ratio": ratio}
+    return rates
+
+
+def submit_limits_table(result: BenchResult) -> Table:
+    """What checking a key's limits costs the front door (bar: ratio ≥ 0.90)."""
+    assert result.submit is not None
+    table = Table(
+        title="submit with limits: known keys without limits and with every limit set"
+        " (never reached), in turn; jobs/s over all rounds"
+    )
+    columns = ("API processes", "submitters", "jobs/s no limits", "jobs/s limits", "ratio")
+    for column in columns:
+        table.add_column(column, justify="right")
+    for (processes, clients), rates in limits_ratio(result.submit.levels).items():
+        table.add_row(
+            str(processes),
+            str(clients),
+            f"{rates['no limits']:.0f}",
+            f"{rates['limits']:.0f}",
+            f"{rates['ratio']:.3f}",
+        )
+    return table
+
+
 def submit_keys_table(result: BenchResult) -> Table:
     """The same submits by the key they carried: p50 / p99 ms, and errors."""
     assert result.submit is not None
@@ -199,7 +248,7 @@ def submit_keys_table(result: BenchResult) -> Table:
     )
     for column in ("API processes", "submitters", "new keys", *uses, "errors"):
         table.add_column(column, justify="right")
-    for level in result.submit.levels:
+    for level in _mixed(result.submit.levels):
         cells = []
         for use in uses:
             figures = level.by_key.get(use.value)
@@ -263,6 +312,25 @@ def scale_table(result: BenchResult) -> Table:
             f"{level.tokens_per_s:.0f}",
             f"{level.efficiency:.3f}",
         )
+    return table
+
+
+def fairness_table(result: BenchResult) -> Table:
+    fair = result.fairness
+    assert fair is not None
+    table = Table(title="fairness: one tenant's flood, then another tenant's one job")
+    columns = ("flood jobs", "slots", "job s", "B waited s", "A p50 wait s", "A last wait s")
+    for column in (*columns, "B / A last"):
+        table.add_column(column, justify="right")
+    table.add_row(
+        str(fair.flood_jobs),
+        str(fair.worker_slots),
+        f"{fair.job_s:.3f}",
+        f"{fair.light_wait_s:.3f}",
+        f"{fair.flood_wait_p50_s:.2f}",
+        f"{fair.flood_wait_max_s:.2f}",
+        f"{fair.light_vs_backlog:.3f}",
+    )
     return table
 
 

@@ -22,7 +22,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from bench import fanout, report, scale, stream, submit, targets
+from bench import fairness, fanout, report, scale, stream, submit, targets
 from bench.cluster import Cluster, ModelEntry, Sim
 from bench.config import BenchConfig, Phase
 from bench.environment import Environment
@@ -32,8 +32,8 @@ from bench.servers import data_servers
 from inferq.processes import Child, wait_http
 
 # Every model the API knows; the main worker serves `stream` and `fanout`, none serves `void`,
-# and `scale` is served by the scale phase's own workers.
-MODELS = ("stream", "fanout", "void", "scale")
+# and `scale` and `fairness` are served by their phases' own workers.
+MODELS = ("stream", "fanout", "void", "scale", "fairness")
 
 
 @dataclass
@@ -46,6 +46,7 @@ class BenchResult:
     submit: submit.SubmitResult | None = None
     fanout: fanout.FanoutResult | None = None
     scale: scale.ScaleResult | None = None
+    fairness: fairness.FairnessResult | None = None
     cpu: dict[str, CpuUsage] = field(default_factory=dict)
     # The machine's speed probe (ms, lower is faster) before each phase, and at the end.
     speed_probe_ms: dict[str, float] = field(default_factory=dict)
@@ -111,6 +112,7 @@ class Bench:
             Phase.submit: self.run_submit,
             Phase.fanout: self.run_fanout,
             Phase.scale: self.run_scale,
+            Phase.fairness: self.run_fairness,
         }
         for phase in self.config.phases:
             result.speed_probe_ms[phase.value] = speed_probe_ms()
@@ -186,6 +188,14 @@ class Bench:
             levels.append(scale.run_level(target, config, count, tick))
         queue = self.cluster.queue("scale")
         return scale.ScaleResult("scale", queue, scale.NOTE, scale.with_efficiency(levels))
+
+    def run_fairness(self) -> fairness.FairnessResult:
+        config = self.config.fairness
+        task = self.progress.add_task(f"fairness: {config.flood_jobs} jobs, then 1", total=None)
+        target = fairness.FairnessTarget(self.cluster, self.platform.api_url, "fairness")
+        result = fairness.run(target, config)
+        self.progress.remove_task(task)
+        return result
 
 
 def run_bench(

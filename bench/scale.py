@@ -16,10 +16,10 @@ from bench.cluster import Cluster, ModelEntry
 from bench.config import ScaleConfig
 from bench.servers import libpq_url
 from bench.stats import ratio
+from inferq.models import TERMINAL_STATUSES
 from inferq.processes import Child, wait_http
 
 Tick = Callable[[], None]
-TERMINAL = ["succeeded", "failed", "cancelled", "expired"]
 FINISH_TIMEOUT_S = 600.0
 
 FINISHED_SQL = "SELECT count(*) FROM jobs WHERE id = ANY(%s::uuid[]) AND status = ANY(%s)"
@@ -119,7 +119,7 @@ def _wait_finished(conn: psycopg.Connection, ids: list[str], tick: Tick) -> None
                 f"scale: {len(ids) - done} jobs unfinished after {FINISH_TIMEOUT_S}s"
             )
         time.sleep(0.2)
-        row = conn.execute(FINISHED_SQL, (ids, TERMINAL)).fetchone()
+        row = conn.execute(FINISHED_SQL, (ids, list(TERMINAL_STATUSES))).fetchone()
         finished = int(row[0]) if row else 0
         for _ in range(finished - done):
             tick()

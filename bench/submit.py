@@ -15,7 +15,7 @@ import json
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import httptools
 import httpx
@@ -67,6 +67,9 @@ class SubmitLevel:
     client_cpu_share: float  # the bench process's CPU / wall: near 1.0, it was the bottleneck
     new_keys: int  # made through the admin API before the level, first used in it
     by_key: dict[str, KeyUseFigures]  # by KeyUse value
+    # "mixed": the key uses above in turn; "no limits" / "limits": known keys only, without
+    # and with limits (set too high to refuse), for the cost of checking them.
+    keys: str = "mixed"
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,23 @@ class Keys:
             self.sent.add(key)
             return (KeyUse.new_first if first else KeyUse.new_again), key
         return KeyUse.known, self.known[slot % len(self.known)]
+
+
+@dataclass
+class KnownOnly(Keys):
+    """Every submit carries one of the known keys, in turn."""
+
+    def pick(self, index: int) -> tuple[KeyUse, str]:
+        return KeyUse.known, self.known[index % len(self.known)]
+
+
+# High enough never to refuse: every limit is checked, none is reached.
+NEVER_REACHED = {
+    "rate_limit_per_minute": 1_000_000_000,
+    "tokens_per_minute": 1_000_000_000,
+    "daily_budget_usd": 1_000_000,
+    "max_queued": 1_000_000_000,
+}
 
 
 @dataclass
@@ -177,7 +197,9 @@ async def run_level(
     )
 
 
-async def create_keys(api_url: str, admin_key: str, count: int, label: str) -> list[str]:
+async def create_keys(
+    api_url: str, admin_key: str, count: int, label: str, limits: dict[str, int] | None = None
+) -> list[str]:
     """`count` API keys through the admin API, spread over a few tenants; their secrets."""
     limit = asyncio.Semaphore(ADMIN_CONCURRENCY)
     headers = {"Authorization": f"Bearer {admin_key}"}
@@ -185,9 +207,8 @@ async def create_keys(api_url: str, admin_key: str, count: int, label: str) -> l
     async def one(http: httpx.AsyncClient, index: int) -> str:
         tenant = f"bench-{index % KEY_TENANTS}"
         async with limit:
-            response = await http.post(
-                "/v1/admin/keys", json={"name": f"{label}-{index}", "tenant": tenant}
-            )
+            body = {"name": f"{label}-{index}", "tenant": tenant, **(limits or {})}
+            response = await http.post("/v1/admin/keys", json=body)
         response.raise_for_status()
         return str(response.json()["secret"])
 
@@ -225,4 +246,39 @@ async def run(
             results.append(
                 await run_level(connections, keys, api_processes, concurrency, jobs, tick)
             )
+        results += await compare_limits(api_url, api_key, config, api_processes, connections)
     return results
+
+
+async def compare_limits(
+    api_url: str,
+    api_key: str,
+    config: SubmitConfig,
+    api_processes: int,
+    connections: list[KeepAlive],
+) -> list[SubmitLevel]:
+    """Known keys without limits, then known keys with every limit (never reached), in turn
+    `limits_rounds` times at each client count: the machine's speed drifts, so each kind
+    gets its share of every stretch of time."""
+    plain = KnownOnly(api_key, await create_keys(api_url, api_key, KNOWN_KEYS, "plain"), [])
+    limited = KnownOnly(
+        api_key,
+        await create_keys(api_url, api_key, KNOWN_KEYS, "limited", NEVER_REACHED),
+        [],
+    )
+    warm = len(TURNS) * KNOWN_KEYS
+    for keys in (plain, limited):  # into the API's key cache, and the scripts into Redis
+        await run_level(connections, keys, api_processes, min(4, len(connections)), warm, _idle)
+    levels = []
+    for concurrency in config.limits_concurrency:
+        for _ in range(config.limits_rounds):
+            for label, keys in (("no limits", plain), ("limits", limited)):
+                level = await run_level(
+                    connections, keys, api_processes, concurrency, config.jobs_per_level, _idle
+                )
+                levels.append(replace(level, keys=label))
+    return levels
+
+
+def _idle() -> None:
+    pass

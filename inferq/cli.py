@@ -5,13 +5,23 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 import click
 
 from inferq import instance, tools
 from inferq.registry import Registry, queue_prefix_of
 from inferq.settings import get_settings
+
+if TYPE_CHECKING:
+    from inferq.models import ApiKey
+
+T = TypeVar("T")
 
 
 def _exec_module(module: str, args: list[str], env: dict[str, str] | None = None) -> None:
@@ -176,29 +186,175 @@ def migrate() -> None:
 
 @main.group()
 def keys() -> None:
-    """Manage API keys."""
+    """Manage API keys (every tenant's: the command line holds the database's credentials)."""
+
+
+# Sent for a limit, `none` clears it (`keys update`); a limit is otherwise a positive number.
+CLEAR = "none"
+# What the columns hold (integer; numeric(12, 4)).
+MAX_COUNT = 2**31 - 1
+MAX_BUDGET = Decimal("99999999.9999")
+
+
+class LimitType(click.ParamType[object]):
+    """A key's limit: a positive count (a budget: dollars, 0 allowed), or `none`."""
+
+    def __init__(self, budget: bool = False) -> None:
+        self.budget = budget
+        self.name = "dollars|none" if budget else "count|none"
+
+    def convert(
+        self, value: object, param: click.Parameter | None, ctx: click.Context | None
+    ) -> object:
+        if str(value).lower() == CLEAR:
+            return CLEAR
+        try:
+            number = Decimal(str(value)) if self.budget else int(str(value))
+        except (ValueError, ArithmeticError):
+            self.fail(f"{value!r} is not a number (or `{CLEAR}`)", param, ctx)
+        low, high = (0, MAX_BUDGET) if self.budget else (1, MAX_COUNT)
+        if (isinstance(number, Decimal) and not number.is_finite()) or not low <= number <= high:
+            self.fail(f"{value!r} is not between {low} and {high}", param, ctx)
+        return number
+
+
+LIMIT_OPTIONS = (
+    ("--rate-limit-per-minute", "rate_limit_per_minute", False, "requests per minute"),
+    ("--tokens-per-minute", "tokens_per_minute", False, "tokens (input + output) per minute"),
+    ("--daily-budget-usd", "daily_budget_usd", True, "spend per UTC day, in US dollars"),
+    ("--max-queued", "max_queued", False, "jobs queued at once"),
+)
+
+
+def _limit_options(command: Callable[..., None]) -> Callable[..., None]:
+    for flag, name, budget, words in reversed(LIMIT_OPTIONS):
+        command = click.option(
+            flag, name, type=LimitType(budget), help=f"{words}; `none`: no limit"
+        )(command)
+    return command
+
+
+def _given(options: dict[str, object]) -> dict[str, object]:
+    """The options given, `none` as None (no limit)."""
+    return {k: None if v == CLEAR else v for k, v in options.items() if v is not None}
+
+
+def _in_database(action: Callable[[str], T]) -> T:
+    """`action(database_url)`, its database failures in one line."""
+    from sqlalchemy.exc import OperationalError, ProgrammingError
+
+    url = _database_url()
+    try:
+        return action(url)
+    except OperationalError as exc:
+        raise _unreachable(url, exc) from None
+    except ProgrammingError:
+        raise click.ClickException(
+            f"the database at {_safe(url)} has no inferq tables (or not the latest): "
+            "run `inferq migrate`"
+        ) from None
+
+
+KEY_COLUMNS = (
+    "ID",
+    "NAME",
+    "TENANT",
+    "ADMIN",
+    "PREFIX",
+    "REQ/MIN",
+    "TOK/MIN",
+    "USD/DAY",
+    "QUEUED",
+    "CREATED",
+    "REVOKED",
+)
+
+
+def key_table(rows: list[ApiKey]) -> str:
+    """Keys as an aligned table; `-` for no limit."""
+
+    def cell(value: object) -> str:
+        if value is None:
+            return "-"
+        if isinstance(value, datetime):
+            return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+        return str(value)
+
+    lines = [list(KEY_COLUMNS)]
+    for row in rows:
+        values = (
+            row.id,
+            row.name,
+            row.tenant,
+            "yes" if row.admin else "no",
+            row.prefix,
+            row.rate_limit_per_minute,
+            row.tokens_per_minute,
+            row.daily_budget_usd,
+            row.max_queued,
+            row.created_at,
+            row.revoked_at,
+        )
+        lines.append([cell(v) for v in values])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(KEY_COLUMNS))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines
+    )
 
 
 @keys.command("create")
 @click.argument("name")
 @click.option("--tenant", default="default", show_default=True)
-@click.option("--admin", is_flag=True)
-def keys_create(name: str, tenant: str, admin: bool) -> None:
+@click.option("--admin", is_flag=True, help="may manage the tenant's keys")
+@_limit_options
+def keys_create(name: str, tenant: str, admin: bool, **limits: object) -> None:
     """Create a key and print its secret (shown this once)."""
-    from sqlalchemy.exc import OperationalError, ProgrammingError
+    from inferq.admin import Limits, create_key
 
-    from inferq.admin import create_key
+    chosen = Limits(**_given(limits))  # type: ignore[arg-type]
+    click.echo(_in_database(lambda url: create_key(url, name, tenant, admin, chosen)))
 
-    url = _database_url()
-    try:
-        secret = create_key(url, name, tenant, admin)
-    except OperationalError as exc:
-        raise _unreachable(url, exc) from None
-    except ProgrammingError:
-        raise click.ClickException(
-            f"the database at {_safe(url)} has no inferq tables: run `inferq migrate`"
-        ) from None
-    click.echo(secret)
+
+@keys.command("list")
+@click.option("--tenant", default=None, help="only this tenant's keys")
+def keys_list(tenant: str | None) -> None:
+    """List keys, newest first (never their secrets)."""
+    from inferq.admin import list_keys
+
+    click.echo(key_table(_in_database(lambda url: list_keys(url, tenant))))
+
+
+@keys.command("update")
+@click.argument("key_id", type=click.UUID)
+@click.option("--name", default=None, help="a new name")
+@_limit_options
+def keys_update(key_id: uuid.UUID, name: str | None, **limits: object) -> None:
+    """Rename a key or change its limits (API processes apply it within 5 s)."""
+    from inferq.admin import KeyChanges, update_key
+
+    given = _given({"name": name, **limits})
+    if not given:
+        raise click.UsageError("nothing to change: give --name or a limit")
+    if given.get("name") == "":
+        raise click.BadParameter("a key's name cannot be empty", param_hint="--name")
+    changes = KeyChanges(frozenset(given), **given)  # type: ignore[arg-type]
+    row = _in_database(lambda url: update_key(url, key_id, changes))
+    if row is None:
+        raise click.ClickException(f"no key {key_id}")
+    click.echo(key_table([row]))
+
+
+@keys.command("revoke")
+@click.argument("key_id", type=click.UUID)
+def keys_revoke(key_id: uuid.UUID) -> None:
+    """Revoke a key: API processes refuse it within 5 s. Revoking again changes nothing."""
+    from inferq.admin import revoke_key
+
+    row = _in_database(lambda url: revoke_key(url, key_id))
+    if row is None:
+        raise click.ClickException(f"no key {key_id}")
+    when = row.revoked_at.isoformat(timespec="seconds") if row.revoked_at else "?"
+    click.echo(f"revoked {key_id} ({row.name}, tenant {row.tenant}) at {when}")
 
 
 @main.command()

@@ -9,7 +9,9 @@ import time
 import httpx
 from httpx_sse import connect_sse
 
-TERMINAL = {"succeeded", "failed", "cancelled", "expired"}
+from inferq.events import Event, EventType
+from inferq.models import TERMINAL_STATUSES
+from inferq.protocol import DoneData, ErrorData, TokenData
 
 
 def submit_and_print(
@@ -61,18 +63,21 @@ def _error_text(response: httpx.Response) -> str:
 def _stream(http: httpx.Client, job_id: str) -> int:
     status = "failed"
     with connect_sse(http, "GET", f"/v1/jobs/{job_id}/events") as source:
-        for event in source.iter_sse():
-            data = json.loads(event.data) if event.data else {}
-            if event.event == "token":
-                sys.stdout.write(data["text"])
+        for sse in source.iter_sse():
+            if sse.event not in set(EventType):
+                continue  # an event this client does not know
+            event = Event(EventType(sse.event), sse.data)
+            if event.type is EventType.token:
+                sys.stdout.write(event.parse(TokenData).text)
                 sys.stdout.flush()
-            elif event.event == "reset":
+            elif event.type is EventType.reset:
                 sys.stdout.write("\n[restarted]\n")
-            elif event.event == "done":
-                status = data.get("status", "succeeded")
+            elif event.type is EventType.done:
+                status = event.parse(DoneData).status
                 break
-            elif event.event == "error":
-                print(f"\nerror: {data.get('type')}: {data.get('message')}", file=sys.stderr)
+            elif event.type is EventType.error:
+                error = event.parse(ErrorData)
+                print(f"\nerror: {error.type}: {error.message}", file=sys.stderr)
                 break
     sys.stdout.write("\n")
     return 0 if status == "succeeded" else 1
@@ -81,7 +86,7 @@ def _stream(http: httpx.Client, job_id: str) -> int:
 def _poll(http: httpx.Client, job_id: str, as_json: bool) -> int:
     while True:
         job = http.get(f"/v1/jobs/{job_id}").json()
-        if job["status"] in TERMINAL:
+        if job["status"] in TERMINAL_STATUSES:
             break
         time.sleep(0.2)
     if as_json:

@@ -1,20 +1,18 @@
-"""The token stream protocol (DESIGN §5): Redis keys, event payloads, the publish script."""
+"""The token stream protocol (DESIGN §5): Redis keys, the event envelope, the publish script.
+
+The payloads themselves are the models of `inferq.protocol`.
+"""
 
 from __future__ import annotations
 
-import enum
-import json
+import builtins
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-
-class EventType(enum.StrEnum):
-    status = "status"
-    token = "token"
-    reset = "reset"
-    done = "done"
-    error = "error"
-
+from inferq.protocol import EventType as EventType  # the envelope's type, re-exported
+from inferq.protocol import P, Payload, TokenData
+from inferq.settings import Settings
 
 TERMINAL_EVENTS = frozenset({EventType.done, EventType.error})
 
@@ -80,7 +78,11 @@ return redis.call('EXISTS', KEYS[3])
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    """One event of a job's stream; `id` is the Redis stream id ("ms-seq")."""
+    """One event of a job's stream; `id` is the Redis stream id ("ms-seq").
+
+    `data` is the payload's JSON text: whoever only forwards an event (the API's fan-out)
+    never parses it; whoever reads it parses it into its model with `parse`.
+    """
 
     type: EventType
     data: str  # JSON text
@@ -88,12 +90,15 @@ class Event:
     # The event as sent to clients, rendered once by whoever fans it out to many.
     wire: bytes = field(default=b"", compare=False, repr=False)
 
-    def payload(self) -> dict[str, Any]:
-        return json.loads(self.data)
-
     @classmethod
-    def make(cls, type_: EventType, **data: Any) -> Event:
-        return cls(type_, json.dumps(data, separators=(",", ":")))
+    def of(cls, payload: Payload) -> Event:
+        return cls(payload.EVENT, payload.dump())
+
+    def parse(self, kind: builtins.type[P]) -> P:
+        """The payload as `kind`, which must be this event's type."""
+        if kind.EVENT is not self.type:
+            raise ValueError(f"a {self.type.value} event is not {kind.__name__}")
+        return kind.model_validate_json(self.data)
 
     @classmethod
     def from_message(cls, message: str) -> Event:
@@ -139,30 +144,17 @@ def parse_stream_id(stream_id: str) -> tuple[int, int]:
         return (0, 0)
 
 
-def usage(
-    input_tokens: int | None = None,
-    output_tokens: int | None = None,
-    cost_usd: float | None = None,
-) -> dict[str, Any]:
-    """The `usage` object of a `done` event."""
-    return {"input_tokens": input_tokens, "output_tokens": output_tokens, "cost_usd": cost_usd}
+# A redis-py `Script` (sync or asyncio) registered from PUBLISH_SCRIPT.
+PublishScript = Callable[..., Any]
 
 
-def terminal_events(
-    status: str,
-    finish_reason: str | None = None,
-    usage: dict[str, Any] | None = None,
-    error: tuple[str, str] | None = None,
-) -> list[Event]:
-    """The closing events of a job: its status, then `error` for a failure, else `done`."""
-    events = [Event.make(EventType.status, status=status)]
-    if error is not None:
-        events.append(Event.make(EventType.error, type=error[0], message=error[1]))
-    else:
-        events.append(
-            Event.make(EventType.done, status=status, finish_reason=finish_reason, usage=usage)
-        )
-    return events
+def publish_end(
+    script: PublishScript, job_id: str, events: list[Event], settings: Settings, client: Any = None
+) -> Any:
+    """Write a job whose row has ended its closing events, unfenced, and give its stream the
+    TTL; `events` may be empty (only the TTL). An awaitable on an asyncio script."""
+    args = script_args(events, settings.stream_maxlen, settings.stream_ttl_seconds)
+    return script(keys=script_keys(job_id), args=args, client=client)
 
 
 # One vocabulary of `finish_reason` for every job, whichever backend and route ran it:
@@ -197,7 +189,7 @@ def progress(events: list[Event]) -> Progress:
         if event.type is EventType.reset:
             parts, tokens = [], 0
         elif event.type is EventType.token:
-            payload = event.payload()
-            parts.append(payload["text"])
-            tokens += int(payload.get("tokens", 1))
+            token = event.parse(TokenData)
+            parts.append(token.text)
+            tokens += token.count
     return Progress("".join(parts), tokens)

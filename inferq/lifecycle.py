@@ -1,18 +1,36 @@
-"""The job lifecycle in Postgres (DESIGN §4): claim with a lease, extend it, finish once;
-expire a job whose deadline passed before it started; release a job a stopping worker hands back.
+"""The job lifecycle in Postgres (DESIGN §3, §4): every change of a job's state, each one
+prebuilt Core statement with bound parameters: claim with a lease, renew it, finish once;
+cancel a queued job; fail one whose workers kept dying; expire one whose deadline passed
+before it started; release one a stopping worker hands back. Also the events that close a
+job's stream, built from how it ended.
 """
 
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Protocol
 
-from sqlalchemy import Connection, Interval, Table, and_, bindparam, func, or_, select, update
+from pydantic import ValidationError
+from sqlalchemy import (
+    Connection,
+    Interval,
+    Table,
+    and_,
+    bindparam,
+    func,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.ext.asyncio import AsyncSession
 
+from inferq.events import Event
 from inferq.models import Job, JobStatus
+from inferq.protocol import DoneData, ErrorData, JobInput, JobParams, StatusData, Usage
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,15 +41,45 @@ class Claim:
     token: uuid.UUID
     attempt: int
     model: str
-    input: dict[str, Any]
-    params: dict[str, Any]
+    input: JobInput
+    params: JobParams
     created_at: datetime
     deadline_at: datetime | None
     started_at: datetime | None = None  # the first attempt's start: the run budget counts from it
 
 
+class Unreadable(Exception):
+    """A job was claimed whose stored input or params do not validate; `claim` (with empty
+    ones) can still finish it."""
+
+    def __init__(self, claim: Claim, error: ValidationError) -> None:
+        super().__init__(f"the job's stored request is invalid: {error.error_count()} errors")
+        self.claim = claim
+
+
+class Ended(Protocol):
+    """A job's row, or a query of these columns of it, once the job ended."""
+
+    @property
+    def status(self) -> str: ...
+    @property
+    def finish_reason(self) -> str | None: ...
+    @property
+    def input_tokens(self) -> int | None: ...
+    @property
+    def output_tokens(self) -> int | None: ...
+    @property
+    def cost_usd(self) -> Decimal | None: ...
+    @property
+    def error_type(self) -> str | None: ...
+    @property
+    def error_message(self) -> str | None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Outcome:
+    """How a job ended: what finishing it stores, and what its closing events say."""
+
     status: JobStatus
     output: str = ""
     finish_reason: str | None = None
@@ -42,14 +90,40 @@ class Outcome:
     error_message: str | None = None
     first_token_at: datetime | None = None
 
+    @classmethod
+    def of_row(cls, row: Ended) -> Outcome:
+        return cls(
+            JobStatus(row.status),
+            finish_reason=row.finish_reason,
+            input_tokens=row.input_tokens,
+            output_tokens=row.output_tokens,
+            cost_usd=None if row.cost_usd is None else float(row.cost_usd),
+            error_type=row.error_type,
+            error_message=row.error_message,
+        )
 
-def lease_until(seconds: float) -> Any:
-    return func.now() + timedelta(seconds=seconds)
+    @property
+    def usage(self) -> Usage:
+        return Usage(
+            input_tokens=self.input_tokens,
+            output_tokens=self.output_tokens,
+            cost_usd=self.cost_usd,
+        )
+
+    def closing_events(self) -> list[Event]:
+        """The job's last events: its status, then `error` for a failure or an expiry, else
+        `done`."""
+        status = Event.of(StatusData(status=self.status))
+        if self.error_type is not None or self.status is JobStatus.failed:
+            error = ErrorData(type=self.error_type or "error", message=self.error_message or "")
+            return [status, Event.of(error)]
+        done = DoneData(status=self.status, finish_reason=self.finish_reason, usage=self.usage)
+        return [status, Event.of(done)]
 
 
-# The worker's two statements per job, built once as Core statements with bound parameters:
-# through an ORM session each cost about 2.6 ms of CPU to build and run; this way, 0.6 ms
-# (README, performance). Both run on an autocommit connection: one round trip each.
+# Built once as Core statements with bound parameters: through an ORM session each of the
+# worker's statements cost about 2.6 ms of CPU to build and run; this way, 0.6 ms (README,
+# performance). The worker's run on an autocommit connection: one round trip each.
 _jobs: Table = Job.__table__  # type: ignore[assignment]
 # Its deadline passed before it ever started: it must not run (DESIGN §3, `expired`).
 _OVERDUE = and_(
@@ -57,6 +131,7 @@ _OVERDUE = and_(
     _jobs.c.deadline_at <= func.now(),
     _jobs.c.started_at.is_(None),
 )
+_LEASE = func.now() + bindparam("lease", type_=Interval)
 _CLAIM = (
     update(_jobs)
     .where(
@@ -73,7 +148,7 @@ _CLAIM = (
         attempts=_jobs.c.attempts + 1,
         worker=bindparam("worker"),
         claim_token=bindparam("token"),
-        lease_expires_at=func.now() + bindparam("lease", type_=Interval),
+        lease_expires_at=_LEASE,
         started_at=func.coalesce(_jobs.c.started_at, func.now()),
     )
     .returning(
@@ -85,6 +160,16 @@ _CLAIM = (
         _jobs.c.deadline_at,
         _jobs.c.started_at,
     )
+)
+# Every claim a worker process holds, in one statement: the claims it returns still hold.
+_RENEW = (
+    update(_jobs)
+    .where(
+        _jobs.c.claim_token.in_(bindparam("tokens", expanding=True)),
+        _jobs.c.status == JobStatus.running,
+    )
+    .values(lease_expires_at=_LEASE)
+    .returning(_jobs.c.claim_token)
 )
 _FINISH = (
     update(_jobs)
@@ -110,72 +195,41 @@ _FINISH = (
         ),
     )
 )
-
-
-def claim(
-    conn: Connection, job_id: uuid.UUID, worker: str, lease_seconds: float, max_attempts: int
-) -> Claim | None:
-    """Take a queued job, or a running one whose lease expired; None if someone else has it."""
-    token = uuid.uuid4()
-    row = conn.execute(
-        _CLAIM,
-        {
-            "job_id": job_id,
-            "max_attempts": max_attempts,
-            "worker": worker,
-            "token": token,
-            "lease": timedelta(seconds=lease_seconds),
-        },
-    ).first()
-    if row is None:
-        return None
-    return Claim(
-        job_id,
-        token,
-        row.attempts,
-        row.model,
-        row.input,
-        row.params,
-        row.created_at,
-        row.deadline_at,
-        row.started_at,
+# A queued job is cancelled at once (a running one by its worker, which finishes it).
+_CANCEL_QUEUED = (
+    update(_jobs)
+    .where(_jobs.c.id == bindparam("job_id"), _jobs.c.status == JobStatus.queued)
+    .values(status=JobStatus.cancelled, finish_reason="cancelled", finished_at=func.now())
+    .returning(*_jobs.c)
+)
+# A job whose lease lapsed on its last allowed attempt: its workers kept dying.
+_FAIL_EXHAUSTED = (
+    update(_jobs)
+    .where(
+        _jobs.c.status == JobStatus.running,
+        _jobs.c.lease_expires_at < func.now(),
+        _jobs.c.attempts >= bindparam("max_attempts"),
     )
-
-
-def finish(conn: Connection, claim_: Claim, outcome: Outcome) -> bool:
-    """Record the end of a job; False when the claim was lost or the job already ended."""
-    result = conn.execute(
-        _FINISH,
-        {
-            "job_id": claim_.job_id,
-            "token": claim_.token,
-            "status": outcome.status.value,
-            "output": outcome.output,
-            "finish_reason": outcome.finish_reason,
-            "input_tokens": outcome.input_tokens,
-            "output_tokens": outcome.output_tokens,
-            "cost_usd": None if outcome.cost_usd is None else Decimal(str(outcome.cost_usd)),
-            "error_type": outcome.error_type,
-            "error_message": outcome.error_message,
-            "first_token_at": outcome.first_token_at,
-        },
+    .values(
+        status=JobStatus.failed,
+        error_type=bindparam("error_type"),
+        error_message=bindparam("error_message"),
+        finished_at=func.now(),
+        lease_expires_at=None,
     )
-    return bool(result.rowcount)
-
-
+    .returning(_jobs.c.id)
+)
 _EXISTS = select(_jobs.c.id).where(_jobs.c.id == bindparam("job_id"))
 
-
-def exists(conn: Connection, job_id: uuid.UUID) -> bool:
-    """Whether the database holds the job (asked only after a claim found no row)."""
-    return conn.execute(_EXISTS, {"job_id": job_id}).first() is not None
-
-
-EXPIRED_MESSAGE = "the job's deadline passed before it started"
+EXPIRED = Outcome(
+    JobStatus.expired,
+    error_type="deadline_exceeded",
+    error_message="the job's deadline passed before it started",
+)
 _EXPIRE_VALUES = {
-    "status": JobStatus.expired,
-    "error_type": "deadline_exceeded",
-    "error_message": EXPIRED_MESSAGE,
+    "status": EXPIRED.status,
+    "error_type": EXPIRED.error_type,
+    "error_message": EXPIRED.error_message,
     "finished_at": func.now(),
 }
 _EXPIRE = (
@@ -215,10 +269,110 @@ _RELEASE = (
 )
 
 
+def claim(
+    conn: Connection, job_id: uuid.UUID, worker: str, lease_seconds: float, max_attempts: int
+) -> Claim | None:
+    """Take a queued job, or a running one whose lease expired; None if someone else has it.
+
+    Raises Unreadable for a job whose stored request does not validate (it is claimed)."""
+    token = uuid.uuid4()
+    row = conn.execute(
+        _CLAIM,
+        {
+            "job_id": job_id,
+            "max_attempts": max_attempts,
+            "worker": worker,
+            "token": token,
+            "lease": timedelta(seconds=lease_seconds),
+        },
+    ).first()
+    if row is None:
+        return None
+    held = Claim(
+        job_id,
+        token,
+        row.attempts,
+        row.model,
+        JobInput(),
+        JobParams(max_tokens=0),
+        row.created_at,
+        row.deadline_at,
+        row.started_at,
+    )
+    try:
+        request = JobInput.model_validate(row.input), JobParams.model_validate(row.params)
+    except ValidationError as exc:
+        raise Unreadable(held, exc) from exc
+    return replace(held, input=request[0], params=request[1])
+
+
+def renew(conn: Connection, tokens: Sequence[uuid.UUID], lease_seconds: float) -> set[uuid.UUID]:
+    """Extend the leases of these claims; the claims that still hold."""
+    rows = conn.execute(_RENEW, {"tokens": list(tokens), "lease": timedelta(seconds=lease_seconds)})
+    return set(rows.scalars())
+
+
+def finish(conn: Connection, claim_: Claim, outcome: Outcome) -> bool:
+    """Record the end of a job; False when the claim was lost or the job already ended."""
+    result = conn.execute(
+        _FINISH,
+        {
+            "job_id": claim_.job_id,
+            "token": claim_.token,
+            "status": outcome.status.value,
+            "output": outcome.output,
+            "finish_reason": outcome.finish_reason,
+            "input_tokens": outcome.input_tokens,
+            "output_tokens": outcome.output_tokens,
+            "cost_usd": None if outcome.cost_usd is None else Decimal(str(outcome.cost_usd)),
+            "error_type": outcome.error_type,
+            "error_message": outcome.error_message,
+            "first_token_at": outcome.first_token_at,
+        },
+    )
+    return bool(result.rowcount)
+
+
+async def cancel_queued(session: AsyncSession, job_id: uuid.UUID) -> Job | None:
+    """Cancel the job if it is still queued: the cancelled job, else None."""
+    cancelled: Job | None = await session.scalar(
+        select(Job).from_statement(_CANCEL_QUEUED).execution_options(populate_existing=True),
+        {"job_id": job_id},
+    )
+    return cancelled
+
+
+def exhausted_message(max_attempts: int) -> str:
+    return f"the job's worker stopped responding on each of {max_attempts} attempts"
+
+
+def fail_exhausted(conn: Connection, max_attempts: int) -> list[tuple[uuid.UUID, Outcome]]:
+    """Fail the running jobs whose lease lapsed on their last allowed attempt: each one's id
+    and how it ended."""
+    outcome = Outcome(
+        JobStatus.failed, error_type="worker_lost", error_message=exhausted_message(max_attempts)
+    )
+    rows = conn.execute(
+        _FAIL_EXHAUSTED,
+        {
+            "max_attempts": max_attempts,
+            "error_type": outcome.error_type,
+            "error_message": outcome.error_message,
+        },
+    )
+    return [(job_id, outcome) for job_id in rows.scalars()]
+
+
+def exists(conn: Connection, job_id: uuid.UUID) -> bool:
+    """Whether the database holds the job (asked only after a claim found no row)."""
+    return conn.execute(_EXISTS, {"job_id": job_id}).first() is not None
+
+
 def expire(conn: Connection, job_id: uuid.UUID) -> str | None:
     """End a queued job whose deadline passed before it started: its model, None if it is
     not such a job."""
-    return conn.execute(_EXPIRE, {"job_id": job_id}).scalar()
+    model: str | None = conn.execute(_EXPIRE, {"job_id": job_id}).scalar()
+    return model
 
 
 def expire_overdue(conn: Connection, limit: int) -> list[tuple[uuid.UUID, str]]:

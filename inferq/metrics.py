@@ -52,6 +52,11 @@ WEBHOOK_DELIVERIES = Counter(
 WORKER_UNKNOWN_JOBS = Counter(
     "inferq_worker_unknown_jobs", "Deliveries of job ids the database does not hold"
 )
+LIMITS_HIT = Counter(
+    "inferq_limits_hit",
+    "Submits refused by a per-key limit: requests, tokens, budget, queue",
+    ["limit"],
+)
 JOBS_RELEASED = Counter(
     "inferq_jobs_released",
     "Running jobs a stopping worker handed back to the queue after its grace period",

@@ -6,7 +6,7 @@ import enum
 import uuid
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, Literal, get_args
 
 from sqlalchemy import (
     BigInteger,
@@ -52,13 +52,18 @@ class JobStatus(enum.StrEnum):
 
     @property
     def terminal(self) -> bool:
+        """Terminal states never change (DESIGN §3)."""
         return self not in (JobStatus.queued, JobStatus.running)
 
 
-TERMINAL_STATUSES = tuple(s.value for s in JobStatus if s.terminal)
-WEBHOOK_PENDING = (
-    "webhook IS NOT NULL AND NOT webhook_done"
-    " AND status IN ('succeeded', 'failed', 'cancelled', 'expired')"
+# The one set of terminal states, in JobStatus's order; every other spelling derives from it.
+TERMINAL_STATUSES: tuple[str, ...] = tuple(s.value for s in JobStatus if s.terminal)
+# The same as a type, for request schemas (a webhook's events); checked against JobStatus.
+JobEnd = Literal["succeeded", "failed", "cancelled", "expired"]
+if get_args(JobEnd) != TERMINAL_STATUSES:
+    raise AssertionError(f"JobEnd {get_args(JobEnd)} is not JobStatus's {TERMINAL_STATUSES}")
+WEBHOOK_PENDING = "webhook IS NOT NULL AND NOT webhook_done AND status IN ({})".format(
+    ", ".join(f"'{status}'" for status in TERMINAL_STATUSES)
 )
 
 
@@ -72,7 +77,9 @@ class ApiKey(Base):
     tenant: Mapped[str] = mapped_column(String(200), index=True)
     admin: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
     rate_limit_per_minute: Mapped[int | None] = mapped_column(Integer)
+    tokens_per_minute: Mapped[int | None] = mapped_column(Integer)
     daily_budget_usd: Mapped[Decimal | None] = mapped_column(Numeric(12, 4))
+    max_queued: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
     revoked_at: Mapped[datetime | None]
 
@@ -95,6 +102,12 @@ class Job(Base):
             "status",
             "lease_expires_at",
             postgresql_where=text("status IN ('queued', 'running')"),
+        ),
+        # A key's queued jobs, counted at submit for keys with max_queued (DESIGN §6).
+        Index(
+            "ix_jobs_key_queued",
+            "api_key_id",
+            postgresql_where=text("status = 'queued'"),
         ),
         # Exactly the jobs whose webhook is due or waiting for its next try (DESIGN §11).
         Index(

@@ -83,6 +83,14 @@ class Enqueue:
     priority: str = "interactive"
     # What Flower shows as the task's arguments (the worker reads only the job id).
     label: str = ""
+    # Redis priority steps below the asked priority, for fair share between tenants
+    # (inferq.fairness); the sweeper and hand-backs enqueue with none.
+    shift: int = 0
+
+
+def redis_priority(priority: str, shift: int = 0) -> int:
+    """The Redis priority of a job: its class's base, lowered by `shift` steps."""
+    return min(PRIORITIES.get(priority, 0) + shift, PRIORITY_STEPS[-1])
 
 
 def list_key(queue: str, priority: int) -> str:
@@ -122,9 +130,10 @@ class MessageBuilder:
             ignore_result=True,
             argsrepr=f"{[item.job_id]!r} {item.label}".rstrip(),
         )
-        content_type, encoding, body = serialization.dumps(message.body, serializer="json")
+        dumps: Any = serialization.dumps  # kombu is untyped
+        content_type, encoding, body = dumps(message.body, serializer="json")
         raw = body.encode(encoding) if isinstance(body, str) else body
-        priority = PRIORITIES.get(item.priority, 0)
+        priority = redis_priority(item.priority, item.shift)
         payload = {
             "body": base64.b64encode(raw).decode("ascii"),
             "content-encoding": encoding,

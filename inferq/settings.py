@@ -5,13 +5,17 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
+from urllib.parse import unquote, urlsplit
 
 from pydantic import SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="INFERQ_", env_file=".env", extra="ignore")
+    # A refused value may sit beside a real secret: errors never echo the input.
+    model_config = SettingsConfigDict(
+        env_prefix="INFERQ_", env_file=".env", extra="ignore", hide_input_in_errors=True
+    )
 
     environment: Literal["development", "production", "test"] = "development"
     database_url: str = "postgresql://postgres@127.0.0.1:5432/inferq"
@@ -99,6 +103,12 @@ class Settings(BaseSettings):
     # and the job runs again); keep it below stall_bound_seconds.
     redis_outage_seconds: float = 30.0
 
+    # Per-key limits (DESIGN §6): the length of the requests- and tokens-per-minute window
+    # (60; shorter only for tests), and the Retry-After of a `queue_full` refusal (a queued
+    # job of the key may start at any moment, so a short wait).
+    limit_window_seconds: int = 60
+    limit_queue_full_retry_seconds: int = 2
+
     @property
     def stall_bound_seconds(self) -> float:
         return self.stall_seconds or self.backend_timeout_seconds + 30.0
@@ -115,11 +125,47 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _refuse_default_secrets(self) -> Settings:
-        if self.environment == "production" and self.flower_basic_auth.get_secret_value() == (
-            "admin:inferq"
-        ):
-            raise ValueError("set INFERQ_FLOWER_BASIC_AUTH in production")
+        if self.environment == "production" and (names := default_secrets(self)):
+            raise ValueError(
+                f"{', '.join(names)}: a default or example secret; set a secret of your own"
+                " in production (deploy/gen-env writes random ones)"
+            )
         return self
+
+
+# Secrets this repository ships as defaults or examples (settings, docker-compose, the
+# Kubernetes example Secret) and the usual first guesses: anyone can read or try them.
+_KNOWN_PASSWORDS = frozenset(
+    {"", "inferq", "postgres", "redis", "admin", "password", "secret", "change-me", "changeme"}
+)
+_KNOWN_BOOTSTRAP_KEYS = _KNOWN_PASSWORDS | {
+    "iq-compose-bootstrap-change-me",
+    "change-me-to-a-long-random-admin-key",
+}
+
+
+def _url_password(url: str) -> str | None:
+    password = urlsplit(url).password
+    return None if password is None else unquote(password)
+
+
+def default_secrets(settings: Settings) -> list[str]:
+    """The variables whose secret is a known default (a URL without a password is not)."""
+    found = []
+    bootstrap = settings.bootstrap_key
+    if bootstrap is not None and bootstrap.get_secret_value() in _KNOWN_BOOTSTRAP_KEYS:
+        found.append("INFERQ_BOOTSTRAP_KEY")
+    # Flower takes `user:password`, or several separated by commas.
+    flower = settings.flower_basic_auth.get_secret_value().split(",")
+    if any(pair.partition(":")[2] in _KNOWN_PASSWORDS for pair in flower):
+        found.append("INFERQ_FLOWER_BASIC_AUTH")
+    urls = {
+        "INFERQ_DATABASE_URL": settings.database_url,
+        "INFERQ_REDIS_URL": settings.redis_url,
+        "INFERQ_BROKER_URL": settings.broker_url or "",
+    }
+    found += [name for name, url in urls.items() if _url_password(url) in _KNOWN_PASSWORDS]
+    return found
 
 
 @lru_cache(maxsize=1)

@@ -24,11 +24,11 @@ from pydantic import BaseModel
 from sqlalchemy import Select, select
 from sqlalchemy.dialects.postgresql import Insert, insert
 
-from inferq.models import Job, TenantSecret
+from inferq.models import TERMINAL_STATUSES, Job, TenantSecret
 
 SECRET_PREFIX = "whsec_"
 SECRET_BYTES = 32  # Standard Webhooks asks for 24 to 64 bytes
-JOB_ENDS = ("succeeded", "failed", "cancelled", "expired")
+JOB_ENDS = TERMINAL_STATUSES  # a webhook's default events: every end
 
 
 # -- secrets and signatures ---------------------------------------------------------------

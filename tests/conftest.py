@@ -100,11 +100,15 @@ price_output_per_mtok = 1.25
 backend = "tgi"
 url = "{slow}"
 max_tokens = 400
+price_input_per_mtok = 0.25
+price_output_per_mtok = 1.25
 
 [models.faulty]
 backend = "tgi"
 url = "{faulty}"
 max_tokens = 64
+price_input_per_mtok = 0.25
+price_output_per_mtok = 1.25
 
 [models.lonely]
 backend = "tgi"

@@ -52,10 +52,17 @@ def _assert_stream(stream: dict[str, Any]) -> None:
         assert level["overhead"]["tokens_per_s_ratio"] > 0
 
 
+LIMIT_ROUNDS = {"no limits", "limits"}  # known keys without, then with, limits never reached
+
+
 def _assert_submit(submit: dict[str, Any]) -> None:
     assert {level["api_processes"] for level in submit["levels"]} == {1, 2}
     for level in submit["levels"]:
         assert level["accepted"] == level["jobs"] > 0
+        assert level["jobs_per_s"] > 0
+    mixed = [level for level in submit["levels"] if level["keys"] not in LIMIT_ROUNDS]
+    assert mixed and {level["keys"] for level in submit["levels"]} >= LIMIT_ROUNDS
+    for level in mixed:
         # API keys made through the admin API, new ones first used in the level, beside the
         # bootstrap key: each kind accepted, each reported on its own.
         assert level["new_keys"] > 0
@@ -103,9 +110,10 @@ def test_the_fan_out_clients_sse_parser_reads_what_the_api_writes() -> None:
     from api.events.router import PING
     from api.events.wire import encode
     from bench.wire import parse_frame
-    from inferq.events import Event, EventType
+    from inferq.events import Event
+    from inferq.protocol import TokenData
 
-    token = dataclasses.replace(Event.make(EventType.token, text="a\nb"), id="1700000000000-3")
+    token = dataclasses.replace(Event.of(TokenData(text="a\nb")), id="1700000000000-3")
     blocks = (encode(token) + PING).replace(b"\r\n", b"\n").split(b"\n\n")
     frame = parse_frame(blocks[0], received=1.0)
     assert frame is not None

@@ -29,6 +29,8 @@ from typing import Any
 import pytest
 import yaml
 
+from inferq.settings import Settings
+
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -37,6 +39,7 @@ NGINX_CONF = DEPLOY / "nginx.conf"
 K8S = DEPLOY / "k8s"
 PROMETHEUS = DEPLOY / "prometheus"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "inferq.json"
+GEN_ENV = DEPLOY / "gen-env"
 
 # The only commands an inferq container may run (DESIGN §2).
 CLI_COMMANDS = [
@@ -68,6 +71,15 @@ METRICS = {
     "flower_worker_online",
     "up",
 }
+# Secrets compose takes from .env, written by deploy/gen-env; the operator UIs it publishes.
+GENERATED_SECRETS = (
+    "INFERQ_BOOTSTRAP_KEY",
+    "POSTGRES_PASSWORD",
+    "INFERQ_FLOWER_BASIC_AUTH",
+    "GRAFANA_ADMIN_PASSWORD",
+)
+OPERATOR_UIS = ("flower", "prometheus", "grafana")
+LOOPBACK = {"127.0.0.1", "::1"}
 SSE_PATHS = ["/v1/jobs/0190b7e2/events", "/v1/chat/completions", "/v1/completions"]
 K8S_MIN_VERSION = "1.30.0"
 INFERQ_IMAGE = re.compile(r"^(\$\{INFERQ_IMAGE:-)?([\w.-]+/)*inferq(:[\w.-]+)?\}?$")
@@ -295,8 +307,41 @@ def test_compose_exposes_nginx_and_flower_with_basic_auth() -> None:
     assert nginx["ports"] == ["${INFERQ_HTTP_PORT:-8080}:8080"]
     assert "ports" not in services["api"]  # replicas are reached through nginx only
     flower = services["flower"]
-    assert flower["ports"] == ["${INFERQ_FLOWER_PORT:-5555}:5555"]
+    assert flower["ports"] == ["127.0.0.1:${INFERQ_FLOWER_PORT:-5555}:5555"]
     assert "INFERQ_FLOWER_BASIC_AUTH" in flower["environment"]
+
+
+def host_ip(port: str | dict[str, Any]) -> str:
+    """The host address a published port binds ("" for every interface), short or long form."""
+    if isinstance(port, dict):
+        return str(port.get("host_ip", ""))
+    spec = re.sub(r"\$\{[^}]*\}", "0", str(port))  # `${PORT:-5555}` holds a colon
+    if spec.startswith("["):  # [::1]:5555:5555
+        return spec[1 : spec.index("]")]
+    parts = spec.split(":")
+    return parts[0] if len(parts) == 3 else ""
+
+
+def test_compose_publishes_only_the_api_on_public_interfaces() -> None:
+    for name, svc in compose_services().items():
+        for port in svc.get("ports", []):
+            if name != "nginx":
+                assert host_ip(port) in LOOPBACK, f"{name} publishes {port} on every interface"
+    for ui in OPERATOR_UIS:
+        assert compose_services()[ui]["ports"], ui
+
+
+def test_compose_secrets_have_no_defaults() -> None:
+    text = COMPOSE_FILE.read_text()
+    for name in GENERATED_SECRETS:
+        uses = re.findall(rf"\$\{{{name}(\W[^}}]*)?\}}", text)
+        assert uses, f"{name} is not used"
+        # `${NAME:?message}`: compose stops with the message while the secret is unset or empty.
+        assert all(u.startswith(":?") and "deploy/gen-env" in u for u in uses), (name, uses)
+    for default in ("change-me", "admin:inferq", ":-inferq}"):
+        assert default not in text, default
+    env = compose_services()["api"]["environment"]
+    assert env["INFERQ_ENVIRONMENT"] == "${INFERQ_ENVIRONMENT:-production}"
 
 
 def test_compose_bind_mounts_exist() -> None:
@@ -317,13 +362,24 @@ def compose_cli() -> list[str]:
 
 
 def compose_env() -> dict[str, str]:
-    # Interpolation must not depend on the caller's environment.
-    return {k: v for k, v in os.environ.items() if not k.startswith(("INFERQ_", "COMPOSE_"))}
+    # Interpolation must not depend on the caller's environment (nor on a developer's .env:
+    # each run names its own --env-file).
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("INFERQ_", "COMPOSE_")) and k not in GENERATED_SECRETS
+    }
 
 
-def test_compose_config_is_valid_and_renders_the_cli_commands() -> None:
-    cli = [*compose_cli(), "-f", str(COMPOSE_FILE), "--profile", "gpu", "--profile", "monitoring"]
-    proc = run([*cli, "config"], cwd=ROOT, env=compose_env())
+def compose_config(env_file: Path) -> subprocess.CompletedProcess[str]:
+    cli = [*compose_cli(), "-f", str(COMPOSE_FILE), "--env-file", str(env_file)]
+    return run(
+        [*cli, "--profile", "gpu", "--profile", "monitoring", "config"], cwd=ROOT, env=compose_env()
+    )
+
+
+def test_compose_config_is_valid_and_renders_the_cli_commands(tmp_path: Path) -> None:
+    proc = compose_config(generated_env(tmp_path / ".env"))
     assert_ok(proc)
     # What the tool made of anchors, merges and interpolation.
     rendered = yaml.safe_load(proc.stdout)["services"]
@@ -333,6 +389,103 @@ def test_compose_config_is_valid_and_renders_the_cli_commands() -> None:
         assert is_cli_command(entry + rendered[name]["command"]), name
     assert rendered["tgi"]["profiles"] == ["gpu"]
     assert not rendered["sim"].get("profiles") and not rendered["worker"].get("profiles")
+    for name, svc in rendered.items():
+        for port in svc.get("ports", []):
+            assert name == "nginx" or host_ip(port) in LOOPBACK, (name, port)
+
+
+def test_compose_refuses_to_start_without_the_secrets(tmp_path: Path) -> None:
+    empty = tmp_path / ".env"
+    empty.write_text("")
+    proc = compose_config(empty)
+    assert proc.returncode != 0
+    assert "run deploy/gen-env" in proc.stderr + proc.stdout
+
+
+# ---------------------------------------------------------------- secrets
+
+
+def generated_env(path: Path) -> Path:
+    assert_ok(run([sys.executable, str(GEN_ENV), str(path)]))
+    return path
+
+
+def env_file(path: Path) -> dict[str, str]:
+    lines = [ln for ln in path.read_text().splitlines() if ln and not ln.startswith("#")]
+    return dict(ln.split("=", 1) for ln in lines)
+
+
+def test_gen_env_writes_random_private_secrets(tmp_path: Path) -> None:
+    one, two = env_file(generated_env(tmp_path / "a")), env_file(generated_env(tmp_path / "b"))
+    assert set(one) == set(GENERATED_SECRETS) == set(two)
+    for name in GENERATED_SECRETS:
+        assert len(one[name]) >= 32 and one[name] != two[name], name
+    assert (tmp_path / "a").stat().st_mode & 0o777 == 0o600
+    assert ".env" in (ROOT / ".gitignore").read_text().split()
+
+
+def test_gen_env_keeps_existing_secrets(tmp_path: Path) -> None:
+    path = tmp_path / ".env"
+    path.write_text("POSTGRES_PASSWORD=already-in-the-volume\n")
+    secrets = env_file(generated_env(path))
+    assert secrets["POSTGRES_PASSWORD"] == "already-in-the-volume"
+    assert set(secrets) == set(GENERATED_SECRETS)
+    assert env_file(generated_env(path)) == secrets
+
+
+def test_production_accepts_the_generated_secrets(tmp_path: Path) -> None:
+    env = env_file(generated_env(tmp_path / ".env"))
+    settings = production(
+        bootstrap_key=env["INFERQ_BOOTSTRAP_KEY"],
+        flower_basic_auth=env["INFERQ_FLOWER_BASIC_AUTH"],
+        database_url=f"postgresql://inferq:{env['POSTGRES_PASSWORD']}@postgres:5432/inferq",
+    )
+    assert settings.environment == "production"
+
+
+def production(**values: Any) -> Settings:
+    # No INFERQ_* variable or .env file of the caller's may fill in a field.
+    return Settings(_env_file=None, environment="production", **values)  # type: ignore[call-arg]
+
+
+OWN = {"flower_basic_auth": "ops:Tq8vL2mZ0xYc4nR7"}
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "variable"),
+    [
+        ("flower_basic_auth", "admin:inferq", "INFERQ_FLOWER_BASIC_AUTH"),
+        ("flower_basic_auth", "ops:Tq8vL2mZ0xYc4nR7,admin:admin", "INFERQ_FLOWER_BASIC_AUTH"),
+        ("bootstrap_key", "iq-compose-bootstrap-change-me", "INFERQ_BOOTSTRAP_KEY"),
+        ("bootstrap_key", "change-me-to-a-long-random-admin-key", "INFERQ_BOOTSTRAP_KEY"),
+        ("bootstrap_key", "", "INFERQ_BOOTSTRAP_KEY"),
+        ("database_url", "postgresql://inferq:inferq@postgres:5432/inferq", "INFERQ_DATABASE_URL"),
+        ("database_url", "postgresql+psycopg://postgres:postgres@db/inferq", "INFERQ_DATABASE_URL"),
+        ("database_url", "postgresql://inferq:@db/inferq", "INFERQ_DATABASE_URL"),
+        ("redis_url", "redis://:change-me@redis:6379/0", "INFERQ_REDIS_URL"),
+        ("broker_url", "redis://default:redis@broker:6379/0", "INFERQ_BROKER_URL"),
+    ],
+)
+def test_production_refuses_a_default_secret(field: str, value: str, variable: str) -> None:
+    with pytest.raises(ValueError, match=variable) as refused:
+        production(**{**OWN, field: value})
+    assert value not in str(refused.value) or not value  # the error never echoes a secret
+    Settings(_env_file=None, environment="development", **{**OWN, field: value})  # type: ignore[call-arg]
+
+
+def test_production_refuses_the_kubernetes_example_secret() -> None:
+    (secret,) = load_yaml_docs(K8S / "secret.example.yaml")
+    values = {k.removeprefix("INFERQ_").lower(): v for k, v in secret["stringData"].items()}
+    values.pop("hf_token")
+    with pytest.raises(ValueError) as refused:
+        production(**values)
+    for name in ("BOOTSTRAP_KEY", "FLOWER_BASIC_AUTH", "DATABASE_URL", "REDIS_URL"):
+        assert f"INFERQ_{name}" in str(refused.value), name
+
+
+def test_production_accepts_a_url_without_password() -> None:
+    """Certificates, a .pgpass file or IAM may authenticate instead."""
+    assert production(**OWN, database_url="postgresql://inferq@db/inferq").database_url
 
 
 def test_compose_matches_the_compose_specification_schema() -> None:

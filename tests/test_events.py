@@ -171,6 +171,28 @@ def test_cancel_running_job_frees_backend_slot(platform: Platform, http: httpx.C
     assert transcript.of_type("done")[-1]["status"] == "cancelled"
 
 
+def test_cancelled_job_is_charged_for_the_tokens_it_produced(
+    platform: Platform, http: httpx.Client
+) -> None:
+    job = submit(http, model="slow", prompt="a story to stop early", max_tokens=400, seed=12)
+    transcript = Transcript()
+    reader = threading.Thread(target=read, args=(http, job["id"], transcript))
+    reader.start()
+    _wait_until(lambda: len(transcript.of_type("token")) >= 3)
+    assert http.post(f"/v1/jobs/{job['id']}/cancel").status_code == 200
+    stored = wait_for(http, job["id"])
+    reader.join(timeout=10)
+    assert stored["status"] == "cancelled"
+    usage = stored["usage"]
+    assert usage["output_tokens"] > 0
+    # TGI counts the prompt only as its stream ends: a cut stream's input is estimated.
+    assert usage["input_tokens"] > 0
+    cost = (usage["input_tokens"] * 0.25 + usage["output_tokens"] * 1.25) / 1e6
+    assert usage["cost_usd"] > 0
+    assert usage["cost_usd"] == pytest.approx(cost)
+    assert transcript.of_type("done")[-1]["usage"] == usage
+
+
 def test_worker_killed_mid_generation_is_replaced_and_readers_see_reset(
     platform: Platform, http: httpx.Client
 ) -> None:

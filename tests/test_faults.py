@@ -33,9 +33,11 @@ import pytest
 import redis
 
 from inferq.embedded import free_port
-from inferq.events import PUBLISH_SCRIPT, Event, EventType, progress, stream_key, terminal_events
-from inferq.lifecycle import Claim
+from inferq.events import PUBLISH_SCRIPT, Event, EventType, progress, stream_key
+from inferq.lifecycle import Claim, Outcome
+from inferq.models import JobStatus
 from inferq.processes import Child
+from inferq.protocol import JobInput, JobParams, ResetData, StatusData
 from inferq.queue import UNACKED_KEY, Enqueue, Enqueuer, make_producer_app
 from inferq.redis_clients import sync_client
 from inferq.registry import Registry, queue_prefix_of
@@ -400,7 +402,8 @@ def lone_redis(tmp_path: Path) -> Iterator[Redis]:
 
 def _claim(attempt: int) -> Claim:
     now = dt.datetime.now(dt.UTC)
-    return Claim(uuid.uuid4(), uuid.uuid4(), attempt, "sim", {}, {}, now, None)
+    request = JobInput(prompt="-"), JobParams(max_tokens=1)
+    return Claim(uuid.uuid4(), uuid.uuid4(), attempt, "sim", *request, now, None)
 
 
 def _publisher(client: redis.Redis, job_id: str, claim: Claim, outage_s: float) -> TokenPublisher:
@@ -429,7 +432,7 @@ def test_a_stream_outlives_redis_restarting_empty_and_ends_equal_to_the_text(
     job_id = str(uuid.uuid4())
     claim = _claim(attempt=2)
     publisher = _publisher(client, job_id, claim, outage_s=30)
-    publisher.send([Event.make(EventType.status, status="running")])
+    publisher.send([Event.of(StatusData(status=JobStatus.running))])
     for text in ("Once ", "upon "):
         publisher.add_token(text)
     lone_redis.kill()  # the stream, the claim key and the script are gone with it
@@ -437,11 +440,12 @@ def test_a_stream_outlives_redis_restarting_empty_and_ends_equal_to_the_text(
     publisher.add_token("a ")  # waits for Redis, then shows the whole text again
     comeback.join()
     publisher.add_token("time")
-    publisher.send(terminal_events("succeeded", "length"), final=True)
+    succeeded = Outcome(JobStatus.succeeded, finish_reason="length")
+    publisher.send(succeeded.closing_events(), final=True)
 
     events = [Event.from_entry(i, f) for i, f in client.xrange(stream_key(job_id))]
     assert [e.type for e in events[:2]] == [EventType.reset, EventType.token]
-    assert events[0].payload()["attempt"] == 2
+    assert events[0].parse(ResetData).attempt == 2
     assert progress(events).text == "Once upon a time"
     assert progress(events).tokens == 4
     # The claim fence holds on the emptied Redis: an older attempt may not write any more.

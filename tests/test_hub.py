@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -23,13 +24,21 @@ from inferq.events import (
     channel,
     script_args,
     script_keys,
-    terminal_events,
 )
+from inferq.lifecycle import Outcome
+from inferq.models import JobStatus
+from inferq.protocol import StatusData, TokenData
 from inferq.redis_clients import async_client
 from tests.servers import Databases, free_port
 
 # Each hub's connections carry a name of their own, to be found in CLIENT LIST.
 HUB_CLIENT = "inferq-hub-test"
+
+
+def _succeeded(output_tokens: int | None = None) -> list[Event]:
+    """The closing events of a job that ended `length`, as a worker writes them."""
+    outcome = Outcome(JobStatus.succeeded, finish_reason="length", output_tokens=output_tokens)
+    return outcome.closing_events()
 
 
 @contextlib.asynccontextmanager
@@ -61,17 +70,17 @@ async def test_a_reader_that_falls_behind_catches_up_from_the_stream(
         reader = JobEvents(redis, hub, None, job_id, None)  # type: ignore[arg-type]
         batches = reader.batches()
         texts = [f" t{i}" for i in range(40)]
-        first = [Event.make(EventType.status, status="running")]
+        first = [Event.of(StatusData(status=JobStatus.running))]
         await publish(keys=script_keys(str(job_id)), args=script_args(first, 1000, 0))
         assert [e.type for e in await anext(batches)] == [EventType.status]
         # Forty flushes while the reader is busy elsewhere: far more than its backlog holds.
         for text in texts:
-            token = [Event.make(EventType.token, text=text)]
+            token = [Event.of(TokenData(text=text))]
             await publish(keys=script_keys(str(job_id)), args=script_args(token, 1000, 0))
-        end = terminal_events("succeeded", "length", {"output_tokens": 40})
+        end = _succeeded(output_tokens=40)
         await publish(keys=script_keys(str(job_id)), args=script_args(end, 1000, 60))
         received = [e async for batch in batches for e in batch]
-    tokens = [e.payload()["text"] for e in received if e.type is EventType.token]
+    tokens = [e.parse(TokenData).text for e in received if e.type is EventType.token]
     assert "".join(tokens) == "".join(texts)
     assert received[-1].type is EventType.done
     assert hub.listeners == 0
@@ -86,12 +95,12 @@ async def test_readers_of_a_quiet_channel_re_read_the_stream(
         job_id = str(uuid.uuid4())
         reader = JobEvents(redis, hub, None, uuid.UUID(job_id), None)  # type: ignore[arg-type]
         batches = reader.batches()
-        start = [Event.make(EventType.status, status="running")]
+        start = [Event.of(StatusData(status=JobStatus.running))]
         publish = redis.register_script(PUBLISH_SCRIPT)
         await publish(keys=script_keys(job_id), args=script_args(start, 1000, 0))
         assert [e.type for e in await anext(batches)] == [EventType.status]
         # Written to the stream only, as if the PUBLISH had been lost in a reconnect.
-        end = terminal_events("succeeded", "length", {"output_tokens": 0})
+        end = _succeeded(output_tokens=0)
         for event in end:
             await redis.xadd(script_keys(job_id)[0], {"e": event.type.value, "d": event.data})
         received = [e async for batch in batches for e in batch]
@@ -106,7 +115,7 @@ async def test_an_idle_event_stream_sends_keep_alive_comments(
     async with running_hub(databases) as (redis, hub):
         job_id = str(uuid.uuid4())
         publish = redis.register_script(PUBLISH_SCRIPT)
-        start = [Event.make(EventType.status, status="running")]
+        start = [Event.of(StatusData(status=JobStatus.running))]
         await publish(keys=script_keys(job_id), args=script_args(start, 1000, 0))
         reader = JobEvents(redis, hub, None, uuid.UUID(job_id), None)  # type: ignore[arg-type]
         feed = events_router.SseFeed(reader, ping_seconds=0.3)
@@ -164,22 +173,22 @@ async def test_a_live_reader_loses_no_token_when_the_hub_connection_drops(
     async with running_hub(databases) as (redis, hub):
         reader = JobEvents(redis, hub, None, uuid.UUID(job_id), None)  # type: ignore[arg-type]
         batches = reader.batches()
-        await publish([Event.make(EventType.status, status="running")])
+        await publish([Event.of(StatusData(status=JobStatus.running))])
         received = list(await anext(batches))
         consumer = asyncio.ensure_future(_collect(batches, received))
         for i, text in enumerate(texts):
             if i in (15, 40):
                 killed = await _kill_hub_connection(admin)
-            await publish([Event.make(EventType.token, text=text)])
+            await publish([Event.of(TokenData(text=text))])
             if i not in range(15, 20) and i not in range(40, 45):  # a burst right after a kill
                 await asyncio.sleep(0.01)
-        end = terminal_events("succeeded", "length", {"output_tokens": len(texts)})
+        end = _succeeded(output_tokens=len(texts))
         await publish(end)
         async with asyncio.timeout(20):
             await consumer
         assert await _hub_connection_id(admin, other_than=killed)
     await admin.aclose()
-    tokens = [e.payload()["text"] for e in received if e.type is EventType.token]
+    tokens = [e.parse(TokenData).text for e in received if e.type is EventType.token]
     assert tokens == texts
     assert received[-1].type is EventType.done
     assert hub.listeners == 0
@@ -282,7 +291,7 @@ async def test_the_hub_starts_with_redis_down_and_readers_wait_for_it(
             async with hub.subscribe(job_id):
                 pytest.fail("subscribed while Redis is unreachable")
         assert hub.listeners == 0
-        await publish([Event.make(EventType.status, status="running")])
+        await publish([Event.of(StatusData(status=JobStatus.running))])
         reader = JobEvents(admin, hub, None, uuid.UUID(job_id), None)  # type: ignore[arg-type]
         started = asyncio.ensure_future(reader.start())
         await asyncio.sleep(0.3)
@@ -290,18 +299,18 @@ async def test_the_hub_starts_with_redis_down_and_readers_wait_for_it(
         await gate.open()
         async with asyncio.timeout(5):
             assert [e.type for e in await started] == [EventType.status]
-        await publish([Event.make(EventType.token, text="back")])
+        await publish([Event.of(TokenData(text="back"))])
         async with asyncio.timeout(5):
-            assert [e.payload() for e in await reader.next()] == [{"text": "back"}]
+            assert [json.loads(e.data) for e in await reader.next()] == [{"text": "back"}]
         # Down again mid-stream: a second reader's subscribe fails within its bound...
         await gate.close()
         with pytest.raises(HubUnavailable):
             async with hub.subscribe(str(uuid.uuid4())):
                 pytest.fail("subscribed while Redis is unreachable")
-        await publish([Event.make(EventType.token, text=" lost")])
+        await publish([Event.of(TokenData(text=" lost"))])
         # ...and once Redis is back the first reader gets what it missed from the stream.
         await gate.open()
-        await publish(terminal_events("succeeded", "length", {}))
+        await publish(_succeeded())
         rest: list[Event] = []
         async with asyncio.timeout(10):
             while not reader.ended:
@@ -310,7 +319,7 @@ async def test_the_hub_starts_with_redis_down_and_readers_wait_for_it(
         await gate.close()
     await admin.aclose()
     assert [e.type for e in rest] == [EventType.token, EventType.status, EventType.done]
-    assert rest[0].payload() == {"text": " lost"}
+    assert json.loads(rest[0].data) == {"text": " lost"}
 
 
 @pytest.mark.timeout(60)
@@ -319,14 +328,14 @@ async def test_readers_subscribing_just_as_the_connection_is_killed_do_not_hang(
 ) -> None:
     job_id = str(uuid.uuid4())
     admin, publish = _publisher(databases, job_id)
-    await publish([Event.make(EventType.status, status="running")])
+    await publish([Event.of(StatusData(status=JobStatus.running))])
     async with running_hub(databases) as (redis, hub):
         await _kill_hub_connection(admin)  # the hub has not noticed yet
         readers = [JobEvents(redis, hub, None, uuid.UUID(job_id), None) for _ in range(3)]  # type: ignore[arg-type]
         async with asyncio.timeout(15):
             for reader in readers:
                 assert [e.type for e in await reader.start()] == [EventType.status]
-        await publish(terminal_events("succeeded", "length", {}))
+        await publish(_succeeded())
         async with asyncio.timeout(15):
             for reader in readers:
                 while not reader.ended:

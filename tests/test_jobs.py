@@ -15,9 +15,9 @@ from inferq.events import (
     channel,
     script_args,
     script_keys,
-    terminal_events,
-    usage,
 )
+from inferq.lifecycle import Outcome
+from inferq.models import JobStatus
 from tests.conftest import BOOTSTRAP_KEY, Platform, submit, wait_for
 from tests.servers import free_port, redis_client, wait_http
 from tests.sse import Transcript, read
@@ -168,7 +168,14 @@ def _end_as_cancelled(platform: Platform, job_id: str) -> None:
             " finished_at = now() WHERE id = %s",
             (job_id,),
         )
-    events = terminal_events("cancelled", "cancelled", usage(0, 0, 0.0))
+    cancelled = Outcome(
+        JobStatus.cancelled,
+        finish_reason="cancelled",
+        input_tokens=0,
+        output_tokens=0,
+        cost_usd=0.0,
+    )
+    events = cancelled.closing_events()
     publish = redis_client(platform.redis_url).register_script(PUBLISH_SCRIPT)
     publish(keys=script_keys(job_id), args=script_args(events, 1000, 60))
 

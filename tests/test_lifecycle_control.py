@@ -195,6 +195,20 @@ def test_the_run_budget_spans_every_attempt(platform: Platform, http: httpx.Clie
     assert stored["attempts"] == 2
 
 
+def test_a_job_whose_stored_params_are_invalid_fails_once(
+    platform: Platform, http: httpx.Client
+) -> None:
+    job = submit(http, model="parked", prompt="no max_tokens stored", max_tokens=5)
+    # As if the row had been written wrong: the worker cannot read its parameters.
+    _sql(platform, "UPDATE jobs SET model = 'sim', params = '{}' WHERE id = %s", job["id"])
+    redis_client(platform.redis_url).zrem(ENQUEUED_KEY, job["id"])  # its message went to `parked`
+    stored = wait_for(http, job["id"], timeout=30)  # the sweeper re-enqueues it
+    assert stored["status"] == "failed"
+    assert stored["error"]["type"] == "backend_error"
+    assert "stored request is invalid" in stored["error"]["message"]
+    assert stored["attempts"] == 1
+
+
 # Graceful shutdown --------------------------------------------------------------------------
 
 

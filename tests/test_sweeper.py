@@ -20,9 +20,10 @@ import pytest
 from psycopg.types.json import Jsonb
 from sqlalchemy import insert, text
 
-from inferq.events import Event, EventType, stream_key
+from inferq.events import Event, stream_key
 from inferq.migrate import upgrade
-from inferq.models import Job
+from inferq.models import Job, JobStatus
+from inferq.protocol import StatusData, TokenData
 from inferq.queue import (
     ENQUEUED_KEY,
     SWEEPER_LAST_RUN_KEY,
@@ -250,8 +251,8 @@ def test_stream_left_open_by_a_lost_final_publish_is_closed(platform: Platform) 
     key = stream_key(job_id)
     client = redis_client(platform.redis_url)
     for event in (
-        Event.make(EventType.status, status="running"),
-        Event.make(EventType.token, text="hi"),
+        Event.of(StatusData(status=JobStatus.running)),
+        Event.of(TokenData(text="hi")),
     ):
         client.xadd(key, {"e": event.type.value, "d": event.data})
     now = datetime.now(UTC)

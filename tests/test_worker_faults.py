@@ -23,11 +23,11 @@ from inferq.events import (
     EventType,
     finish_reason_of,
     stream_key,
-    terminal_events,
 )
 from inferq.lifecycle import Outcome
 from inferq.models import JobStatus
 from inferq.processes import Child
+from inferq.protocol import ResetData
 from inferq.queue import Enqueue, Enqueuer, make_producer_app
 from inferq.registry import queue_name, queue_prefix_of
 from inferq.settings import Settings
@@ -117,6 +117,21 @@ def test_an_unreadable_stream_fails_once_as_a_backend_error(
     assert _requests(sim) - before == 1
     assert transcript.of_type("error")[-1]["type"] == "backend_error"
     assert transcript.output() == done["output"]
+
+
+def test_a_job_failing_after_tokens_is_charged_for_them(
+    platform: Platform, http: httpx.Client
+) -> None:
+    platform.sims["faulty"].fault("garbage", count=1)  # fails after three tokens
+    job = submit(http, model="faulty", prompt="charged all the same", max_tokens=16, seed=3)
+    done = wait_for(http, job["id"])
+    assert done["status"] == "failed", done
+    assert done["output"]
+    usage = done["usage"]
+    assert usage["output_tokens"] > 0
+    assert usage["input_tokens"] > 0  # estimated: the stream never reported it
+    cost = (usage["input_tokens"] * 0.25 + usage["output_tokens"] * 1.25) / 1e6
+    assert usage["cost_usd"] == pytest.approx(cost) and cost > 0
 
 
 # --- what tenants are told --------------------------------------------------------------------
@@ -268,7 +283,7 @@ def test_a_worker_that_lost_its_claim_writes_nothing_after_the_new_owners_reset(
             flush_max_tokens=16,
             claim=claim,
         )
-        heir.send([Event.make(EventType.reset, attempt=2)])
+        heir.send([Event.of(ResetData(attempt=2))])
         # The first worker streams a token every 25 ms; give it time to try to write more.
         time.sleep(3)
         events = _stream(platform, job_id)
@@ -286,7 +301,7 @@ def test_a_worker_that_lost_its_claim_writes_nothing_after_the_new_owners_reset(
             assert lifecycle.finish(conn, claim, outcome)
             conn.commit()
         heir.add_token("heir")
-        heir.send(terminal_events("succeeded", "length"), final=True)
+        heir.send(Outcome(JobStatus.succeeded, finish_reason="length").closing_events(), final=True)
     finally:
         redis.close()
         engine.dispose()

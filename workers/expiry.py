@@ -9,7 +9,7 @@ from __future__ import annotations
 import uuid
 
 from inferq import lifecycle, metrics
-from inferq.events import script_args, script_keys, terminal_events
+from inferq.events import publish_end
 from inferq.models import JobStatus
 from inferq.queue import ENQUEUED_KEY
 from workers.context import WorkerContext
@@ -38,14 +38,10 @@ def expire_overdue(ctx: WorkerContext) -> int:
 def _close(ctx: WorkerContext, jobs: list[tuple[str, str]]) -> None:
     if not jobs:
         return
-    settings = ctx.settings
-    events = terminal_events(
-        JobStatus.expired.value, error=("deadline_exceeded", lifecycle.EXPIRED_MESSAGE)
-    )
-    args = script_args(events, settings.stream_maxlen, settings.stream_ttl_seconds)
+    events = lifecycle.EXPIRED.closing_events()
     with ctx.redis.pipeline(transaction=False) as pipe:
         for job_id, _ in jobs:
-            ctx.publish_script(keys=script_keys(job_id), args=args, client=pipe)
+            publish_end(ctx.publish_script, job_id, events, ctx.settings, client=pipe)
         pipe.execute()
     ctx.broker.zrem(ENQUEUED_KEY, *[job_id for job_id, _ in jobs])
     for _, model in jobs:

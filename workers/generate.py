@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -17,15 +18,17 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from inferq import lifecycle, metrics
-from inferq.events import Event, EventType, finish_reason_of, terminal_events, usage
+from inferq import lifecycle, limits, metrics
+from inferq.events import Event, finish_reason_of
 from inferq.lifecycle import Claim, Outcome
 from inferq.models import JobStatus
+from inferq.protocol import ResetData, StatusData
 from inferq.queue import ENQUEUED_KEY, Enqueue
 from inferq.registry import ModelSpec
 from inferq.settings import Settings
 from workers.backends import (
     BackendError,
+    Completion,
     FatalBackendError,
     GenerationRequest,
     RetryableBackendError,
@@ -49,14 +52,12 @@ def run_job(ctx: WorkerContext, job_id: str) -> None:
         # The worker is stopping: the message goes back to the queue, for another worker.
         raise Reject(requeue=True)
     ctx.broker.zrem(ENQUEUED_KEY, job_id)
-    with ctx.autocommit.connect() as conn:
-        claim = lifecycle.claim(
-            conn,
-            uuid.UUID(job_id),
-            ctx.name,
-            ctx.settings.lease_seconds,
-            ctx.settings.max_attempts,
-        )
+    try:
+        claim = _claim(ctx, job_id)
+    except lifecycle.Unreadable as exc:
+        log.error("%s", exc, extra={"job_id": job_id})
+        Generation(ctx, exc.claim, None).finish(_failure("backend_error", str(exc)))
+        return
     if claim is None:
         if not expire_job(ctx, job_id):
             _not_claimable(ctx, job_id)
@@ -68,6 +69,17 @@ def run_job(ctx: WorkerContext, job_id: str) -> None:
         generation.finish(_failure("unknown_model", f"model {claim.model!r} is not served"))
         return
     generation.run(spec)
+
+
+def _claim(ctx: WorkerContext, job_id: str) -> Claim | None:
+    with ctx.autocommit.connect() as conn:
+        return lifecycle.claim(
+            conn,
+            uuid.UUID(job_id),
+            ctx.name,
+            ctx.settings.lease_seconds,
+            ctx.settings.max_attempts,
+        )
 
 
 def _not_claimable(ctx: WorkerContext, job_id: str) -> None:
@@ -84,20 +96,21 @@ def _not_claimable(ctx: WorkerContext, job_id: str) -> None:
     )
 
 
-def _failure(type_: str, message: str, output: str = "") -> Outcome:
-    return Outcome(JobStatus.failed, output=output, error_type=type_, error_message=message)
+def _failure(type_: str, message: str) -> Outcome:
+    return Outcome(JobStatus.failed, error_type=type_, error_message=message)
 
 
 def request_of(claim: Claim) -> GenerationRequest:
-    params = claim.params
+    job_input, params = claim.input, claim.params
+    messages = job_input.messages
     return GenerationRequest(
-        prompt=claim.input.get("prompt"),
-        messages=claim.input.get("messages"),
-        max_tokens=params["max_tokens"],
-        temperature=params.get("temperature"),
-        top_p=params.get("top_p"),
-        stop=params.get("stop") or [],
-        seed=params.get("seed"),
+        prompt=job_input.prompt,
+        messages=None if messages is None else [m.model_dump() for m in messages],
+        max_tokens=params.max_tokens,
+        temperature=params.temperature,
+        top_p=params.top_p,
+        stop=params.stop or [],
+        seed=params.seed,
     )
 
 
@@ -121,6 +134,7 @@ class Generation:
         )
         self.restarts = 0
         self.parts: list[str] = []
+        self.completion = Completion()  # the current backend call's counts, as it reports them
         self.emitted = claim.attempt > 1  # an earlier attempt may have streamed tokens
         self.interrupt = Interrupt(str(claim.job_id), _run_deadline(claim, settings))
         self.started = time.monotonic()
@@ -175,14 +189,14 @@ class Generation:
         log.exception("generation failed unexpectedly", extra=self._log())
         error = unexpected(exc)
         try:
-            self.finish(_failure(error.type, error.message, output="".join(self.parts)))
+            self.finish(self._charged(_failure(error.type, error.message)))
         except ClaimLost:
             log.warning("lease lost, another worker owns the job", extra=self._log())
 
     def _start_events(self) -> None:
-        events = [Event.make(EventType.status, status=JobStatus.running.value)]
+        events = [Event.of(StatusData(status=JobStatus.running))]
         if self.emitted:
-            events.insert(0, Event.make(EventType.reset, attempt=self.claim.attempt))
+            events.insert(0, Event.of(ResetData(attempt=self.claim.attempt)))
         self.publisher.send(events)
 
     def _with_retries(self, spec: ModelSpec) -> Outcome:
@@ -201,10 +215,10 @@ class Generation:
             if stop.reason is not Reason.cancelled:
                 raise
             # Between two tries: readers were sent a reset if the last try had shown tokens.
-            return self._cancelled([], None)
+            return self._cancelled(None)
         except BackendError as exc:
             # Keep what the readers were shown, so the stream and the stored output agree.
-            return _failure(exc.type, exc.message, output="".join(self.parts))
+            return self._charged(_failure(exc.type, exc.message))
 
     def _before_retry(self, state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
@@ -212,11 +226,10 @@ class Generation:
         # The back-off counts as progress: the lease must outlive it.
         sleep = state.next_action.sleep if state.next_action else 0.0
         self.ctx.leases.beat(self.claim.token, grace=sleep)
+        self.parts, self.completion = [], Completion()  # the next try starts over
         if self.emitted:
             self.restarts += 1
-            self.publisher.send(
-                [Event.make(EventType.reset, attempt=self.claim.attempt + self.restarts)]
-            )
+            self.publisher.send([Event.of(ResetData(attempt=self.claim.attempt + self.restarts))])
             self.emitted = False
 
     def _attempt(self, spec: ModelSpec) -> Outcome:
@@ -224,6 +237,7 @@ class Generation:
             spec, request_of(self.claim), self.ctx.settings.backend_timeout_seconds
         )
         parts = self.parts = []
+        self.completion = stream.completion
         first_token_at: datetime | None = None
         self.interrupt.attach(stream)
         try:
@@ -234,7 +248,7 @@ class Generation:
                     self.emitted = True
                 parts.append(delta)
                 if self.publisher.add_token(delta):
-                    return self._cancelled(parts, first_token_at)
+                    return self._cancelled(first_token_at)
                 if not self.ctx.leases.beat(self.claim.token):
                     raise ClaimLost
                 if time.monotonic() > self.interrupt.deadline:
@@ -243,26 +257,15 @@ class Generation:
             # An interrupt aborts the backend's stream, which fails the read it was blocked in.
             if self.interrupt.reason is Reason.cancelled:
                 self.publisher.flush()
-                return self._cancelled(parts, first_token_at)
+                return self._cancelled(first_token_at)
             self._stop_if_interrupted()
             raise
         finally:
             self.interrupt.attach(None)
             stream.close()
-        completion = stream.completion
-        output_tokens = (
-            completion.output_tokens if completion.output_tokens is not None else len(parts)
-        )
-        input_tokens = completion.input_tokens or 0
-        return Outcome(
-            JobStatus.succeeded,
-            output="".join(parts),
-            finish_reason=finish_reason_of(completion.finish_reason or "stop"),
-            input_tokens=input_tokens,
-            output_tokens=output_tokens,
-            cost_usd=spec.cost_usd(input_tokens, output_tokens),
-            first_token_at=first_token_at,
-        )
+        reason = finish_reason_of(stream.completion.finish_reason or "stop")
+        done = Outcome(JobStatus.succeeded, finish_reason=reason, first_token_at=first_token_at)
+        return self._charged(done)
 
     def _stop_if_interrupted(self) -> None:
         if self.interrupt.reason is Reason.deadline or time.monotonic() > self.interrupt.deadline:
@@ -270,14 +273,38 @@ class Generation:
         if self.interrupt.reason is not None:
             raise Interrupted(self.interrupt.reason)
 
-    def _cancelled(self, parts: list[str], first_token_at: datetime | None) -> Outcome:
+    def _cancelled(self, first_token_at: datetime | None) -> Outcome:
         # The flush that saw the flag carried every pending token: all of `parts` was published.
-        return Outcome(
+        cancelled = Outcome(
             JobStatus.cancelled,
-            output="".join(parts),
             finish_reason="cancelled",
-            output_tokens=len(parts),
+            output_tokens=0,
             first_token_at=first_token_at,
+        )
+        return self._charged(cancelled)
+
+    def _charged(self, outcome: Outcome) -> Outcome:
+        """`outcome` with the current try's output and what it cost, however it ended: the
+        tokens were produced, so they are charged (DESIGN §3)."""
+        output = "".join(self.parts)
+        completion = self.completion
+        output_tokens = completion.output_tokens
+        if output_tokens is None:
+            output_tokens = len(self.parts)  # one delta per token
+        produced = output_tokens or outcome.status is JobStatus.succeeded
+        if not produced or self.spec is None:
+            return replace(outcome, output=output)  # nothing to charge
+        input_tokens = completion.input_tokens
+        if input_tokens is None:
+            # The backend reports the prompt's count only as its stream ends: a stream cut
+            # short (cancelled, failed) is charged an estimate of it instead.
+            input_tokens = self.claim.input.estimated_tokens()
+        return replace(
+            outcome,
+            output=output,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            cost_usd=self.spec.cost_usd(input_tokens, output_tokens),
         )
 
     def finish(self, outcome: Outcome) -> None:
@@ -288,7 +315,16 @@ class Generation:
         if not recorded:
             log.warning("finish refused: job already ended or taken over", extra=self._log())
             return
-        self.publisher.send(self._closing_events(outcome), final=True)
+        # Before the closing events: a client that submits again on `done` finds its key's
+        # limits already settled.
+        limits.settle(
+            self.ctx.redis,
+            str(self.claim.job_id),
+            outcome.input_tokens,
+            outcome.output_tokens,
+            outcome.cost_usd,
+        )
+        self.publisher.send(outcome.closing_events(), final=True)
         record_finish(self.claim, outcome, datetime.now(UTC))
         log.info(
             "job %s %s: %s output tokens",
@@ -305,15 +341,6 @@ class Generation:
                 "error_type": outcome.error_type,
             },
         )
-
-    def _closing_events(self, outcome: Outcome) -> list[Event]:
-        counts = usage(outcome.input_tokens, outcome.output_tokens, outcome.cost_usd)
-        error = (
-            (outcome.error_type or "error", outcome.error_message or "")
-            if outcome.status is JobStatus.failed
-            else None
-        )
-        return terminal_events(outcome.status.value, outcome.finish_reason, counts, error)
 
     def _log(self) -> dict[str, Any]:
         return {"job_id": str(self.claim.job_id), "attempt": self.claim.attempt}

@@ -19,11 +19,9 @@ import threading
 import time
 import uuid
 
-from sqlalchemy import update
 from sqlalchemy.orm import sessionmaker
 
 from inferq import lifecycle
-from inferq.models import Job, JobStatus
 
 log = logging.getLogger("inferq.worker")
 
@@ -86,14 +84,7 @@ class LeaseKeeper:
         if not held:
             return
         with self._sessions.begin() as session:
-            kept = set(
-                session.scalars(
-                    update(Job)
-                    .where(Job.claim_token.in_(held), Job.status == JobStatus.running)
-                    .values(lease_expires_at=lifecycle.lease_until(self._lease_seconds))
-                    .returning(Job.claim_token)
-                ).all()
-            )
+            kept = lifecycle.renew(session.connection(), held, self._lease_seconds)
         with self._lock:
             self._lost |= {t for t in held if t not in kept and t in self._moved}
 

@@ -14,6 +14,7 @@ from redis import exceptions as redis_errors
 
 from inferq.events import REFUSED, Event, EventType, fence, script_args, script_keys
 from inferq.lifecycle import Claim
+from inferq.protocol import ResetData, TokenData
 
 log = logging.getLogger("inferq.worker")
 
@@ -78,17 +79,17 @@ class Shown:
         """Follow the caller's own events (a `reset` starts the text over)."""
         for event in events:
             if event.type is EventType.reset:
-                self.attempt = int(event.payload().get("attempt") or self.attempt)
+                self.attempt = event.parse(ResetData).attempt or self.attempt
                 self.parts, self.tokens = [], 0
             elif event.type is EventType.token:
-                payload = event.payload()
-                self.add(payload["text"], int(payload.get("tokens", 1)))
+                token = event.parse(TokenData)
+                self.add(token.text, token.count)
 
     def replay(self) -> list[Event]:
-        events = [Event.make(EventType.reset, attempt=self.attempt)]
+        events = [Event.of(ResetData(attempt=self.attempt))]
         if self.parts:
             text = "".join(self.parts)
-            events.append(Event.make(EventType.token, text=text, tokens=self.tokens))
+            events.append(Event.of(TokenData(text=text, tokens=self.tokens)))
         return events
 
 
@@ -131,7 +132,7 @@ class TokenPublisher:
         text, count = "".join(self._pending), len(self._pending)
         self._pending.clear()
         # `tokens`: so that a poll can tell a running job's token count.
-        batch = [Event.make(EventType.token, text=text, tokens=count)] if count else []
+        batch = [Event.of(TokenData(text=text, tokens=count))] if count else []
         batch += events
         if not batch:
             return self.cancelled

@@ -18,17 +18,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Row, Select, and_, func, select, tuple_, update
+from sqlalchemy import Row, Select, func, select, tuple_
 
-from inferq.events import (
-    TERMINAL_EVENTS,
-    Event,
-    script_args,
-    script_keys,
-    stream_key,
-    terminal_events,
-    usage,
-)
+from inferq import lifecycle
+from inferq.events import TERMINAL_EVENTS, Event, publish_end, stream_key
+from inferq.lifecycle import Outcome
 from inferq.models import TERMINAL_STATUSES, Job, JobStatus
 from inferq.queue import (
     ENQUEUED_KEY,
@@ -213,33 +207,11 @@ def _requeue_expired(ctx: WorkerContext) -> int:
 
 def _fail_exhausted(ctx: WorkerContext) -> int:
     """A job whose lease expired on its last allowed attempt fails with a clear error."""
-    message = f"the job's worker stopped responding on each of {ctx.settings.max_attempts} attempts"
     with ctx.sessions.begin() as session:
-        ids = session.scalars(
-            update(Job)
-            .where(
-                and_(
-                    Job.status == JobStatus.running,
-                    Job.lease_expires_at < func.now(),
-                    Job.attempts >= ctx.settings.max_attempts,
-                )
-            )
-            .values(
-                status=JobStatus.failed,
-                error_type="worker_lost",
-                error_message=message,
-                finished_at=func.now(),
-                lease_expires_at=None,
-            )
-            .returning(Job.id)
-        ).all()
-    for job_id in ids:
-        events = terminal_events(JobStatus.failed.value, error=("worker_lost", message))
-        ctx.publish_script(
-            keys=script_keys(str(job_id)),
-            args=script_args(events, ctx.settings.stream_maxlen, ctx.settings.stream_ttl_seconds),
-        )
-    return len(ids)
+        failed = lifecycle.fail_exhausted(session.connection(), ctx.settings.max_attempts)
+    for job_id, outcome in failed:
+        publish_end(ctx.publish_script, str(job_id), outcome.closing_events(), ctx.settings)
+    return len(failed)
 
 
 # ------------------------------------------------------------------ streams of ended jobs
@@ -324,19 +296,8 @@ def _close(ctx: WorkerContext, row: Row[Any]) -> None:
     job_id = str(row.id)
     last = ctx.redis.xrevrange(stream_key(job_id), count=1) or []
     ended = any(Event.from_entry(str(i), f).type in TERMINAL_EVENTS for i, f in last)  # type: ignore[arg-type]
-    events = [] if ended else _closing_events(row)
-    settings = ctx.settings
-    ctx.publish_script(
-        keys=script_keys(job_id),
-        args=script_args(events, settings.stream_maxlen, settings.stream_ttl_seconds),
-    )
-
-
-def _closing_events(row: Row[Any]) -> list[Event]:
-    cost = float(row.cost_usd) if row.cost_usd is not None else None
-    counts = usage(row.input_tokens, row.output_tokens, cost)
-    error = (row.error_type, row.error_message or "") if row.error_type else None
-    return terminal_events(row.status, row.finish_reason, counts, error)
+    events = [] if ended else Outcome.of_row(row).closing_events()
+    publish_end(ctx.publish_script, job_id, events, ctx.settings)
 
 
 def start_sweeper(ctx: WorkerContext) -> threading.Thread:

@@ -11,16 +11,10 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from api.events.hub import Hub, Inbox
-from inferq.events import (
-    TERMINAL_EVENTS,
-    Event,
-    EventType,
-    parse_stream_id,
-    stream_key,
-    terminal_events,
-    usage,
-)
+from inferq.events import TERMINAL_EVENTS, Event, parse_stream_id, stream_key
+from inferq.lifecycle import Outcome
 from inferq.models import Job, JobStatus
+from inferq.protocol import ResetData, StatusData, TokenData
 
 
 class JobEvents:
@@ -137,16 +131,13 @@ class JobEvents:
         status = JobStatus(job.status)
         if not status.terminal:
             if initial:
-                yield Event.make(EventType.status, status=status.value)
+                yield Event.of(StatusData(status=status))
             return
         if self.last != "0-0":
             # The client saw part of an attempt we can no longer place: start it over.
-            yield Event.make(EventType.reset, attempt=job.attempts)
+            yield Event.of(ResetData(attempt=job.attempts))
         if job.output:
-            yield Event.make(EventType.token, text=job.output)
-        cost = float(job.cost_usd) if job.cost_usd is not None else None
-        counts = usage(job.input_tokens, job.output_tokens, cost)
-        error = (job.error_type, job.error_message or "") if job.error_type else None
-        for event in terminal_events(status.value, job.finish_reason, counts, error):
+            yield Event.of(TokenData(text=job.output))
+        for event in Outcome.of_row(job).closing_events():
             self._accept(event)
             yield event

@@ -9,21 +9,20 @@ import redis.asyncio as aioredis
 
 from api import tasks
 from inferq.metrics import QUEUE_DEPTH, SWEEPER_LAST_RUN
-from inferq.queue import PRIORITY_STEPS, SWEEPER_LAST_RUN_KEY, priority_lists, sweeper_key
+from inferq.queue import SWEEPER_LAST_RUN_KEY, priority_lists, sweeper_key
 from inferq.registry import Registry
 
 log = logging.getLogger("inferq.api")
 
 
 async def sample(redis: aioredis.Redis, registry: Registry) -> dict[str, int]:
-    queues = sorted({spec.queue for spec in registry.all()})
+    lists = {queue: priority_lists(queue) for queue in sorted({s.queue for s in registry.all()})}
     async with redis.pipeline(transaction=False) as pipe:
-        for queue in queues:
-            for key in priority_lists(queue):
+        for keys in lists.values():
+            for key in keys:
                 pipe.llen(key)
-        lengths = await pipe.execute()
-    steps = len(PRIORITY_STEPS)
-    return {q: sum(lengths[i * steps : (i + 1) * steps]) for i, q in enumerate(queues)}
+        lengths = iter(await pipe.execute())
+    return {queue: sum(next(lengths) for _ in keys) for queue, keys in lists.items()}
 
 
 async def sweeper_last_run(redis: aioredis.Redis, registry: Registry) -> float | None:

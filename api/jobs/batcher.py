@@ -12,6 +12,7 @@ from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from api import tasks
+from api.errors import dependency_down
 from inferq.models import Job
 
 log = logging.getLogger("inferq.api")
@@ -67,9 +68,16 @@ class SubmitBatcher:
         try:
             jobs = await self._insert([p.values for p in batch])
         except Exception as exc:
-            for pending in batch:
-                if not pending.done.done():
-                    pending.done.set_exception(exc)
+            if len(batch) > 1 and dependency_down(exc) is None:
+                # Postgres refused a row, not the connection: one request's bad input must
+                # not fail its neighbours. The INSERT was atomic (nothing of it is stored), so
+                # each half is written again on its own, down to the refused rows alone:
+                # about 2·log2(n) more INSERTs per bad row, not one per row.
+                half = len(batch) // 2
+                await self._write(batch[:half])
+                await self._write(batch[half:])
+            else:
+                _fail(batch, exc)
             return
         await self._enqueue(jobs)
         for pending, job in zip(batch, jobs, strict=True):
@@ -92,6 +100,12 @@ class SubmitBatcher:
         except Exception:
             # The jobs are committed: the sweeper enqueues them within seconds.
             log.exception("enqueue failed; leaving %d jobs to the sweeper", len(jobs))
+
+
+def _fail(batch: list[_Pending], exc: Exception) -> None:
+    for pending in batch:
+        if not pending.done.done():
+            pending.done.set_exception(exc)
 
 
 def _columns(values: dict[str, Any]) -> dict[str, Any]:

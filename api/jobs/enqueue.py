@@ -1,16 +1,17 @@
-"""Committed jobs to the broker, each on its model's queue."""
+"""Committed jobs to the broker, each on its model's queue, at its tenant's fair priority."""
 
 from __future__ import annotations
 
 import redis.asyncio as aioredis
 
+from inferq import fairness
 from inferq.models import Job
 from inferq.queue import Enqueue, Enqueuer
 from inferq.registry import Registry
 
 
 class JobQueue:
-    """Hands jobs to Celery by task name, in one round trip per batch."""
+    """Hands jobs to Celery by task name, in one round trip per batch (two with fair share)."""
 
     def __init__(self, registry: Registry, enqueuer: Enqueuer, broker: aioredis.Redis) -> None:
         self._registry = registry
@@ -19,14 +20,20 @@ class JobQueue:
 
     async def put(self, jobs: list[Job]) -> None:
         """Hand the jobs to the broker (after their rows are committed)."""
+        queues = [self._registry.queue_of(j.model) for j in jobs]
+        # A tenant that floods a queue yields to lighter ones (inferq.fairness).
+        shifts = await fairness.shifts(
+            self._broker, [(q, j.tenant) for q, j in zip(queues, jobs, strict=True)]
+        )
         items = [
             Enqueue(
                 str(j.id),
-                self._registry.queue_of(j.model),
+                queue,
                 j.priority,
                 label=f"model={j.model} tenant={j.tenant}",
+                shift=shift,
             )
-            for j in jobs
+            for j, queue, shift in zip(jobs, queues, shifts, strict=True)
         ]
         await self._enqueuer.enqueue_async(self._broker, items)
 

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Header, Query, Response
 from api.deps import CurrentKey, SessionDep, StateDep
 from api.jobs import service
 from api.jobs.schemas import JobCreate, JobList, JobOut
+from api.limits import SubmitGate
 from api.openapi import AUTHENTICATED, error_responses
 from inferq.models import JobStatus
 
@@ -25,9 +26,10 @@ async def submit(
     session: SessionDep,
     state: StateDep,
     response: Response,
+    gate: SubmitGate,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> JobOut:
-    created = await service.submit_job(session, state, key, body, idempotency_key)
+    created = await service.submit_job(session, state, key, body, idempotency_key, gate=gate)
     if created.replayed:
         response.headers["Idempotent-Replayed"] = "true"
     response.headers["Location"] = f"/v1/jobs/{created.job.id}"

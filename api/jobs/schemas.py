@@ -2,25 +2,102 @@
 
 from __future__ import annotations
 
+import math
 import uuid
 from datetime import datetime
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    HttpUrl,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from inferq.models import JobEnd
 
 # A job's timings have one definition, shared with the webhook body.
 from inferq.webhooks import Timings
 
 MAX_TOKENS_LIMIT = 131_072
 MAX_DEADLINE_SECONDS = 7 * 86400
-JobEnd = Literal["succeeded", "failed", "cancelled", "expired"]
+
+
+# --- what Postgres can store ----------------------------------------------------------------
+# Python's JSON parser (Starlette's) accepts NaN, Infinity and lone UTF-16 surrogates such as
+# "\ud800", and JSON allows "\u0000"; Postgres stores none of them in text or JSONB. Refused
+# here, a request fails alone with a 422 naming the field, instead of failing in the database
+# (and taking down the submits written in the same batch).
+
+
+def text_problem(text: str) -> str | None:
+    """Why Postgres would refuse `text`, or None."""
+    if "\x00" in text:
+        return "contains a NUL character (\\u0000), which cannot be stored"
+    if text.isascii():
+        return None
+    try:
+        text.encode()
+    except UnicodeEncodeError as exc:
+        code = ord(text[exc.start])
+        return f"contains a lone surrogate (\\u{code:04x}), which is not valid Unicode"
+    return None
+
+
+def json_problem(value: Any, where: str) -> str | None:
+    """Why Postgres would refuse the JSON `value` (nested), naming where; or None."""
+    pending: list[tuple[str, Any]] = [(where, value)]  # a stack: deep nesting cannot recurse
+    while pending:
+        path, item = pending.pop()
+        if isinstance(item, str):
+            problem = text_problem(item)
+            if problem is not None:
+                return f"{path} {problem}"
+        elif isinstance(item, float) and not math.isfinite(item):
+            number = "NaN" if math.isnan(item) else ("Infinity" if item > 0 else "-Infinity")
+            return f"{path} is {number}, which JSON cannot carry: send a finite number or null"
+        elif isinstance(item, dict):
+            for name, child in item.items():
+                problem = text_problem(name)
+                if problem is not None:
+                    return f"a key of {path} {problem}"
+                pending.append((f"{path}.{name}", child))
+        elif isinstance(item, list):
+            pending.extend((f"{path}[{i}]", child) for i, child in enumerate(item))
+    return None
+
+
+def storable_text(value: str) -> str:
+    """`value`, or a validation error saying why Postgres would refuse it."""
+    problem = text_problem(value)
+    if problem is not None:
+        raise PydanticCustomError(
+            "unstorable_text", "{problem}", {"problem": f"the text {problem}"}
+        )
+    return value
+
+
+def _storable_json(value: dict[str, Any]) -> dict[str, Any]:
+    problem = json_problem(value, "metadata")
+    if problem is not None:
+        raise PydanticCustomError("unstorable_json", "{problem}", {"problem": problem})
+    return value
+
+
+# Text and JSON a request may carry: what Postgres can store.
+Text = Annotated[str, AfterValidator(storable_text)]
+JsonObject = Annotated[dict[str, Any], AfterValidator(_storable_json)]
 
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "user", "assistant", "tool"]
-    content: str
+    content: Text
 
 
 class Webhook(BaseModel):
@@ -33,10 +110,13 @@ class Webhook(BaseModel):
 class Sampling(BaseModel):
     """Generation parameters shared by the jobs and the OpenAI-compatible routes."""
 
+    # NaN and Infinity parse (Python's JSON reader takes them) but are no numbers to use.
+    model_config = ConfigDict(allow_inf_nan=False)
+
     max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    stop: list[str] | None = Field(None, max_length=4)
+    stop: list[Text] | None = Field(None, max_length=4)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
 
     @field_validator("stop", mode="before")
@@ -48,13 +128,13 @@ class Sampling(BaseModel):
 class JobCreate(Sampling):
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(min_length=1, max_length=200)
-    prompt: str | None = Field(None, min_length=1)
+    model: Text = Field(min_length=1, max_length=200)
+    prompt: Text | None = Field(None, min_length=1)
     messages: list[Message] | None = Field(None, min_length=1)
     priority: Literal["interactive", "batch"] = "interactive"
     webhook: Webhook | None = None
     cache: bool = True
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: JsonObject = Field(default_factory=dict)
     deadline_seconds: float | None = Field(
         None,
         gt=0,

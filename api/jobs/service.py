@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -18,22 +18,16 @@ from api.auth import Principal
 from api.errors import Conflict, InvalidRequest, NotFound, redact_addresses
 from api.events.service import JobEvents
 from api.jobs.schemas import ErrorInfo, JobCreate, JobOut, Links, Usage
+from api.limits import Gate
 from api.state import AppState
 from api.webhooks.service import guard_url
+from inferq import lifecycle, limits
 from inferq.db import uuid7
-from inferq.events import (
-    Progress,
-    cancel_key,
-    from_entries,
-    progress,
-    script_args,
-    script_keys,
-    stream_key,
-    terminal_events,
-    usage,
-)
+from inferq.events import Progress, cancel_key, from_entries, progress, publish_end, stream_key
+from inferq.lifecycle import Outcome
 from inferq.metrics import JOBS_SUBMITTED
 from inferq.models import Job, JobStatus
+from inferq.protocol import ChatMessage, JobInput, JobParams
 from inferq.queue import ENQUEUED_KEY
 from inferq.registry import ModelSpec, Registry
 from inferq.settings import Settings
@@ -72,18 +66,19 @@ def check_size(body: JobCreate, settings: Settings) -> None:
 
 def job_values(body: JobCreate, spec: ModelSpec, key: Principal) -> dict[str, Any]:
     requested = body.max_tokens or DEFAULT_MAX_TOKENS
-    params = {
-        "max_tokens": min(requested, spec.max_tokens),
-        "temperature": body.temperature,
-        "top_p": body.top_p,
-        "stop": body.stop,
-        "seed": body.seed,
-        "cache": body.cache,
-    }
+    params = JobParams(
+        max_tokens=min(requested, spec.max_tokens),
+        temperature=body.temperature,
+        top_p=body.top_p,
+        stop=body.stop,
+        seed=body.seed,
+        cache=body.cache,
+    )
     if body.prompt is not None:
-        job_input: dict[str, Any] = {"prompt": body.prompt}
+        job_input = JobInput(prompt=body.prompt)
     else:
-        job_input = {"messages": [m.model_dump() for m in body.messages or []]}
+        messages = [ChatMessage(role=m.role, content=m.content) for m in body.messages or []]
+        job_input = JobInput(messages=messages)
     return {
         "id": uuid7(),
         "tenant": key.tenant,
@@ -92,8 +87,8 @@ def job_values(body: JobCreate, spec: ModelSpec, key: Principal) -> dict[str, An
         "model": spec.name,
         "status": JobStatus.queued.value,
         "priority": body.priority,
-        "input": job_input,
-        "params": params,
+        "input": job_input.stored(),
+        "params": params.model_dump(),
         "webhook": body.webhook.model_dump(mode="json") if body.webhook else None,
         "metadata_": body.metadata,
         "deadline_at": None
@@ -114,14 +109,37 @@ async def create_job(
     body: JobCreate,
     idempotency_key: str | None,
     digest: str | None = None,
+    gate: Gate | None = None,
 ) -> Created:
     """`digest` is the request's hash when the caller hashes what it was sent (the OpenAI
-    routes do); by default it is the hash of `body`."""
+    routes do); by default it is the hash of `body`. `gate` applies the key's limits."""
     check_size(body, state.settings)
     if body.webhook is not None:
         await guard_url(str(body.webhook.url), state.settings)
     spec = resolve_model(state.registry, body.model)
     values = job_values(body, spec, key)
+    # Reserved under the job's id; the job's end settles it.
+    reserved = gate is not None and await gate.admit(spec, values)
+    try:
+        created = await _insert(session, state, key, body, values, idempotency_key, digest)
+    except Exception:  # not a cancelled request: the batcher may still make its job
+        if reserved and gate is not None:
+            await gate.release(values["id"])
+        raise
+    if reserved and gate is not None and created.replayed:
+        await gate.release(values["id"])  # the earlier request's job holds its own
+    return created
+
+
+async def _insert(
+    session: AsyncSession,
+    state: AppState,
+    key: Principal,
+    body: JobCreate,
+    values: dict[str, Any],
+    idempotency_key: str | None,
+    digest: str | None,
+) -> Created:
     if idempotency_key is None:
         values["request_hash"] = digest  # how a retry of this request can find the job
         # The batcher writes on a connection of its own: the request's session must hold
@@ -152,9 +170,10 @@ async def submit_job(
     body: JobCreate,
     idempotency_key: str | None,
     digest: str | None = None,
+    gate: Gate | None = None,
 ) -> Created:
     """Create the job, commit it, then hand it to the broker (unless the batcher did both)."""
-    created = await create_job(session, state, key, body, idempotency_key, digest)
+    created = await create_job(session, state, key, body, idempotency_key, digest, gate)
     await session.commit()
     if not created.replayed:
         if not created.enqueued:
@@ -240,16 +259,11 @@ async def cancel_job(
         raise Conflict(f"job {job_id} already ended ({job.status})")
     jid = str(job_id)
     await state.redis.set(cancel_key(jid), "1", ex=state.settings.stream_ttl_seconds)
-    cancelled = await session.scalar(
-        update(Job)
-        .where(Job.id == job_id, Job.status == JobStatus.queued)
-        .values(status=JobStatus.cancelled, finish_reason="cancelled", finished_at=func.now())
-        .returning(Job)
-        .execution_options(populate_existing=True)
-    )
+    cancelled = await lifecycle.cancel_queued(session, job_id)
     await session.commit()
     if cancelled is not None:
-        await _publish_end(state, jid)
+        await limits.settle_async(state.redis, jid)  # it never ran: it used nothing
+        await _publish_end(state, cancelled)
         return cancelled
     await _wait_for_end(
         JobEvents(state.redis, state.hub, state.sessions, job_id, None),
@@ -258,17 +272,10 @@ async def cancel_job(
     return await _reread(session, job_id)
 
 
-async def _publish_end(state: AppState, job_id: str) -> None:
-    events = terminal_events(
-        JobStatus.cancelled.value,
-        "cancelled",
-        usage(),
-    )
-    settings = state.settings
-    await state.publish_script(
-        keys=script_keys(job_id),
-        args=script_args(events, settings.stream_maxlen, settings.stream_ttl_seconds),
-    )
+async def _publish_end(state: AppState, job: Job) -> None:
+    job_id = str(job.id)
+    events = Outcome.of_row(job).closing_events()
+    await publish_end(state.publish_script, job_id, events, state.settings)
     await state.broker.zrem(ENQUEUED_KEY, job_id)
 
 

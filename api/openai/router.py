@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from api.auth import Principal
 from api.deps import CurrentKey, SessionDep, StateDep
 from api.jobs.schemas import JobCreate
+from api.limits import Gate, SubmitGate
 from api.openai import service, streaming
 from api.openai.errors import OpenAIRoute
 from api.openai.schemas import (
@@ -53,11 +54,12 @@ async def chat_completions(
     key: CurrentKey,
     session: SessionDep,
     state: StateDep,
+    gate: SubmitGate,
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
     """A chat completion run as a job; `X-Inferq-Job-Id` names the job."""
     job = service.chat_job(body)
-    return await _answer(request, key, session, state, idempotency_key, job, body, "chat")
+    return await _answer(request, key, session, state, gate, idempotency_key, job, body, "chat")
 
 
 @router.post("/completions", response_model=None, responses=_completion(TextCompletion))
@@ -67,11 +69,12 @@ async def completions(
     key: CurrentKey,
     session: SessionDep,
     state: StateDep,
+    gate: SubmitGate,
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
     """A text completion run as a job; `X-Inferq-Job-Id` names the job."""
     job = service.completion_job(body)
-    return await _answer(request, key, session, state, idempotency_key, job, body, "text")
+    return await _answer(request, key, session, state, gate, idempotency_key, job, body, "text")
 
 
 async def _answer(
@@ -79,6 +82,7 @@ async def _answer(
     key: Principal,
     session: AsyncSession,
     state: AppState,
+    gate: Gate,
     idempotency_key: str | None,
     job: JobCreate,
     body: OpenAIRequest,
@@ -86,7 +90,7 @@ async def _answer(
 ) -> Response:
     digest = service.request_digest(body, kind)
     retried = service.sdk_retry(request.headers)
-    created = await service.create(session, state, key, job, idempotency_key, digest, retried)
+    created = await service.create(session, state, key, job, idempotency_key, digest, retried, gate)
     reply = service.Reply.of(created.job, kind, body)
     if body.stream:
         return streaming.stream(state, key, reply)

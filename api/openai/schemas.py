@@ -4,9 +4,16 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+)
 
-from api.jobs.schemas import MAX_TOKENS_LIMIT, Sampling
+from api.jobs.schemas import MAX_TOKENS_LIMIT, JsonObject, Sampling, Text, storable_text
 
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 
@@ -17,7 +24,7 @@ class ContentPart(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     type: str
-    text: str | None = None
+    text: Text | None = None
 
 
 class ChatMessage(BaseModel):
@@ -27,6 +34,12 @@ class ChatMessage(BaseModel):
     role: Role
     content: str | list[ContentPart] | None = None
     name: str | None = None  # accepted and ignored
+
+    # Checked after the union, so that an error names the field, not a member of the union.
+    @field_validator("content")
+    @classmethod
+    def _storable(cls, value: str | list[ContentPart] | None) -> str | list[ContentPart] | None:
+        return storable_text(value) if isinstance(value, str) else value
 
 
 class StreamOptions(BaseModel):
@@ -38,12 +51,12 @@ class OpenAIRequest(Sampling):
 
     model_config = ConfigDict(extra="allow")
 
-    model: str = Field(min_length=1, max_length=200)
+    model: Text = Field(min_length=1, max_length=200)
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int | None = None
-    user: str | None = None  # accepted and ignored
-    metadata: dict[str, Any] | None = None
+    user: Text | None = None  # accepted and ignored
+    metadata: JsonObject | None = None
 
 
 class ChatCompletionRequest(OpenAIRequest):
@@ -53,6 +66,15 @@ class ChatCompletionRequest(OpenAIRequest):
 
 class CompletionRequest(OpenAIRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
+
+    @field_validator("prompt")
+    @classmethod
+    def _storable(cls, value: Any) -> Any:
+        texts = [value] if isinstance(value, str) else value
+        for text in texts:
+            if isinstance(text, str):
+                storable_text(text)
+        return value
 
 
 class Usage(BaseModel):

@@ -32,6 +32,7 @@ from api.errors import ApiError, InvalidRequest, problems, redact_addresses
 from api.events.service import JobEvents
 from api.jobs.schemas import JobCreate, Message
 from api.jobs.service import Created, cancel_job, resolve_model, submit_job
+from api.limits import Gate
 from api.openai.errors import JOB_HEADER, OpenAIError
 from api.openai.schemas import (
     AssistantMessage,
@@ -253,6 +254,7 @@ async def create(
     idempotency_key: str | None,
     digest: str,
     retried: bool = False,
+    gate: Gate | None = None,
 ) -> Created:
     """The request's job: new, or the one made by the same Idempotency-Key or by an earlier
     attempt of the same SDK call (`retried`; see `sdk_retry`)."""
@@ -265,7 +267,7 @@ async def create(
         await session.commit()  # hold no connection while the answer is awaited
         if earlier is not None:
             return Created(earlier, replayed=True)
-    return await submit_job(session, state, key, body, idempotency_key, digest)
+    return await submit_job(session, state, key, body, idempotency_key, digest, gate)
 
 
 def usage(input_tokens: int | None, output_tokens: int | None) -> Usage:

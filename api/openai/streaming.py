@@ -6,7 +6,6 @@ import contextlib
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
-from typing import Any
 
 from pydantic import BaseModel
 from sse_starlette import ServerSentEvent
@@ -19,6 +18,7 @@ from api.openai.service import Reply, abandon, finish_reason, job_error, job_eve
 from api.state import AppState
 from inferq.events import TERMINAL_EVENTS, Event, EventType
 from inferq.models import JobStatus
+from inferq.protocol import DoneData, ErrorData, TokenData
 
 PING = b": ping\n\n"
 DONE = ServerSentEvent(data="[DONE]").encode()
@@ -132,25 +132,23 @@ class ChunkStream:
         if event.type is EventType.reset:
             self.relay.reset()
         elif event.type is EventType.token:
-            text = self.relay.token(event.payload()["text"])
+            text = self.relay.token(event.parse(TokenData).text)
             return [self._sse(self.reply.chunk(text))] if text else []
         elif event.type is EventType.done:
-            return self._closing(event.payload())
+            return self._closing(event.parse(DoneData))
         elif event.type is EventType.error:
-            payload = event.payload()
-            raise job_error(self.reply.job_id, payload.get("type"), payload.get("message", ""))
+            error = event.parse(ErrorData)
+            raise job_error(self.reply.job_id, error.type, error.message)
         return []
 
-    def _closing(self, done: dict[str, Any]) -> list[bytes]:
-        if done.get("status") not in (JobStatus.succeeded, JobStatus.cancelled):
-            raise job_error(self.reply.job_id, done.get("status"), "the job did not finish")
+    def _closing(self, done: DoneData) -> list[bytes]:
+        if done.status not in (JobStatus.succeeded, JobStatus.cancelled):
+            raise job_error(self.reply.job_id, done.status, "the job did not finish")
         self.relay.settle()
-        out = [self._sse(self.reply.chunk(reason=finish_reason(done.get("finish_reason"))))]
+        out = [self._sse(self.reply.chunk(reason=finish_reason(done.finish_reason)))]
         if self.reply.include_usage:
-            counts = done.get("usage") or {}
-            usage_chunk = self.reply.usage_chunk(
-                usage(counts.get("input_tokens"), counts.get("output_tokens"))
-            )
+            counts = done.usage
+            usage_chunk = self.reply.usage_chunk(usage(counts.input_tokens, counts.output_tokens))
             out.append(self._sse(usage_chunk))
         return out
 
