@@ -158,7 +158,10 @@ def _responses(router: APIRouter) -> openapi.Responses | None:
     """The statuses each router's routes answer, for routers that do not declare them."""
     if router is events_router:
         stream = openapi.event_stream("The job's events as server-sent events")
-        return {**stream, **openapi.error_responses(*openapi.AUTHENTICATED, 404)}
+        # 204: the client resumed after the job's last event and has it all; a browser's
+        # EventSource stops reconnecting on a 204.
+        complete: openapi.Responses = {204: {"description": "The job ended; the client has it all"}}
+        return {**stream, **complete, **openapi.error_responses(*openapi.AUTHENTICATED, 404)}
     if router is admin_router:
         return openapi.error_responses(*openapi.AUTHENTICATED, 403, 404, 413)
     if router is webhooks_router:

@@ -262,3 +262,18 @@ def test_submit_command_streams_tokens_as_they_arrive(platform: Platform) -> Non
     )
     expected = platform.sims["fast"].generate("stream me", 12, seed=None)["generated_text"]
     assert result.stdout.strip() == expected.strip()
+
+
+def test_reconnecting_after_done_is_answered_204_at_once(http: httpx.Client) -> None:
+    """A browser's EventSource reconnects even after a clean close, sending the id of `done`;
+    the job has nothing more to say, and a 204 is what stops EventSource from retrying."""
+    job = submit(http, prompt="all of it", max_tokens=5, seed=2)
+    transcript = read(http, job["id"], Transcript())
+    assert transcript.ended and transcript.last_id
+    again = http.get(
+        f"/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": transcript.last_id}, timeout=5
+    )
+    assert again.status_code == 204 and again.content == b""
+    before_done = transcript.ids()[-2]
+    rest = http.get(f"/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": before_done})
+    assert rest.status_code == 200 and "event: done" in rest.text

@@ -7,7 +7,7 @@ import time
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query
+from fastapi import APIRouter, Header, Query, Response
 
 from api.deps import CurrentKey, SessionDep, StateDep
 from api.errors import InvalidRequest, ServiceUnavailable
@@ -73,6 +73,10 @@ class SseFeed:
             await self.aclose()
             raise
 
+    @property
+    def has_replay(self) -> bool:
+        return bool(self._replayed)
+
     async def next_chunk(self) -> bytes | None:
         if not self.started:
             await self.open()
@@ -107,11 +111,14 @@ async def job_events(
     state: StateDep,
     last_event_id: Annotated[str | None, Header()] = None,
     after: Annotated[str | None, Query(description="resume after this event id")] = None,
-) -> EventStream:
+) -> Response:
     """Server-sent events: status, token, reset, done, error; resume with Last-Event-ID."""
     snapshot = await job_if_unseen(state, session, key, job_id)
     resume = _resume_point(last_event_id, after)
     events = JobEvents(state.redis, state.hub, state.sessions, job_id, resume, snapshot)
     feed = SseFeed(events, state.settings.sse_ping_seconds)
     await feed.open()
+    if events.ended and not feed.has_replay:
+        await feed.aclose()
+        return Response(status_code=204)
     return EventStream(feed, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -11,7 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from api.events.hub import Hub, Inbox
-from inferq.events import TERMINAL_EVENTS, Event, parse_stream_id, stream_key
+from inferq.events import TERMINAL_EVENTS, Event, from_entries, parse_stream_id, stream_key
 from inferq.lifecycle import Outcome
 from inferq.models import Job, JobStatus
 from inferq.protocol import ResetData, StatusData, TokenData
@@ -76,7 +76,15 @@ class JobEvents:
         replayed = await self._read_stream()
         if not replayed and await self._stream_gone():
             replayed = [event async for event in self._from_database(initial=True)]
+        elif not replayed and self.last != "0-0":
+            self.ended = await self._ended_at_or_before_resume()
         return replayed
+
+    async def _ended_at_or_before_resume(self) -> bool:
+        """The client resumed at or after the stream's last event, and that event ended it:
+        it has everything (a browser's EventSource reconnects even after `done`)."""
+        last = from_entries(await self.redis.xrevrange(self.key, count=1))
+        return bool(last) and last[0].type in TERMINAL_EVENTS
 
     async def next(self) -> list[Event]:
         """The next live events; empty if the hub woke this reader with nothing new."""
