@@ -1,23 +1,20 @@
 """Per-key limits at submit (DESIGN §6): admit or refuse with a 429, report the counters.
 
-A key with no limit costs nothing here. A key with `max_queued` costs one count of its
-queued jobs (an index holds exactly the queued jobs by key): Postgres is where a job stops
-being queued, whoever moves it (a worker's claim, a cancel, the deadline), so the count is
-always right; a Redis counter would need every one of those paths to decrement it. Two
-submits of one key at the same instant may both see room for one: the limit can be
-passed by the key's concurrent submits, never more. The other limits cost one Redis
-script (inferq.limits), one round trip.
+A key with no limit costs nothing here. A key with limits costs one Redis script
+(inferq.limits), one round trip, whichever limits it has: `max_queued` too is a counter
+there, lowered when a job leaves `queued`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import redis.asyncio as aioredis
 from fastapi import Depends, Request
-from sqlalchemy import bindparam, func, select, text
+from redis.exceptions import NoScriptError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -36,20 +33,13 @@ from inferq.limits import (
     to_nano,
 )
 from inferq.metrics import LIMITS_HIT
-from inferq.models import Job
 from inferq.registry import ModelSpec
 from inferq.settings import Settings
 
+ADMIT_SHA = hashlib.sha1(ADMIT_SCRIPT.encode()).hexdigest()  # Redis names scripts by it
+
 # Where the middleware leaves the headers' dict in the request's scope state.
 HEADERS_STATE = "inferq.ratelimit_headers"
-
-# Counts no further than the limit: the cost is bounded by max_queued, not by the backlog.
-_QUEUED = select(func.count()).select_from(
-    select(Job.id)
-    .where(Job.api_key_id == bindparam("key_id"), text("status = 'queued'"))  # ix_jobs_key_queued
-    .limit(bindparam("most"))
-    .subquery()
-)
 
 
 class RateLimited(ApiError):
@@ -98,7 +88,14 @@ def rate_headers(limits: KeyLimits, seen: Verdict) -> dict[str, str]:
     return headers
 
 
-def refusal(limits: KeyLimits, seen: Verdict, window: int, tokens: int) -> ApiError:
+def refusal(
+    limits: KeyLimits, seen: Verdict, window: int, tokens: int, settings: Settings
+) -> ApiError:
+    if seen.refused == "queue":
+        return QueueFull(
+            f"this key has {seen.queued} jobs queued, its limit is {limits.max_queued}",
+            retry_after(settings.limit_queue_full_retry_seconds),
+        )
     headers = retry_after(seen.retry_after)
     if seen.refused == "requests":
         return RateLimited(
@@ -150,39 +147,29 @@ class Gate:
         limits = self.key.limits
         if limits is None or self.key.key_id is None:
             return False
-        if limits.max_queued is not None:
-            await self._check_queue(limits.max_queued)
-        if not limits.counted:
-            return False
         tokens = (estimate_tokens(input_chars(values["input"])), values["params"]["max_tokens"])
         cost = to_nano(spec.cost_usd(*tokens))
         prefix, window = counters_prefix(str(self.key.key_id)), self.settings.limit_window_seconds
-        script = self.redis.register_script(ADMIT_SCRIPT)
-        answer = await script(
-            keys=[reservation_key(str(values["id"]))],
-            args=admit_args(prefix, window, limits, tokens, cost),
-        )
-        seen = Verdict.of(answer)
+        args = admit_args(prefix, window, limits, tokens, cost)
+        seen = Verdict.of(await self._admit(reservation_key(str(values["id"])), args))
         self.headers.update(rate_headers(limits, seen))
         if seen.refused is not None:
             LIMITS_HIT.labels(seen.refused).inc()
-            raise refusal(limits, seen, window, sum(tokens))
+            raise refusal(limits, seen, window, sum(tokens), self.settings)
         return True
+
+    async def _admit(self, reservation: str, args: list[Any]) -> list[Any]:
+        # EVALSHA by a digest computed once: a Script object per submit costs a hash and
+        # an allocation on the hot path. The first call after a Redis restart loads it.
+        try:
+            answer = await self.redis.evalsha(ADMIT_SHA, 1, reservation, *args)
+        except NoScriptError:
+            answer = await self.redis.eval(ADMIT_SCRIPT, 1, reservation, *args)
+        return list(answer)
 
     async def release(self, job_id: object) -> None:
         """Give back all a submit reserved when it made no job."""
         await settle_async(self.redis, str(job_id))
-
-    async def _check_queue(self, most: int) -> None:
-        async with self.autocommit.connect() as conn:
-            found = await conn.execute(_QUEUED, {"key_id": self.key.key_id, "most": most})
-            queued = int(found.scalar_one())
-        if queued >= most:
-            LIMITS_HIT.labels("queue").inc()
-            raise QueueFull(
-                f"this key has {queued} jobs queued, its limit is {most}",
-                retry_after(self.settings.limit_queue_full_retry_seconds),
-            )
 
 
 async def submit_gate(request: Request, key: CurrentKey, state: StateDep) -> Gate:

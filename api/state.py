@@ -20,6 +20,7 @@ from inferq.queue import Enqueuer, make_producer_app
 from inferq.redis_clients import async_client
 from inferq.registry import Registry, registry_of
 from inferq.settings import Settings
+from inferq.tokens import TokenCounter
 
 # The API's connections carry this name in Redis's CLIENT LIST.
 API_CLIENT = "inferq-api"
@@ -40,6 +41,7 @@ class AppState:
     hub: Hub
     batcher: SubmitBatcher
     job_tenants: LRUCache[uuid.UUID, str] = field(default_factory=lambda: LRUCache(100_000))
+    tokens: TokenCounter = field(default_factory=TokenCounter)  # backends' tokenizers
 
     @classmethod
     def create(cls, settings: Settings) -> AppState:
@@ -71,6 +73,7 @@ class AppState:
 
     async def close(self) -> None:
         await self.batcher.close()
+        await self.tokens.aclose()
         await self.hub.close()
         self.queue.close()
         if self.broker is not self.redis:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, TypeVar
 import click
 
 from inferq import instance, tools
-from inferq.registry import Registry, queue_prefix_of
+from inferq.registry import ModelsFileError, Registry, queue_prefix_of
 from inferq.settings import get_settings
 
 if TYPE_CHECKING:
@@ -78,6 +78,15 @@ def _unreachable(url: str, exc: Exception) -> click.ClickException:
     )
 
 
+def _registry() -> Registry:
+    """The models file, or the one line that says what is wrong with it."""
+    settings = get_settings()
+    try:
+        return Registry.load(settings.models_file, queue_prefix=queue_prefix_of(settings))
+    except ModelsFileError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
 def _safe(url: str) -> str:
     from sqlalchemy.engine import make_url
 
@@ -91,6 +100,8 @@ def _safe(url: str) -> str:
 def api(host: str, port: int, workers: int) -> None:
     """Serve the HTTP API."""
     import uvicorn
+
+    _registry()  # a bad models file stops here, in one line, before any server starts
 
     uvicorn.run(
         "api.main:create_app",
@@ -110,8 +121,7 @@ def api(host: str, port: int, workers: int) -> None:
 @click.option("--name", default=None, help="Celery node name")
 def worker(models: str, concurrency: int, name: str | None) -> None:
     """Run a Celery worker (threads pool) for the models' queues (under the deployment's prefix)."""
-    settings = get_settings()
-    registry = Registry.load(settings.models_file, queue_prefix=queue_prefix_of(settings))
+    registry = _registry()
     names = [m for m in models.split(",") if m] or registry.names()
     unknown = [m for m in names if registry.get(m) is None]
     if unknown:

@@ -26,10 +26,11 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy import exists as exists_
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from inferq.events import Event
-from inferq.models import Job, JobStatus
+from inferq.models import ApiKey, Job, JobStatus
 from inferq.protocol import DoneData, ErrorData, JobInput, JobParams, StatusData, Usage
 
 
@@ -46,6 +47,7 @@ class Claim:
     created_at: datetime
     deadline_at: datetime | None
     started_at: datetime | None = None  # the first attempt's start: the run budget counts from it
+    limited: bool = False  # its key has limits (as of the claim): its end settles them
 
 
 class Unreadable(Exception):
@@ -132,6 +134,21 @@ _OVERDUE = and_(
     _jobs.c.started_at.is_(None),
 )
 _LEASE = func.now() + bindparam("lease", type_=Interval)
+_keys: Table = ApiKey.__table__  # type: ignore[assignment]
+# Whether the job's key has limits: a worker settles only those jobs (one primary-key read).
+_LIMITED = (
+    exists_()
+    .where(
+        _keys.c.id == _jobs.c.api_key_id,
+        or_(
+            _keys.c.rate_limit_per_minute.is_not(None),
+            _keys.c.tokens_per_minute.is_not(None),
+            _keys.c.daily_budget_usd.is_not(None),
+            _keys.c.max_queued.is_not(None),
+        ),
+    )
+    .label("limited")
+)
 _CLAIM = (
     update(_jobs)
     .where(
@@ -159,6 +176,7 @@ _CLAIM = (
         _jobs.c.created_at,
         _jobs.c.deadline_at,
         _jobs.c.started_at,
+        _LIMITED,
     )
 )
 # Every claim a worker process holds, in one statement: the claims it returns still hold.
@@ -298,6 +316,7 @@ def claim(
         row.created_at,
         row.deadline_at,
         row.started_at,
+        bool(row.limited),
     )
     try:
         request = JobInput.model_validate(row.input), JobParams.model_validate(row.params)

@@ -29,6 +29,7 @@ INPUT_TOKENS = Counter("inferq_input_tokens", "Input tokens", ["model"])
 OUTPUT_TOKENS = Counter("inferq_output_tokens", "Output tokens", ["model"])
 COST = Counter("inferq_cost_usd", "Cost in USD", ["model"])
 BACKEND_ERRORS = Counter("inferq_backend_errors", "Backend errors", ["model", "type"])
+ROUTES = Counter("inferq_routes", "Jobs for `auto`, by the model routed to", ["target"])
 # Gauges say how processes combine when several share one scrape (see `exposition`).
 SSE_CONNECTIONS = Gauge(
     "inferq_sse_connections", "Open SSE connections", multiprocess_mode="livesum"
@@ -56,6 +57,10 @@ LIMITS_HIT = Counter(
     "inferq_limits_hit",
     "Submits refused by a per-key limit: requests, tokens, budget, queue",
     ["limit"],
+)
+CACHE_HITS = Counter("inferq_cache_hits", "Cacheable submits answered from the cache", ["model"])
+CACHE_MISSES = Counter(
+    "inferq_cache_misses", "Cacheable submits the cache could not answer", ["model"]
 )
 JOBS_RELEASED = Counter(
     "inferq_jobs_released",

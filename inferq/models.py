@@ -109,6 +109,14 @@ class Job(Base):
             "api_key_id",
             postgresql_where=text("status = 'queued'"),
         ),
+        # A queued job's position (DESIGN §8): its model's queued jobs by priority, then id.
+        Index(
+            "ix_jobs_queued_position",
+            "model",
+            "priority",
+            "id",
+            postgresql_where=text("status = 'queued'"),
+        ),
         # Exactly the jobs whose webhook is due or waiting for its next try (DESIGN §11).
         Index(
             "ix_jobs_webhook_pending",
@@ -123,8 +131,9 @@ class Job(Base):
     api_key_id: Mapped[uuid.UUID | None] = mapped_column(
         UUID, ForeignKey("api_keys.id", ondelete="SET NULL")
     )
-    requested_model: Mapped[str] = mapped_column(String(200))
-    model: Mapped[str] = mapped_column(String(200))
+    requested_model: Mapped[str] = mapped_column(String(200))  # a model's name, or `auto`
+    model: Mapped[str] = mapped_column(String(200))  # the model it runs on
+    user: Mapped[str | None] = mapped_column(String(200))  # the caller's end user
     status: Mapped[str] = mapped_column(String(16), default=JobStatus.queued.value)
     priority: Mapped[str] = mapped_column(String(16), default="interactive")
     input: Mapped[dict[str, Any]]
@@ -137,6 +146,8 @@ class Job(Base):
     output_tokens: Mapped[int | None]
     cost_usd: Mapped[Decimal | None] = mapped_column(Numeric(14, 8))
     cached: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    # Messages left out, oldest first, so that the input fit the model's context window.
+    dropped_messages: Mapped[int | None]
     attempts: Mapped[int] = mapped_column(SmallInteger, default=0, server_default=text("0"))
     worker: Mapped[str | None] = mapped_column(String(200))
     claim_token: Mapped[uuid.UUID | None] = mapped_column(UUID)

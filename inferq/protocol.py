@@ -64,6 +64,9 @@ class JobParams(BaseModel):
     stop: list[str] | None = None
     seed: int | None = None
     cache: bool = True
+    # The response cache's key (inferq.cache), set at submit for a cacheable request: the
+    # worker stores the job's answer under it when the job succeeds.
+    cache_key: str | None = None
 
 
 # -- event payloads ---------------------------------------------------------------------------

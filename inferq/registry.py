@@ -5,15 +5,21 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_core import ErrorDetails
 
+from inferq.metrics import ROUTES
+from inferq.protocol import JobInput
+from inferq.routing import AUTO, JudgeTable, RoutingTable
 from inferq.settings import Settings
 
 DEFAULT_SIM_URL = "http://127.0.0.1:8081"
 DEFAULT_QUEUE_PREFIX = "inferq"
+
+T = TypeVar("T", bound=BaseModel)
 
 
 def queue_prefix_of(settings: Settings) -> str:
@@ -36,6 +42,9 @@ def queue_name(prefix: str, base: str) -> str:
 
 class ModelSpec(BaseModel):
     """One servable model, as written in the models file."""
+
+    # A misspelt key must not silently fall back to its default.
+    model_config = ConfigDict(extra="forbid")
 
     name: str
     backend: Literal["tgi", "openai"] = "tgi"
@@ -69,17 +78,119 @@ class ModelsFileError(ValueError):
     """The models file is missing, unreadable or invalid."""
 
 
-class Registry:
-    """The configured models by name, each with its queue under the deployment's prefix."""
+# The tables a models file may hold.
+TABLES = ("models", "routing", "judge")
 
-    def __init__(self, models: list[ModelSpec], queue_prefix: str = DEFAULT_QUEUE_PREFIX) -> None:
+
+def _where(table: str, loc: tuple[int | str, ...]) -> tuple[str, tuple[int | str, ...]]:
+    """The TOML table an error is in, and the rest of its location."""
+    if table == "routing" and len(loc) >= 2 and loc[0] == "rules" and isinstance(loc[1], int):
+        return f"[[routing.rules]] #{loc[1] + 1}", loc[2:]
+    return f"[{table}]", loc
+
+
+def _one_line(errors: list[ErrorDetails], table: str) -> str:
+    """The first error as one line naming the key and its table; an unknown key first, since
+    a misspelt key also leaves its right spelling missing."""
+    error = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+    where, loc = _where(table, tuple(error["loc"]))
+    key = ".".join(str(part) for part in loc)
+    if error["type"] == "extra_forbidden":
+        return f"models file: unknown key {key!r} in {where}"
+    if error["type"] == "missing":
+        return f"models file: missing key {key!r} in {where}"
+    if key:
+        return f"models file: {key!r} in {where}: {error['msg']}"
+    return f"models file: {where}: {error['msg']}"
+
+
+def _section(data: dict[str, Any], name: str) -> dict[str, Any] | None:
+    value = data.get(name)
+    if value is not None and not isinstance(value, dict):
+        raise ModelsFileError(f"models file: {name!r} must be a table ([{name}])")
+    return value
+
+
+def _parse_models(entries: dict[str, Any]) -> list[ModelSpec]:
+    models = []
+    for name, spec in entries.items():
+        table = f"models.{name}"
+        if not isinstance(spec, dict):
+            raise ModelsFileError(f"models file: [{table}] must be a table")
+        if "name" in spec:  # the table's name is the model's
+            raise ModelsFileError(f"models file: unknown key 'name' in [{table}]")
+        try:
+            models.append(ModelSpec(name=name, **spec))
+        except ValidationError as exc:
+            raise ModelsFileError(_one_line(exc.errors(), table)) from exc
+    return models
+
+
+def _parse_table(kind: type[T], data: dict[str, Any] | None, name: str) -> T | None:
+    if data is None:
+        return None
+    try:
+        return kind.model_validate(data)
+    except ValidationError as exc:
+        raise ModelsFileError(_one_line(exc.errors(), name)) from exc
+
+
+class Registry:
+    """The configured models by name, each with its queue under the deployment's prefix, and
+    the [routing] and [judge] tables, each naming only configured models."""
+
+    def __init__(
+        self,
+        models: list[ModelSpec],
+        queue_prefix: str = DEFAULT_QUEUE_PREFIX,
+        routing: RoutingTable | None = None,
+        judge: JudgeTable | None = None,
+    ) -> None:
         if not models:
-            raise ModelsFileError("the models file names no model")
+            raise ModelsFileError("models file: no model (add a [models.NAME] table)")
+        if any(m.name == AUTO for m in models):
+            raise ModelsFileError(f"models file: {AUTO!r} is reserved for routing; rename it")
         self.queue_prefix = queue_prefix
         self._models = {
             m.name: m.model_copy(update={"queue": queue_name(queue_prefix, m.queue or m.name)})
             for m in models
         }
+        self.routing = routing
+        self.judge = judge
+        self._check_named_models()
+
+    def _check_named_models(self) -> None:
+        named: list[tuple[str, str]] = []
+        if self.routing is not None:
+            named.append(("[routing] default", self.routing.default))
+            named += [
+                (f"[[routing.rules]] #{i} model", rule.model)
+                for i, rule in enumerate(self.routing.rules, 1)
+            ]
+        if self.judge is not None:
+            named.append(("[judge] model", self.judge.model))
+        for where, name in named:
+            if name not in self._models:
+                configured = ", ".join(self._models)
+                raise ModelsFileError(
+                    f"models file: {where} {name!r} is not a configured model ({configured})"
+                )
+
+    def resolve(self, requested: str, job_input: JobInput) -> str:
+        """The model a job asking for `requested` runs on: `auto` routed, any other as asked."""
+        if requested != AUTO or self.routing is None:
+            return requested
+        target = self.routing.route(job_input)
+        ROUTES.labels(target).inc()
+        return target
+
+    def serves(self, name: str) -> bool:
+        """Whether a client may ask for `name`: a configured model, or `auto` when routed."""
+        return name in self.offered()
+
+    def offered(self) -> list[str]:
+        """The names a client may ask for: the models, and `auto` when the file routes."""
+        return self.names() + ([AUTO] if self.routing is not None else [])
 
     def get(self, name: str) -> ModelSpec | None:
         return self._models.get(name)
@@ -97,13 +208,18 @@ class Registry:
 
     @classmethod
     def from_toml(cls, text: str, queue_prefix: str = DEFAULT_QUEUE_PREFIX) -> Registry:
+        """The file's models and tables; anything it does not know is refused, in one line."""
         try:
             data = tomllib.loads(text)
-            entries = data.get("models", {})
-            models = [ModelSpec(name=name, **spec) for name, spec in entries.items()]
-            return cls(models, queue_prefix)
-        except (tomllib.TOMLDecodeError, ValidationError, TypeError) as exc:
-            raise ModelsFileError(f"invalid models file: {exc}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ModelsFileError(f"models file: not valid TOML: {exc}") from exc
+        for key in data:
+            if key not in TABLES:
+                raise ModelsFileError(f"models file: unknown key {key!r} at the top level")
+        models = _parse_models(_section(data, "models") or {})
+        routing = _parse_table(RoutingTable, _section(data, "routing"), "routing")
+        judge = _parse_table(JudgeTable, _section(data, "judge"), "judge")
+        return cls(models, queue_prefix, routing, judge)
 
     @classmethod
     def load(

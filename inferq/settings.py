@@ -109,6 +109,9 @@ class Settings(BaseSettings):
     limit_window_seconds: int = 60
     limit_queue_full_retry_seconds: int = 2
 
+    # Response cache (DESIGN §8): how long a deterministic request's answer is served again.
+    cache_ttl_seconds: int = 86400
+
     @property
     def stall_bound_seconds(self) -> float:
         return self.stall_seconds or self.backend_timeout_seconds + 30.0

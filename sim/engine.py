@@ -42,6 +42,9 @@ class Stats:
     completed: int = 0
     cancelled: int = 0
     generated_tokens: int = 0
+    tokenize_requests: int = 0
+    last_prompt: str = ""  # the input of the last admitted generation, as the model saw it
+    last_input_length: int = 0
     failures: Counter[str] = field(default_factory=Counter)
 
 

@@ -6,7 +6,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from sim.config import TGI_VERSION
-from sim.schemas import FaultRequest
+from sim.model import tokenize as tokenize_text
+from sim.schemas import FaultRequest, GenerateRequest
 from sim.service import Simulator
 from sim.web import parse_body, simulator
 
@@ -32,6 +33,20 @@ async def info(request: Request) -> Response:
             "docker_label": None,
         }
     )
+
+
+async def tokenize(request: Request) -> Response:
+    """`POST /tokenize`: TGI's answer, a list of `{id, text, start, stop}` for `inputs`."""
+    body = await parse_body(request, GenerateRequest)
+    sim = simulator(request)
+    sim.stats.tokenize_requests += 1
+    return JSONResponse(tokenize_text(body.inputs))
+
+
+async def last_request(request: Request) -> Response:
+    """`GET /sim/last_request`: the input of the last admitted generation and its length."""
+    stats = simulator(request).stats
+    return JSONResponse({"inputs": stats.last_prompt, "input_length": stats.last_input_length})
 
 
 async def health(request: Request) -> Response:
@@ -84,6 +99,7 @@ async def sim_state(request: Request) -> Response:
             "total_requests": stats.total_requests,
             "completed": stats.completed,
             "cancelled": stats.cancelled,
+            "tokenize_requests": stats.tokenize_requests,
         }
     )
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ general place long same day history order left public several road point local n
 east model token stream batch queue worker signal vector kernel memory cache layer window quiet
 rapid bright gentle simple steady careful curious patient silver golden green blue
 """
+_WORD = re.compile(r"\S+")
 VOCABULARY: tuple[str, ...] = tuple(dict.fromkeys(_WORDS.split()))
 
 
@@ -61,6 +63,21 @@ class Plan:
 def count_tokens(text: str) -> int:
     """Number of input tokens in `text` (at least one)."""
     return max(1, len(text.split()))
+
+
+def tokenize(text: str) -> list[dict[str, object]]:
+    """TGI `/tokenize`: one `{id, text, start, stop}` per word, offsets in bytes.
+
+    The same words `count_tokens` counts, so a count from here matches `input_length`.
+    """
+    tokens: list[dict[str, object]] = []
+    for match in _WORD.finditer(text):
+        start = len(text[: match.start()].encode())
+        word = match.group()
+        tokens.append(
+            {"id": _word_id(word), "text": word, "start": start, "stop": start + len(word.encode())}
+        )
+    return tokens
 
 
 def render_chat(messages: Iterable[tuple[str, str]]) -> str:

@@ -82,6 +82,7 @@ class Simulator:
             self.stats.failures["overloaded"] += 1
             raise overloaded()
         seq = self.engine.submit(self._job(request, fault, keepalive_s))
+        self.stats.last_prompt, self.stats.last_input_length = request.prompt, request.input_length
         ending = fault.mode if fault is not None and fault.mode in _ENDINGS else None
         return Generation(request, seq, ending)
 

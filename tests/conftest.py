@@ -124,6 +124,21 @@ max_tokens = 16
 backend = "tgi"
 url = "http://127.0.0.1:{closed}"
 max_tokens = 16
+
+[models.tiny]
+backend = "tgi"
+url = "{fast}"
+max_tokens = 16
+context_tokens = 64
+
+[routing]
+default = "sim"
+[[routing.rules]]
+model = "sim"
+max_input_tokens = 50
+[[routing.rules]]
+model = "slow"
+keywords = ["prove"]
 """
 
 
@@ -196,7 +211,7 @@ def platform(databases: Databases, tmp_path_factory: pytest.TempPathFactory) -> 
     platform.spawn(
         "worker",
         "--models",
-        "sim,slow,faulty,down",
+        "sim,slow,faulty,down,tiny",
         "--concurrency",
         "16",
         "--name",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -20,7 +21,9 @@ from typing import Any
 import httpx
 import pytest
 
-from inferq.limits import counters_prefix
+from inferq import lifecycle
+from inferq.db import make_sync_engine
+from inferq.limits import counters_prefix, reservation_key
 from tests.conftest import MODELS, Platform, wait_for
 from tests.servers import free_port, redis_client, wait_http
 
@@ -100,6 +103,22 @@ def counters(platform: Platform, key_id: str) -> dict[str, int]:
     redis = redis_client(platform.redis_url)
     prefix = counters_prefix(key_id)
     return {kind: int(redis.get(f"{prefix}:{kind}:{day}") or 0) for kind in ("spent", "held")}
+
+
+def queued(platform: Platform, key_id: str) -> int:
+    """The key's count of queued jobs, as the admission script keeps it."""
+    return int(redis_client(platform.redis_url).get(f"{counters_prefix(key_id)}:queued") or 0)
+
+
+def reserved(platform: Platform, job_id: str) -> bool:
+    return bool(redis_client(platform.redis_url).exists(reservation_key(job_id)))
+
+
+def wait_until(check: Any, what: str, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
 
 
 def client(url: str, key: str) -> httpx.Client:
@@ -226,6 +245,68 @@ def test_max_queued_answers_queue_full_until_a_job_leaves_the_queue(platform: Pl
         assert retry == 2
         http.post(f"/v1/jobs/{jobs[0].json()['id']}/cancel").raise_for_status()
         assert post(http).status_code == 202
+
+
+def test_max_queued_counts_in_redis_until_claim_cancel_or_expiry(platform: Platform) -> None:
+    """The count rises at submit and drops once as the job leaves `queued`, whichever way."""
+    made = made_key(platform, max_queued=2)
+    with client(platform.api_url, made["secret"]) as http:
+        parked = post(http).json()["id"]
+        late = post(http, deadline_seconds=1).json()["id"]
+        assert queued(platform, made["id"]) == 2
+        assert_refused(post(http), "queue_full", 60)
+        assert queued(platform, made["id"]) == 2  # a refusal counts nothing
+        assert wait_for(http, late)["status"] == "expired"
+        wait_until(lambda: queued(platform, made["id"]) == 1, "expiry left the count")
+        assert not reserved(platform, late)
+        http.post(f"/v1/jobs/{parked}/cancel").raise_for_status()
+        assert queued(platform, made["id"]) == 0
+        http.post(f"/v1/jobs/{parked}/cancel").raise_for_status()  # settled once
+        assert queued(platform, made["id"]) == 0
+        ran = post(http, model="sim", max_tokens=4, seed=1).json()["id"]
+        assert wait_for(http, ran)["status"] == "succeeded"
+    assert queued(platform, made["id"]) == 0
+    assert not reserved(platform, ran)
+
+
+def test_a_running_job_leaves_its_keys_queue(platform: Platform, apis: LimitsApis) -> None:
+    made = made_key(platform, max_queued=1)
+    with client(apis.urls[0], made["secret"]) as http:
+        running = post(http, model="pricey", max_tokens=400).json()["id"]
+        wait_until(
+            lambda: http.get(f"/v1/jobs/{running}").json()["status"] == "running", "never ran"
+        )
+        assert queued(platform, made["id"]) == 0
+        assert post(http, model="pricey-parked").status_code == 202
+        assert queued(platform, made["id"]) == 1
+        http.post(f"/v1/jobs/{running}/cancel").raise_for_status()
+        assert wait_for(http, running)["status"] == "cancelled"
+    assert queued(platform, made["id"]) == 1  # its end does not count it out twice
+
+
+def test_a_job_failed_after_its_last_attempt_settles(platform: Platform, apis: LimitsApis) -> None:
+    """A job whose workers kept dying gives back its reservation when the sweeper fails it."""
+    made = made_key(platform, daily_budget_usd=10, max_queued=5)
+    with client(apis.urls[0], made["secret"]) as http:
+        job_id = post(http, model="pricey-parked").json()["id"]
+        assert counters(platform, made["id"])["held"] > 0
+        engine = make_sync_engine(platform.database_url, pool_size=1)
+        try:
+            with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                for attempt in (1, 2, 3):  # each lease lapses at once: a worker that died
+                    wait_until(
+                        lambda: (
+                            lifecycle.claim(conn, uuid.UUID(job_id), "gone", 0.01, 3) is not None
+                        ),
+                        f"attempt {attempt} never claimed",
+                    )
+        finally:
+            engine.dispose()
+        job = wait_for(http, job_id)
+    assert job["status"] == "failed"
+    assert counters(platform, made["id"]) == {"spent": 0, "held": 0}
+    assert queued(platform, made["id"]) == 0
+    assert not reserved(platform, job_id)
 
 
 def test_budget_counts_held_cost_until_the_job_settles(

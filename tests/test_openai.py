@@ -247,7 +247,7 @@ def test_bad_key_is_an_authentication_error(platform: Platform) -> None:
 
 def test_models_lists_the_configured_models(platform: Platform, client: OpenAI) -> None:
     configured = Registry.load(Path(platform.env["INFERQ_MODELS_FILE"])).names()
-    assert [m.id for m in client.models.list()] == configured
+    assert [m.id for m in client.models.list()] == [*configured, "auto"]
     assert client.models.retrieve("sim").id == "sim"
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("no-such-model")

@@ -472,4 +472,10 @@ def test_info_health_models_and_metrics(sim: str) -> None:
     metrics = httpx.get(f"{sim}/metrics").text
     for series in ("tgi_queue_size", "tgi_batch_current_size", "tgi_request_count"):
         assert f"\n{series} " in metrics
-    assert set(_state(sim)) == {"active", "total_requests", "completed", "cancelled"}
+    assert set(_state(sim)) == {
+        "active",
+        "total_requests",
+        "completed",
+        "cancelled",
+        "tokenize_requests",
+    }

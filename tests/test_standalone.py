@@ -58,8 +58,8 @@ def test_up_serves_a_job_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
             start_new_session=True,
         )
     try:
-        wait_http(f"http://127.0.0.1:{api}/readyz", timeout=180)
-        _wait_for_banner(tmp_path / "up.log")
+        _wait_for_banner(tmp_path / "up.log", up)
+        wait_http(f"http://127.0.0.1:{api}/readyz", timeout=60)
         _check_the_command_line_finds_it(tmp_path, env, api)
         key = (tmp_path / ".inferq" / "dev-api-key").read_text().strip()
         client = httpx.Client(
@@ -123,9 +123,10 @@ def _check_worker_series_in_one_scrape(client: httpx.Client) -> None:
         assert series in text, series
 
 
-def _wait_for_banner(log: Path) -> None:
-    deadline = time.monotonic() + 120
+def _wait_for_banner(log: Path, up: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 180
     while "inferq is ready" not in log.read_text():
+        assert up.poll() is None, f"inferq up exited: {log.read_text()}"
         assert time.monotonic() < deadline, log.read_text()
         time.sleep(0.5)
     assert "model sim" in log.read_text() and "(up)" in log.read_text()

@@ -231,7 +231,7 @@ def test_platform_worker_consumes_only_its_deployments_queues(platform: Platform
     prefix = _prefix(platform)
     assert prefix.startswith("inferq_test_")  # the test database's name
     queues = _active_queues(platform, "main@inferq-test")
-    assert queues == {f"{prefix}.{m}" for m in ("sim", "slow", "faulty", "down")}
+    assert queues == {f"{prefix}.{m}" for m in ("sim", "slow", "faulty", "down", "tiny")}
 
 
 def test_job_marked_enqueued_without_a_message_runs(platform: Platform, http: httpx.Client) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import uuid
 
-from inferq import lifecycle, metrics
+from inferq import lifecycle, limits, metrics
 from inferq.events import publish_end
 from inferq.models import JobStatus
 from inferq.queue import ENQUEUED_KEY
@@ -38,6 +38,8 @@ def expire_overdue(ctx: WorkerContext) -> int:
 def _close(ctx: WorkerContext, jobs: list[tuple[str, str]]) -> None:
     if not jobs:
         return
+    # Before the closing events, like a worker's end: the key's queue and reservations free.
+    limits.settle_unused(ctx.redis, [job_id for job_id, _ in jobs])
     events = lifecycle.EXPIRED.closing_events()
     with ctx.redis.pipeline(transaction=False) as pipe:
         for job_id, _ in jobs:

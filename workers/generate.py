@@ -18,7 +18,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from inferq import lifecycle, limits, metrics
+from inferq import cache, lifecycle, limits, metrics
 from inferq.events import Event, finish_reason_of
 from inferq.lifecycle import Claim, Outcome
 from inferq.models import JobStatus
@@ -62,13 +62,25 @@ def run_job(ctx: WorkerContext, job_id: str) -> None:
         if not expire_job(ctx, job_id):
             _not_claimable(ctx, job_id)
         return
+    if claim.limited and claim.attempt == 1:
+        # It left `queued` (a later attempt's claim takes a running job: it had left).
+        limits.dequeue(ctx.redis, job_id)
     record_claim(claim, datetime.now(UTC))
+    _count_start(ctx, claim.model)
     spec = ctx.registry.get(claim.model)
     generation = Generation(ctx, claim, spec)
     if spec is None:
         generation.finish(_failure("unknown_model", f"model {claim.model!r} is not served"))
         return
     generation.run(spec)
+
+
+def _count_start(ctx: WorkerContext, model: str) -> None:
+    """For queued jobs' ETA (inferq.cache.starts_per_second); best effort."""
+    try:
+        cache.count_start(ctx.redis, model)
+    except Exception:
+        log.warning("could not count the job's start", extra={"model": model})
 
 
 def _claim(ctx: WorkerContext, job_id: str) -> Claim | None:
@@ -316,14 +328,17 @@ class Generation:
             log.warning("finish refused: job already ended or taken over", extra=self._log())
             return
         # Before the closing events: a client that submits again on `done` finds its key's
-        # limits already settled.
-        limits.settle(
-            self.ctx.redis,
-            str(self.claim.job_id),
-            outcome.input_tokens,
-            outcome.output_tokens,
-            outcome.cost_usd,
-        )
+        # limits already settled. A key without limits reserved nothing: no round trip.
+        if self.claim.limited:
+            limits.settle(
+                self.ctx.redis,
+                str(self.claim.job_id),
+                outcome.input_tokens,
+                outcome.output_tokens,
+                outcome.cost_usd,
+            )
+        # Before the closing events too: a client that sends the request again on `done` hits.
+        self._store_answer(outcome)
         self.publisher.send(outcome.closing_events(), final=True)
         record_finish(self.claim, outcome, datetime.now(UTC))
         log.info(
@@ -341,6 +356,21 @@ class Generation:
                 "error_type": outcome.error_type,
             },
         )
+
+    def _store_answer(self, outcome: Outcome) -> None:
+        key = self.claim.params.cache_key
+        if key is None or outcome.status is not JobStatus.succeeded:
+            return
+        answer = cache.CachedAnswer(
+            output=outcome.output,
+            finish_reason=outcome.finish_reason,
+            input_tokens=outcome.input_tokens,
+            output_tokens=outcome.output_tokens,
+        )
+        try:
+            cache.store(self.ctx.redis, key, answer, self.ctx.settings.cache_ttl_seconds)
+        except Exception:  # a missed store costs a later request a backend call, nothing more
+            log.warning("could not store the answer in the cache", extra=self._log())
 
     def _log(self) -> dict[str, Any]:
         return {"job_id": str(self.claim.job_id), "attempt": self.claim.attempt}

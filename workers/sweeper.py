@@ -20,7 +20,7 @@ from typing import Any
 
 from sqlalchemy import Row, Select, func, select, tuple_
 
-from inferq import lifecycle
+from inferq import lifecycle, limits
 from inferq.events import TERMINAL_EVENTS, Event, publish_end, stream_key
 from inferq.lifecycle import Outcome
 from inferq.models import TERMINAL_STATUSES, Job, JobStatus
@@ -209,6 +209,7 @@ def _fail_exhausted(ctx: WorkerContext) -> int:
     """A job whose lease expired on its last allowed attempt fails with a clear error."""
     with ctx.sessions.begin() as session:
         failed = lifecycle.fail_exhausted(session.connection(), ctx.settings.max_attempts)
+    limits.settle_unused(ctx.redis, [str(job_id) for job_id, _ in failed])
     for job_id, outcome in failed:
         publish_end(ctx.publish_script, str(job_id), outcome.closing_events(), ctx.settings)
     return len(failed)

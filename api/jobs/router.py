@@ -41,7 +41,8 @@ async def get(job_id: uuid.UUID, key: CurrentKey, session: SessionDep, state: St
     """The job; while it runs, `output` is the text so far and `usage.output_tokens` its count."""
     job = await service.get_job(session, key, job_id)
     position = await service.queue_position(session, job)
-    return service.to_out(job, position, await service.running_progress(state, job))
+    eta = await service.queue_eta(state, job, position)
+    return service.to_out(job, position, await service.running_progress(state, job), eta)
 
 
 @router.get("", response_model=JobList, responses=error_responses(*AUTHENTICATED))

@@ -132,6 +132,9 @@ class JobCreate(Sampling):
     prompt: Text | None = Field(None, min_length=1)
     messages: list[Message] | None = Field(None, min_length=1)
     priority: Literal["interactive", "batch"] = "interactive"
+    user: Text | None = Field(
+        None, max_length=200, description="The caller's end user, for cost per user."
+    )
     webhook: Webhook | None = None
     cache: bool = True
     metadata: JsonObject = Field(default_factory=dict)
@@ -171,6 +174,7 @@ class JobOut(BaseModel):
     status: str
     model: str
     requested_model: str
+    user: str | None = None
     priority: str
     created_at: datetime
     started_at: datetime | None
@@ -184,6 +188,10 @@ class JobOut(BaseModel):
     cached: bool
     attempts: int
     queue_position: int | None
+    # While queued: seconds until it starts, from its model's recent throughput (None: none).
+    eta_seconds: float | None = None
+    # Oldest chat messages left out to fit the model's context window (DESIGN §8).
+    dropped_messages: int = 0
     metadata: dict[str, Any]
     links: Links
 

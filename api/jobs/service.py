@@ -6,29 +6,38 @@ import asyncio
 import hashlib
 import json
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.auth import Principal
 from api.errors import Conflict, InvalidRequest, NotFound, redact_addresses
 from api.events.service import JobEvents
+from api.jobs.context import fit_context
 from api.jobs.schemas import ErrorInfo, JobCreate, JobOut, Links, Usage
 from api.limits import Gate
 from api.state import AppState
 from api.webhooks.service import guard_url
-from inferq import lifecycle, limits
+from inferq import cache, lifecycle, limits
 from inferq.db import uuid7
-from inferq.events import Progress, cancel_key, from_entries, progress, publish_end, stream_key
+from inferq.events import (
+    Event,
+    Progress,
+    cancel_key,
+    from_entries,
+    progress,
+    publish_end,
+    stream_key,
+)
 from inferq.lifecycle import Outcome
-from inferq.metrics import JOBS_SUBMITTED
+from inferq.metrics import CACHE_HITS, CACHE_MISSES, JOBS_SUBMITTED
 from inferq.models import Job, JobStatus
-from inferq.protocol import ChatMessage, JobInput, JobParams
-from inferq.queue import ENQUEUED_KEY
+from inferq.protocol import ChatMessage, JobInput, JobParams, TokenData
+from inferq.queue import ENQUEUED_KEY, PRIORITIES
 from inferq.registry import ModelSpec, Registry
 from inferq.settings import Settings
 from inferq.webhooks import job_timings
@@ -41,6 +50,7 @@ class Created:
     job: Job
     replayed: bool  # an earlier request with the same Idempotency-Key made it
     enqueued: bool = False
+    cached: bool = False  # answered from the response cache: created already succeeded
 
 
 def resolve_model(registry: Registry, name: str) -> ModelSpec:
@@ -50,6 +60,13 @@ def resolve_model(registry: Registry, name: str) -> ModelSpec:
             f"unknown model {name!r}; available: {', '.join(sorted(registry.names()))}"
         )
     return spec
+
+
+def routed(registry: Registry, body: JobCreate) -> str:
+    """The model asked for, `auto` routed by the models file on the input as sent."""
+    messages = [ChatMessage(role=m.role, content=m.content) for m in body.messages or []]
+    job_input = JobInput(prompt=body.prompt, messages=messages if body.messages else None)
+    return registry.resolve(body.model, job_input)
 
 
 def check_size(body: JobCreate, settings: Settings) -> None:
@@ -69,7 +86,8 @@ def job_values(body: JobCreate, spec: ModelSpec, key: Principal) -> dict[str, An
     params = JobParams(
         max_tokens=min(requested, spec.max_tokens),
         temperature=body.temperature,
-        top_p=body.top_p,
+        # top_p 1 keeps every token, as no top_p does; TGI refuses it (it wants < 1).
+        top_p=None if body.top_p == 1 else body.top_p,
         stop=body.stop,
         seed=body.seed,
         cache=body.cache,
@@ -84,6 +102,7 @@ def job_values(body: JobCreate, spec: ModelSpec, key: Principal) -> dict[str, An
         "tenant": key.tenant,
         "api_key_id": key.key_id,
         "requested_model": body.model,
+        "user": body.user,
         "model": spec.name,
         "status": JobStatus.queued.value,
         "priority": body.priority,
@@ -102,6 +121,13 @@ def request_hash(body: JobCreate) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+async def fitted_input(state: AppState, spec: ModelSpec, values: dict[str, Any]) -> dict[str, Any]:
+    """The job's input trimmed to its model's context window, and how many messages it lost."""
+    job_input = JobInput.model_validate(values["input"])
+    fitted = await fit_context(state.tokens, spec, job_input, values["params"]["max_tokens"])
+    return {"input": fitted.input.stored(), "dropped_messages": fitted.dropped_messages}
+
+
 async def create_job(
     session: AsyncSession,
     state: AppState,
@@ -116,24 +142,91 @@ async def create_job(
     check_size(body, state.settings)
     if body.webhook is not None:
         await guard_url(str(body.webhook.url), state.settings)
-    spec = resolve_model(state.registry, body.model)
+    spec = resolve_model(state.registry, routed(state.registry, body))
     values = job_values(body, spec, key)
+    # Keyed by the request as sent (fitting it to the context is deterministic): a hit needs
+    # no tokenizer call.
+    hit = await _from_cache(state, key, spec, values)
+    if not hit:
+        values |= await fitted_input(state, spec, values)
     # Reserved under the job's id; the job's end settles it.
     reserved = gate is not None and await gate.admit(spec, values)
     try:
-        created = await _insert(session, state, key, body, values, idempotency_key, digest)
+        if hit:
+            created = await _insert_answered(
+                session, state, key, values, (idempotency_key, digest), body
+            )
+        else:
+            created = await _insert(session, state, key, body, values, idempotency_key, digest)
     except Exception:  # not a cancelled request: the batcher may still make its job
         if reserved and gate is not None:
             await gate.release(values["id"])
         raise
-    if reserved and gate is not None and created.replayed:
-        await gate.release(values["id"])  # the earlier request's job holds its own
+    if reserved and gate is not None and (created.replayed or hit):
+        # The earlier request's job holds its own; a cache hit used nothing.
+        await gate.release(values["id"])
     return created
+
+
+async def _from_cache(
+    state: AppState, key: Principal, spec: ModelSpec, values: dict[str, Any]
+) -> bool:
+    """Give a cacheable job its cache key; on a hit, turn `values` into the finished job's
+    row (DESIGN §8) and say so."""
+    cache_key = cache.key_for(key.tenant, spec, values)
+    if cache_key is None:
+        return False
+    values["params"] = {**values["params"], "cache_key": cache_key}
+    answer = await cache.lookup(state.redis, cache_key)
+    if answer is None:
+        CACHE_MISSES.labels(spec.name).inc()
+        return False
+    CACHE_HITS.labels(spec.name).inc()
+    now = datetime.now(UTC)
+    values |= {
+        "status": JobStatus.succeeded.value,
+        "output": answer.output,
+        "finish_reason": answer.finish_reason,
+        "input_tokens": answer.input_tokens,
+        "output_tokens": answer.output_tokens,
+        "cost_usd": 0,
+        "cached": True,
+        "created_at": now,
+        "started_at": now,
+        "first_token_at": now,
+        "finished_at": now,
+    }
+    return True
+
+
+async def _insert_answered(
+    session: AsyncSession,
+    state: AppState,
+    key: Principal,
+    values: dict[str, Any],
+    request: tuple[str | None, str | None],  # Idempotency-Key, digest
+    body: JobCreate,
+) -> Created:
+    """A cache hit's finished row. Not through the batcher: it enqueues what it writes, and
+    this job must not run."""
+    idempotency_key, digest = request
+    if idempotency_key is None:
+        values["request_hash"] = digest
+        await session.commit()  # the request's session holds no connection meanwhile
+        row = {("metadata" if name == "metadata_" else name): v for name, v in values.items()}
+        # One autocommit round trip, no ORM: a hit costs little more than its Redis GET.
+        async with state.autocommit.connect() as conn:
+            await conn.execute(insert(Job), [row])
+        job = Job(**values, attempts=0)
+        state.job_tenants[job.id] = job.tenant  # its events are read next: no query for them
+        return Created(job, replayed=False, cached=True)
+    created = await _insert(session, None, key, body, values, idempotency_key, digest)
+    return replace(created, cached=not created.replayed)
 
 
 async def _insert(
     session: AsyncSession,
-    state: AppState,
+    state: AppState | None,
     key: Principal,
     body: JobCreate,
     values: dict[str, Any],
@@ -141,6 +234,7 @@ async def _insert(
     digest: str | None,
 ) -> Created:
     if idempotency_key is None:
+        assert state is not None  # only a cache hit's row comes without the batcher
         values["request_hash"] = digest  # how a retry of this request can find the job
         # The batcher writes on a connection of its own: the request's session must hold
         # none meanwhile, or a burst of submits takes the whole pool and waits for itself.
@@ -175,11 +269,23 @@ async def submit_job(
     """Create the job, commit it, then hand it to the broker (unless the batcher did both)."""
     created = await create_job(session, state, key, body, idempotency_key, digest, gate)
     await session.commit()
+    if created.cached:
+        await _publish_answer(state, created.job)
+    elif not created.replayed and not created.enqueued:
+        await state.queue.put([created.job])
     if not created.replayed:
-        if not created.enqueued:
-            await state.queue.put([created.job])
         JOBS_SUBMITTED.labels(created.job.model).inc()
     return created
+
+
+async def _publish_answer(state: AppState, job: Job) -> None:
+    """A cache hit's whole event stream, once its row is committed: SSE readers and the
+    OpenAI routes read it as they read any finished job's."""
+    events = Outcome.of_row(job).closing_events()
+    if job.output:
+        token = TokenData(text=job.output, tokens=job.output_tokens)
+        events.insert(0, Event.of(token))
+    await publish_end(state.publish_script, str(job.id), events, state.settings)
 
 
 async def _replay(session: AsyncSession, key: Principal, idem: str, digest: str) -> Job:
@@ -220,15 +326,37 @@ async def job_if_unseen(
     return None
 
 
+# A poll counts at most this many jobs before a queued one (ix_jobs_queued_position): deeper
+# in the queue the position reads as this, and a poll stays cheap however long the queue.
+POSITION_CAP = 10_000
+
+
 async def queue_position(session: AsyncSession, job: Job) -> int | None:
+    """How many jobs will run before this queued one: its model's queued jobs of a higher
+    priority class, and of its own class those submitted before it (all tenants)."""
     if job.status != JobStatus.queued:
         return None
-    ahead = await session.scalar(
-        select(func.count())
-        .select_from(Job)
-        .where(Job.status == JobStatus.queued, Job.model == job.model, Job.id < job.id)
+    mine = PRIORITIES.get(job.priority, 0)
+    higher = [name for name, step in PRIORITIES.items() if step < mine]
+    ahead = (
+        select(Job.id)
+        .where(
+            Job.status == JobStatus.queued,
+            Job.model == job.model,
+            or_(Job.priority.in_(higher), and_(Job.priority == job.priority, Job.id < job.id)),
+        )
+        .limit(POSITION_CAP)
+        .subquery()
     )
-    return int(ahead or 0)
+    return int(await session.scalar(select(func.count()).select_from(ahead)) or 0)
+
+
+async def queue_eta(state: AppState, job: Job, position: int | None) -> float | None:
+    """Seconds until a queued job starts, at its model's starts per second of the last
+    minute; None when it is not queued or nothing started lately."""
+    if position is None:
+        return None
+    return cache.eta_seconds(position, await cache.starts_per_second(state.redis, job.model))
 
 
 async def list_jobs(
@@ -308,7 +436,12 @@ async def running_progress(state: AppState, job: Job) -> Progress | None:
     return progress(from_entries(await state.redis.xrange(stream_key(str(job.id)))))
 
 
-def to_out(job: Job, position: int | None = None, so_far: Progress | None = None) -> JobOut:
+def to_out(
+    job: Job,
+    position: int | None = None,
+    so_far: Progress | None = None,
+    eta_seconds: float | None = None,
+) -> JobOut:
     base = f"/v1/jobs/{job.id}"
     # Backends' and client libraries' messages can name hosts: not the tenant's business.
     message = redact_addresses(job.error_message or "")
@@ -318,6 +451,7 @@ def to_out(job: Job, position: int | None = None, so_far: Progress | None = None
         status=job.status,
         model=job.model,
         requested_model=job.requested_model,
+        user=job.user,
         priority=job.priority,
         created_at=job.created_at,
         started_at=job.started_at,
@@ -333,8 +467,10 @@ def to_out(job: Job, position: int | None = None, so_far: Progress | None = None
         timings=job_timings(job),
         error=error,
         cached=job.cached,
+        dropped_messages=job.dropped_messages or 0,
         attempts=job.attempts,
         queue_position=position,
+        eta_seconds=eta_seconds,
         metadata=job.metadata_,
         links=Links(self=base, events=f"{base}/events", cancel=f"{base}/cancel"),
     )

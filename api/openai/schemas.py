@@ -55,7 +55,7 @@ class OpenAIRequest(Sampling):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int | None = None
-    user: Text | None = None  # accepted and ignored
+    user: Text | None = None  # kept as the job's end user
     metadata: JsonObject | None = None
 
 

@@ -28,10 +28,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.auth import Principal
 from api.disconnect import DisconnectWatcher
-from api.errors import ApiError, InvalidRequest, problems, redact_addresses
+from api.errors import ApiError, problems, redact_addresses
 from api.events.service import JobEvents
 from api.jobs.schemas import JobCreate, Message
-from api.jobs.service import Created, cancel_job, resolve_model, submit_job
+from api.jobs.service import Created, cancel_job, submit_job
 from api.limits import Gate
 from api.openai.errors import JOB_HEADER, OpenAIError
 from api.openai.schemas import (
@@ -181,6 +181,7 @@ def _job(body: OpenAIRequest, **inputs: Any) -> JobCreate:
             top_p=body.top_p,
             stop=body.stop,
             seed=body.seed,
+            user=body.user,
             metadata=body.metadata or {},
             **inputs,
         )
@@ -258,10 +259,10 @@ async def create(
 ) -> Created:
     """The request's job: new, or the one made by the same Idempotency-Key or by an earlier
     attempt of the same SDK call (`retried`; see `sdk_retry`)."""
-    try:
-        resolve_model(state.registry, body.model)
-    except InvalidRequest as exc:
-        raise OpenAIError(404, exc.message, param="model", code="model_not_found") from exc
+    if not state.registry.serves(body.model):
+        offered = ", ".join(sorted(state.registry.offered()))
+        message = f"unknown model {body.model!r}; available: {offered}"
+        raise OpenAIError(404, message, param="model", code="model_not_found")
     if retried and idempotency_key is None:
         earlier = await earlier_attempt(session, key, digest)
         await session.commit()  # hold no connection while the answer is awaited
@@ -410,10 +411,11 @@ async def complete(request: Request, state: AppState, key: Principal, reply: Rep
 
 
 def model_list(registry: Registry) -> ModelList:
-    return ModelList(data=[ModelCard(id=name) for name in registry.names()])
+    """The models, and `auto` when the models file routes it."""
+    return ModelList(data=[ModelCard(id=name) for name in registry.offered()])
 
 
 def model_card(registry: Registry, name: str) -> ModelCard:
-    if registry.get(name) is None:
+    if not registry.serves(name):
         raise OpenAIError(404, f"no model {name!r}", param="model", code="model_not_found")
     return ModelCard(id=name)
