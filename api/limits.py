@@ -1,4 +1,4 @@
-"""Per-key limits at submit (DESIGN §6): admit or refuse with a 429, report the counters.
+"""Per-key limits at submit: admit or refuse with a 429, report the counters.
 
 A key with no limit costs nothing here. A key with limits costs one Redis script
 (inferq.limits), one round trip, whichever limits it has: `max_queued` too is a counter

@@ -24,7 +24,7 @@ from inferq.models import ApiKey
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """A key's limits (DESIGN §6); None: unlimited in that respect."""
+    """A key's limits; None: unlimited in that respect."""
 
     rate_limit_per_minute: int | None = None
     tokens_per_minute: int | None = None

@@ -1,4 +1,4 @@
-"""The response cache (DESIGN §8) and the models' recent throughput, both in Redis.
+"""The response cache and the models' recent throughput, both in Redis.
 
 A deterministic request (temperature 0, a fixed seed, or on a `tgi` model no sampling
 parameter at all: TGI's default is greedy, an OpenAI-compatible server samples by default)

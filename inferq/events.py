@@ -1,4 +1,4 @@
-"""The token stream protocol (DESIGN §5): Redis keys, the event envelope, the publish script.
+"""The token stream protocol: Redis keys, the event envelope, the publish script.
 
 The payloads themselves are the models of `inferq.protocol`.
 """

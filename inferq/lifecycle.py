@@ -1,4 +1,4 @@
-"""The job lifecycle in Postgres (DESIGN §3, §4): every change of a job's state, each one
+"""The job lifecycle in Postgres: every change of a job's state, each one
 prebuilt Core statement with bound parameters: claim with a lease, renew it, finish once;
 cancel a queued job; fail one whose workers kept dying; expire one whose deadline passed
 before it started; release one a stopping worker hands back. Also the events that close a
@@ -127,7 +127,7 @@ class Outcome:
 # worker's statements cost about 2.6 ms of CPU to build and run; this way, 0.6 ms (README,
 # performance). The worker's run on an autocommit connection: one round trip each.
 _jobs: Table = Job.__table__  # type: ignore[assignment]
-# Its deadline passed before it ever started: it must not run (DESIGN §3, `expired`).
+# Its deadline passed before it ever started: it must not run (`expired`).
 _OVERDUE = and_(
     _jobs.c.deadline_at.is_not(None),
     _jobs.c.deadline_at <= func.now(),

@@ -1,4 +1,4 @@
-"""Per-key limits (DESIGN §6): counters in Redis, shared by every API replica.
+"""Per-key limits: counters in Redis, shared by every API replica.
 
 Requests and tokens per minute count in fixed windows aligned on multiples of the window
 length in Redis's clock (one clock for every replica). A fixed window costs one counter per

@@ -1,4 +1,4 @@
-"""Prometheus metrics shared by the API and the workers (DESIGN §9)."""
+"""Prometheus metrics shared by the API and the workers."""
 
 from __future__ import annotations
 

@@ -52,7 +52,7 @@ class JobStatus(enum.StrEnum):
 
     @property
     def terminal(self) -> bool:
-        """Terminal states never change (DESIGN §3)."""
+        """Terminal states never change."""
         return self not in (JobStatus.queued, JobStatus.running)
 
 
@@ -103,13 +103,13 @@ class Job(Base):
             "lease_expires_at",
             postgresql_where=text("status IN ('queued', 'running')"),
         ),
-        # A key's queued jobs, counted at submit for keys with max_queued (DESIGN §6).
+        # A key's queued jobs, counted at submit for keys with max_queued.
         Index(
             "ix_jobs_key_queued",
             "api_key_id",
             postgresql_where=text("status = 'queued'"),
         ),
-        # A queued job's position (DESIGN §8): its model's queued jobs by priority, then id.
+        # A queued job's position: its model's queued jobs by priority, then id.
         Index(
             "ix_jobs_queued_position",
             "model",
@@ -117,7 +117,7 @@ class Job(Base):
             "id",
             postgresql_where=text("status = 'queued'"),
         ),
-        # Exactly the jobs whose webhook is due or waiting for its next try (DESIGN §11).
+        # Exactly the jobs whose webhook is due or waiting for its next try.
         Index(
             "ix_jobs_webhook_pending",
             "webhook_next_at",
@@ -161,7 +161,7 @@ class Job(Base):
     first_token_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
     deadline_at: Mapped[datetime | None]
-    # Webhook delivery (DESIGN §11): when the next try is due (null: as soon as the job ends),
+    # Webhook delivery: when the next try is due (null: as soon as the job ends),
     # and whether delivery is over (delivered, given up, or not wanted for this end).
     webhook_next_at: Mapped[datetime | None]
     webhook_done: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))

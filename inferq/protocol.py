@@ -1,7 +1,7 @@
 """The typed data that crosses between the API and the workers besides job ids.
 
 A job's input and parameters: the API stores them in `jobs.input` / `jobs.params` (JSONB) and
-the worker reads them back. The payloads of a job's events (DESIGN §5): the worker, the
+the worker reads them back. The payloads of a job's events: the worker, the
 sweeper and the API write them to the job's Redis stream, readers parse them. Both sides use
 these models, so that a field is spelled once.
 """

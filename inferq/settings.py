@@ -24,7 +24,7 @@ class Settings(BaseSettings):
     models_file: Path | None = None
     bootstrap_key: SecretStr | None = None
 
-    # Delivery (DESIGN §4)
+    # Delivery
     lease_seconds: float = 30.0
     max_attempts: int = 3
     backend_retries: int = 4
@@ -35,7 +35,7 @@ class Settings(BaseSettings):
     lost_enqueue_grace_seconds: float = 5.0
     visibility_timeout_seconds: int = 3600
 
-    # Token stream (DESIGN §5)
+    # Token stream
     flush_interval_ms: float = 20.0  # while few streams run in the worker process
     flush_budget_per_second: float = 400.0  # per worker process; more streams flush less often
     flush_interval_max_ms: float = 100.0
@@ -58,7 +58,7 @@ class Settings(BaseSettings):
     worker_db_connections: int = 16  # at most this many Postgres connections per worker
     log_level: str = "INFO"
 
-    # Webhooks (DESIGN §11)
+    # Webhooks
     webhook_allow_private: bool = False  # allow URLs on private, loopback, link-local addresses
     webhook_timeout_seconds: float = 10.0  # a try that has no 2xx by then failed
     webhook_resolve_timeout_seconds: float = 5.0  # DNS lookup of the URL's host at submit
@@ -69,7 +69,7 @@ class Settings(BaseSettings):
     webhook_concurrency: int = 16  # deliveries in flight at once
     beat_metrics_port: int | None = None  # serve beat's /metrics (webhook deliveries) here
 
-    # Sweeper (DESIGN §4, §5)
+    # Sweeper
     # Prefix of this deployment's queue names and sweeper keys in Redis, so that a worker of
     # another deployment on the same Redis never takes this one's messages. Unset, it is the
     # name of the database in database_url (see inferq.queue.queue_prefix).
@@ -78,7 +78,7 @@ class Settings(BaseSettings):
     orphan_scan_interval_seconds: float = 60.0  # at most one scan of the queues per this
     stream_close_after_seconds: float = 5.0  # a job ended this long ago must have a closed stream
 
-    # Worker faults (DESIGN §4)
+    # Worker faults
     # A claim with no progress (token, flush, retry back-off) for this long stops being renewed,
     # so its lease lapses and the job runs again. Unset: backend_timeout_seconds + 30, since a
     # silent backend is timed out by the client first; only a backend that keeps the connection
@@ -86,7 +86,7 @@ class Settings(BaseSettings):
     # wait for a first token in the backend's own queue.
     stall_seconds: float | None = None
 
-    # Stopping early (DESIGN §4, §6)
+    # Stopping early
     # How often a worker looks for cancelled jobs among those it runs, so that a cancel acts
     # while no token flows (a long prefill, a retry's back-off): one Redis read per process.
     cancel_poll_seconds: float = 0.15
@@ -94,22 +94,22 @@ class Settings(BaseSettings):
     # hands the rest back to the queue for another worker, which restarts them at once.
     shutdown_grace_seconds: float = 30.0
 
-    # Event streams (DESIGN §5): how long a new SSE reader waits for its live subscription
+    # Event streams: how long a new SSE reader waits for its live subscription
     # while the API's pub/sub connection to Redis is being re-established; then a 503.
     sse_subscribe_timeout_seconds: float = 10.0
 
-    # Redis outages (DESIGN §5): how long a worker keeps trying to publish a generation's
+    # Redis outages: how long a worker keeps trying to publish a generation's
     # tokens while Redis is unreachable before it stops the attempt (its lease then lapses
     # and the job runs again); keep it below stall_bound_seconds.
     redis_outage_seconds: float = 30.0
 
-    # Per-key limits (DESIGN §6): the length of the requests- and tokens-per-minute window
+    # Per-key limits: the length of the requests- and tokens-per-minute window
     # (60; shorter only for tests), and the Retry-After of a `queue_full` refusal (a queued
     # job of the key may start at any moment, so a short wait).
     limit_window_seconds: int = 60
     limit_queue_full_retry_seconds: int = 2
 
-    # Response cache (DESIGN §8): how long a deterministic request's answer is served again.
+    # Response cache: how long a deterministic request's answer is served again.
     cache_ttl_seconds: int = 86400
 
     @property

@@ -1,4 +1,4 @@
-"""Webhooks (DESIGN §11): signing secrets, Standard Webhooks signatures, the URL guard, the body.
+"""Webhooks: signing secrets, Standard Webhooks signatures, the URL guard, the body.
 
 Both sides use this module: the API guards a URL at submit and hands out the tenant's secret;
 the dispatcher in the beat process guards the URL again, signs and delivers.

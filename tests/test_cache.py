@@ -1,4 +1,4 @@
-"""The response cache and queued jobs' positions (DESIGN §8), on the real platform."""
+"""The response cache and queued jobs' positions, on the real platform."""
 
 from __future__ import annotations
 

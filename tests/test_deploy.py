@@ -41,7 +41,7 @@ PROMETHEUS = DEPLOY / "prometheus"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "inferq.json"
 GEN_ENV = DEPLOY / "gen-env"
 
-# The only commands an inferq container may run (DESIGN §2).
+# The only commands an inferq container may run.
 CLI_COMMANDS = [
     re.compile(p)
     for p in (
@@ -55,7 +55,7 @@ CLI_COMMANDS = [
     )
 ]
 
-# Metric names the dashboards and rules may use (DESIGN §9, Flower, Prometheus).
+# Metric names the dashboards and rules may use (the platform's, Flower's, Prometheus's).
 METRICS = {
     "inferq_jobs_submitted_total",
     "inferq_jobs_finished_total",

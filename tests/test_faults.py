@@ -3,8 +3,8 @@
 Jobs arrive at a steady rate from several tenants' keys (some keys first used while a fault
 is on), a third of them read live over SSE by readers that reconnect with Last-Event-ID
 whenever their connection breaks. Meanwhile the test kills a worker mid-stream (and starts
-another), restarts Redis with no data, and crashes and restarts Postgres. The contract
-(DESIGN §4-§6): every submit gets a 202 or a clean 429/503 with Retry-After and the error
+another), restarts Redis with no data, and crashes and restarts Postgres. The contract: every
+submit gets a 202 or a clean 429/503 with Retry-After and the error
 envelope; every accepted job succeeds with exactly the simulator's text; every reader ends
 with `done`, and its tokens after the last `reset` are the stored output byte for byte.
 """

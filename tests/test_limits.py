@@ -1,4 +1,4 @@
-"""Per-key limits (DESIGN §6) on the real stack: 429s with Retry-After, recovery, shared counters.
+"""Per-key limits on the real stack: 429s with Retry-After, recovery, shared counters.
 
 The per-minute limits are tested on API processes of their own whose window is 3 s
 (INFERQ_LIMIT_WINDOW_SECONDS), started in step with the window so that a burst of a few

@@ -1,4 +1,4 @@
-"""Jobs whose deadline passed before they started end `expired` (DESIGN §3, §6).
+"""Jobs whose deadline passed before they started end `expired`.
 
 Two places find them: a worker whose claim the deadline refused, and the sweeper, for jobs
 still waiting in a queue. Either way the job's stream is closed with an `error` event.

@@ -297,7 +297,7 @@ class Generation:
 
     def _charged(self, outcome: Outcome) -> Outcome:
         """`outcome` with the current try's output and what it cost, however it ended: the
-        tokens were produced, so they are charged (DESIGN §3)."""
+        tokens were produced, so they are charged."""
         output = "".join(self.parts)
         completion = self.completion
         output_tokens = completion.output_tokens

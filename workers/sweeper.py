@@ -1,4 +1,4 @@
-"""The sweeper (DESIGN §4, §5): re-enqueue lost deliveries and dead workers' jobs, fail the
+"""The sweeper: re-enqueue lost deliveries and dead workers' jobs, fail the
 hopeless, and close the streams of ended jobs whose last event never reached Redis.
 
 It runs in the `inferq beat` process, on its own thread, so that it never waits behind

@@ -1,4 +1,4 @@
-"""Webhook delivery (DESIGN §11), run by the `inferq beat` process.
+"""Webhook delivery, run by the `inferq beat` process.
 
 A dispatcher thread polls Postgres for finished jobs whose webhook is due and hands each to a
 small thread pool, so that one slow receiver does not hold up the others. Polling the jobs

@@ -19,7 +19,7 @@ Budget = Field(None, ge=0, max_digits=12, decimal_places=4)
 
 
 class KeyLimits(BaseModel):
-    """A key's limits (null: unlimited); DESIGN §6 says how each is enforced."""
+    """A key's limits (null: unlimited); docs/design.md says how each is enforced."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 

@@ -1,4 +1,4 @@
-"""Fit a job's input into its model's context window (DESIGN §8).
+"""Fit a job's input into its model's context window.
 
 Chat messages that do not fit with `max_tokens` lose their oldest turns after the system
 message until they do; the last user message always stays. A prompt, or a conversation whose

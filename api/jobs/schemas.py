@@ -190,7 +190,7 @@ class JobOut(BaseModel):
     queue_position: int | None
     # While queued: seconds until it starts, from its model's recent throughput (None: none).
     eta_seconds: float | None = None
-    # Oldest chat messages left out to fit the model's context window (DESIGN §8).
+    # Oldest chat messages left out to fit the model's context window.
     dropped_messages: int = 0
     metadata: dict[str, Any]
     links: Links

@@ -172,7 +172,7 @@ async def _from_cache(
     state: AppState, key: Principal, spec: ModelSpec, values: dict[str, Any]
 ) -> bool:
     """Give a cacheable job its cache key; on a hit, turn `values` into the finished job's
-    row (DESIGN §8) and say so."""
+    row and say so."""
     cache_key = cache.key_for(key.tenant, spec, values)
     if cache_key is None:
         return False

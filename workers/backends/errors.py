@@ -1,4 +1,4 @@
-"""Map huggingface_hub / httpx failures to the backend exception tree (TECH_NOTES §2)."""
+"""Map huggingface_hub / httpx failures to the backend exception tree."""
 
 from __future__ import annotations
 
