@@ -77,14 +77,15 @@ class JobEvents:
         if not replayed and await self._stream_gone():
             replayed = [event async for event in self._from_database(initial=True)]
         elif not replayed and self.last != "0-0":
-            self.ended = await self._ended_at_or_before_resume()
+            self.ended = await self._ended_at_resume()
         return replayed
 
-    async def _ended_at_or_before_resume(self) -> bool:
-        """The client resumed at or after the stream's last event, and that event ended it:
-        it has everything (a browser's EventSource reconnects even after `done`)."""
+    async def _ended_at_resume(self) -> bool:
+        """The client resumed exactly at the stream's last event, and that event ended it: it
+        has everything (a browser's EventSource reconnects even after `done`, sending its id).
+        Only that exact id: an id from another life of the stream says nothing of this one."""
         last = from_entries(await self.redis.xrevrange(self.key, count=1))
-        return bool(last) and last[0].type in TERMINAL_EVENTS
+        return bool(last) and last[0].type in TERMINAL_EVENTS and last[0].id == self.last
 
     async def next(self) -> list[Event]:
         """The next live events; empty if the hub woke this reader with nothing new."""
