@@ -362,7 +362,7 @@ def cpu_table(result: BenchResult) -> Table:
 
 
 def targets_table(result: BenchResult) -> Table:
-    table = Table(title="issue 5 targets")
+    table = Table(title="targets")
     for column in ("target", "measured", "met"):
         table.add_column(column)
     marks = {True: "[green]yes", False: "[red]no", None: "-"}

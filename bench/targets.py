@@ -1,4 +1,4 @@
-"""Issue 5's targets, checked against a run's figures."""
+"""The benchmark's targets, checked against a run's figures."""
 
 from __future__ import annotations
 
