@@ -21,7 +21,8 @@ from pydantic_core import PydanticCustomError
 from inferq.models import JobEnd
 
 # A job's timings have one definition, shared with the webhook body.
-from inferq.webhooks import Timings
+# A job's error and timings have one shape, in the API's answers and in webhook bodies.
+from inferq.webhooks import ErrorInfo, Timings
 
 MAX_TOKENS_LIMIT = 131_072
 MAX_DEADLINE_SECONDS = 7 * 86400
@@ -156,11 +157,6 @@ class Usage(BaseModel):
     input_tokens: int | None
     output_tokens: int | None
     cost_usd: float | None
-
-
-class ErrorInfo(BaseModel):
-    type: str
-    message: str
 
 
 class Links(BaseModel):
