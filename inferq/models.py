@@ -165,6 +165,12 @@ class Job(Base):
     # and whether delivery is over (delivered, given up, or not wanted for this end).
     webhook_next_at: Mapped[datetime | None]
     webhook_done: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    # A judge's job names the job it scores; such jobs count in no tenant's stats or budget.
+    judge_of: Mapped[uuid.UUID | None] = mapped_column(
+        UUID, ForeignKey("jobs.id", ondelete="CASCADE")
+    )
+    # When retention or redaction cleared this job's texts (its figures stay).
+    redacted_at: Mapped[datetime | None]
 
 
 class TenantSecret(Base):
@@ -191,3 +197,48 @@ class WebhookDelivery(Base):
     next_try_at: Mapped[datetime | None]  # null: delivered, or given up
     delivered_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+
+
+class Feedback(Base):
+    """A key's rating of a job's answer; the latest from a key wins."""
+
+    __tablename__ = "feedback"
+    __table_args__ = (
+        Index(
+            "uq_feedback_job_key",
+            "job_id",
+            "api_key_id",
+            unique=True,
+            postgresql_nulls_not_distinct=True,
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    job_id: Mapped[uuid.UUID] = mapped_column(UUID, ForeignKey("jobs.id", ondelete="CASCADE"))
+    # The key that rated (null: the bootstrap key, which has no row).
+    api_key_id: Mapped[uuid.UUID | None] = mapped_column(
+        UUID, ForeignKey("api_keys.id", ondelete="SET NULL")
+    )
+    rating: Mapped[int] = mapped_column(SmallInteger)  # 1 or -1
+    comment: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+
+
+class Evaluation(Base):
+    """A judge's score of a job: 1-5 with a rationale, or why its reply could not be read."""
+
+    __tablename__ = "evaluations"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    job_id: Mapped[uuid.UUID] = mapped_column(
+        UUID, ForeignKey("jobs.id", ondelete="CASCADE"), unique=True
+    )
+    judge_job_id: Mapped[uuid.UUID | None] = mapped_column(
+        UUID, ForeignKey("jobs.id", ondelete="SET NULL")
+    )
+    judge_model: Mapped[str] = mapped_column(String(200))
+    score: Mapped[int | None] = mapped_column(SmallInteger)  # null until judged, or unreadable
+    rationale: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(Text)  # the judge's reply could not be parsed
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    judged_at: Mapped[datetime | None]
