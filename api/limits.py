@@ -1,28 +1,25 @@
 """Per-key limits at submit: admit or refuse with a 429, report the counters.
 
 A key with no limit costs nothing here. A key with limits costs one Redis script
-(inferq.limits), one round trip, whichever limits it has: `max_queued` too is a counter
-there, lowered when a job leaves `queued`.
+(inferq.limits), whichever limits it has: `max_queued` too is a counter there, lowered when a
+job leaves `queued`. Concurrent submits share the round trip (api.admission).
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import redis.asyncio as aioredis
 from fastapi import Depends, Request
-from redis.exceptions import NoScriptError
-from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.admission import Admissions
 from api.auth import Principal
 from api.deps import CurrentKey, StateDep
 from api.errors import ApiError
 from inferq.limits import (
-    ADMIT_SCRIPT,
     KeyLimits,
     Verdict,
     admit_args,
@@ -35,8 +32,6 @@ from inferq.limits import (
 from inferq.metrics import LIMITS_HIT
 from inferq.registry import ModelSpec
 from inferq.settings import Settings
-
-ADMIT_SHA = hashlib.sha1(ADMIT_SCRIPT.encode()).hexdigest()  # Redis names scripts by it
 
 # Where the middleware leaves the headers' dict in the request's scope state.
 HEADERS_STATE = "inferq.ratelimit_headers"
@@ -135,7 +130,7 @@ class Gate:
     """One submit's pass through its key's limits."""
 
     redis: aioredis.Redis
-    autocommit: AsyncEngine
+    admissions: Admissions
     settings: Settings
     key: Principal
     headers: dict[str, str] = field(default_factory=dict)  # sent with the answer
@@ -151,21 +146,13 @@ class Gate:
         cost = to_nano(spec.cost_usd(*tokens))
         prefix, window = counters_prefix(str(self.key.key_id)), self.settings.limit_window_seconds
         args = admit_args(prefix, window, limits, tokens, cost)
-        seen = Verdict.of(await self._admit(reservation_key(str(values["id"])), args))
+        answer = await self.admissions.admit(reservation_key(str(values["id"])), args)
+        seen = Verdict.of(answer)
         self.headers.update(rate_headers(limits, seen))
         if seen.refused is not None:
             LIMITS_HIT.labels(seen.refused).inc()
             raise refusal(limits, seen, window, sum(tokens), self.settings)
         return True
-
-    async def _admit(self, reservation: str, args: list[Any]) -> list[Any]:
-        # EVALSHA by a digest computed once: a Script object per submit costs a hash and
-        # an allocation on the hot path. The first call after a Redis restart loads it.
-        try:
-            answer = await self.redis.evalsha(ADMIT_SHA, 1, reservation, *args)
-        except NoScriptError:
-            answer = await self.redis.eval(ADMIT_SCRIPT, 1, reservation, *args)
-        return list(answer)
 
     async def release(self, job_id: object) -> None:
         """Give back all a submit reserved when it made no job."""
@@ -173,7 +160,7 @@ class Gate:
 
 
 async def submit_gate(request: Request, key: CurrentKey, state: StateDep) -> Gate:
-    gate = Gate(state.redis, state.autocommit, state.settings, key)
+    gate = Gate(state.redis, state.admissions, state.settings, key)
     # The middleware's dict, so that every answer carries the headers, errors included.
     gate.headers = request.scope.get("state", {}).get(HEADERS_STATE, gate.headers)
     return gate

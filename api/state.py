@@ -10,6 +10,7 @@ import redis.asyncio as aioredis
 from cachetools import LRUCache
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
+from api.admission import Admissions
 from api.auth import KeyRing
 from api.events.hub import Hub
 from api.jobs.batcher import SubmitBatcher
@@ -40,6 +41,7 @@ class AppState:
     keys: KeyRing
     hub: Hub
     batcher: SubmitBatcher
+    admissions: Admissions
     job_tenants: LRUCache[uuid.UUID, str] = field(default_factory=lambda: LRUCache(100_000))
     tokens: TokenCounter = field(default_factory=TokenCounter)  # backends' tokenizers
 
@@ -65,14 +67,17 @@ class AppState:
             keys=KeyRing(autocommit, settings.bootstrap_key),
             hub=Hub(client, settings.sse_subscribe_timeout_seconds),
             batcher=SubmitBatcher(autocommit, queue.put),
+            admissions=Admissions(client),
         )
 
     async def start(self) -> None:
         await self.hub.start()
         self.batcher.start()
+        self.admissions.start()
 
     async def close(self) -> None:
         await self.batcher.close()
+        await self.admissions.close()
         await self.tokens.aclose()
         await self.hub.close()
         self.queue.close()

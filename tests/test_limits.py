@@ -9,6 +9,7 @@ stay queued until cancelled).
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 import uuid
@@ -174,6 +175,25 @@ def test_two_api_processes_share_the_counters(platform: Platform, apis: LimitsAp
         window_start()
         statuses = [post(http).status_code for http in (first, second, first, second)]
     assert statuses == [202, 202, 202, 429]
+
+
+def test_concurrent_submits_share_round_trips_but_not_the_limit(
+    platform: Platform, apis: LimitsApis
+) -> None:
+    """Concurrent admissions go out in shared pipelines; each script still runs atomically,
+    and a Redis that lost its scripts loads the script again."""
+    key = new_key(platform, rate_limit_per_minute=10)
+    redis_client(platform.redis_url).script_flush()
+
+    async def burst() -> list[int]:
+        headers = {"Authorization": f"Bearer {key}"}
+        async with httpx.AsyncClient(base_url=apis.urls[0], headers=headers, timeout=30) as http:
+            body = {"model": "parked", "prompt": "hello"}
+            answers = await asyncio.gather(*(http.post("/v1/jobs", json=body) for _ in range(30)))
+        return sorted(answer.status_code for answer in answers)
+
+    window_start()
+    assert asyncio.run(burst()) == [202] * 10 + [429] * 20
 
 
 def test_tokens_per_minute_reserves_estimate_and_capped_max_tokens(
