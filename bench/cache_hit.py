@@ -84,8 +84,11 @@ async def measure(url: str, key: str, clients: int, rounds: int) -> dict[str, An
 
 
 @contextlib.contextmanager
-def platform(database_url: str | None, redis_url: str | None) -> Iterator[tuple[str, str, str]]:
-    """(API URL, key, simulator URL) of a platform started for this run."""
+def platform(
+    database_url: str | None, redis_url: str | None, models_text: str | None = None
+) -> Iterator[tuple[str, str, str]]:
+    """(API URL, key, simulator URL) of a platform started for this run; `models_text` is a
+    models file with `{sim}` for the simulator's URL (default: one model, `sim`)."""
     with (
         data_servers(database_url, redis_url) as servers,
         tempfile.TemporaryDirectory(prefix="inferq-cache-bench-") as scratch,
@@ -99,7 +102,8 @@ def platform(database_url: str | None, redis_url: str | None) -> Iterator[tuple[
             children.append(sim)
             wait_http(f"{sim_url}/health", sim)
             models = logs / "models.toml"
-            models.write_text(f'[models.sim]\nbackend = "tgi"\nurl = "{sim_url}"\n')
+            text = models_text or '[models.sim]\nbackend = "tgi"\nurl = "{sim}"\n'
+            models.write_text(text.replace("{sim}", sim_url))
             key = "iq_bench_" + secrets.token_urlsafe(24)
             env |= {
                 "INFERQ_DATABASE_URL": servers.database_url,
