@@ -85,10 +85,14 @@ async def measure(url: str, key: str, clients: int, rounds: int) -> dict[str, An
 
 @contextlib.contextmanager
 def platform(
-    database_url: str | None, redis_url: str | None, models_text: str | None = None
+    database_url: str | None,
+    redis_url: str | None,
+    models_text: str | None = None,
+    worker_models: str = "sim",
 ) -> Iterator[tuple[str, str, str]]:
     """(API URL, key, simulator URL) of a platform started for this run; `models_text` is a
-    models file with `{sim}` for the simulator's URL (default: one model, `sim`)."""
+    models file with `{sim}` for the simulator's URL (default: one model, `sim`), and the
+    worker serves `worker_models` (comma-separated)."""
     with (
         data_servers(database_url, redis_url) as servers,
         tempfile.TemporaryDirectory(prefix="inferq-cache-bench-") as scratch,
@@ -116,7 +120,9 @@ def platform(
             port = free_port()
             api = Child.spawn("api", ["api", "--port", str(port)], env, logs / "api.log")
             children.append(api)
-            worker = Child.spawn("worker", ["worker", "--models", "sim"], env, logs / "w.log")
+            worker = Child.spawn(
+                "worker", ["worker", "--models", worker_models], env, logs / "w.log"
+            )
             children.append(worker)
             url = f"http://127.0.0.1:{port}"
             wait_http(f"{url}/readyz", api)
