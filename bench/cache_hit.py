@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 
 from bench.servers import data_servers
 from inferq.embedded import free_port
@@ -60,6 +61,20 @@ def _percentiles(values: list[float]) -> dict[str, float]:
     return {"p50": round(cuts[49], 2), "p95": round(cuts[94], 2), "p99": round(cuts[98], 2)}
 
 
+def _listener(url: str) -> psutil.Process:
+    """The process that listens on the URL's port (the API)."""
+    port = int(url.rsplit(":", 1)[1])
+    for conn in psutil.net_connections("tcp"):
+        if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN:
+            return psutil.Process(conn.pid)
+    raise RuntimeError(f"nothing listens on {url}")
+
+
+def _cpu_seconds(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return float(times.user + times.system)
+
+
 async def measure(url: str, key: str, clients: int, rounds: int) -> dict[str, Any]:
     async with httpx.AsyncClient(
         base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60
@@ -71,15 +86,20 @@ async def measure(url: str, key: str, clients: int, rounds: int) -> dict[str, An
     warm: list[tuple[float, float]] = []
     await asyncio.gather(*(_client(url, key, 5, warm) for _ in range(clients)))
     timed: list[tuple[float, float]] = []
+    api = _listener(url)
+    cpu_before = _cpu_seconds(api)
     started = time.perf_counter()
     await asyncio.gather(*(_client(url, key, rounds, timed) for _ in range(clients)))
     elapsed = time.perf_counter() - started
+    api_cpu = _cpu_seconds(api) - cpu_before
     return {
         "clients": clients,
         "hits": len(timed),
         "hits_per_second": round(len(timed) / elapsed, 1),
         "submit_to_done_ms": _percentiles([t[1] for t in timed]),
         "submit_ms": _percentiles([t[0] for t in timed]),
+        # The API's CPU per hit (its two requests): what bounds hits/s per API core.
+        "api_cpu_ms_per_hit": round(api_cpu * 1000 / len(timed), 3),
     }
 
 
