@@ -215,6 +215,7 @@ def _banner(ports: Ports, key: str, data_dir: Path, ready: bool, models: str) ->
     print(
         f"""
 inferq is {state}
+  console      http://127.0.0.1:{ports.api}/     (paste the dev API key below)
   API          http://127.0.0.1:{ports.api}      (docs: /docs, metrics: /metrics)
   Flower       http://127.0.0.1:{ports.flower}      (admin / inferq)
 {models}
