@@ -10,7 +10,7 @@ from fastapi import APIRouter, FastAPI
 from fastapi.telemetry import TelemetryConfig
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api import errors, openapi
+from api import console, errors, openapi
 from api.admin.router import router as admin_router
 from api.events.response import drain_on_exit_signal
 from api.events.router import router as events_router
@@ -20,6 +20,7 @@ from api.jobs.router import router as jobs_router
 from api.limits import RateLimitHeaders
 from api.openai.router import router as openai_router
 from api.state import AppState
+from api.stats.router import router as stats_router
 from api.webhooks.router import router as webhooks_router
 from inferq.logs import configure_logging
 from inferq.settings import Settings, get_settings
@@ -139,12 +140,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="inferq", version="0.1.0", lifespan=lifespan, telemetry=telemetry)
     errors.install(app)
     openapi.install(app)
+    console.install(app)  # the web console at `/`, outside the schema
     for router in (
         jobs_router,
         events_router,
         openai_router,
         admin_router,
         webhooks_router,
+        stats_router,
         health_router,
     ):
         app.include_router(router, responses=_responses(router))

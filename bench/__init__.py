@@ -5,3 +5,7 @@ and the platform's processes), `clients` (one timed request), one module per pha
 (`stream`, `submit`, `fanout` with `fanout_clients`, `scale`), `stats`, `monitor` (CPU and
 memory), `environment`, `report` (JSON, tables, chart), `runner` and `command`.
 """
+
+# inferq's import turns Hugging Face telemetry off (see inferq/__init__.py), before any
+# phase imports huggingface_hub, also when the bench runs as `python -m bench`.
+import inferq  # noqa: F401

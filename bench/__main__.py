@@ -13,11 +13,17 @@ from bench.command import run_command
 @click.command()
 @click.option(
     "--phases",
-    default="stream,submit,fanout,scale",
+    default="stream,submit,fanout,scale,relay",
     show_default=True,
     help="comma-separated phases to run",
 )
 @click.option("--smoke", is_flag=True, help="tiny sizes that finish in seconds")
+@click.option(
+    "--relay-processes",
+    type=click.IntRange(min=1),
+    default=None,
+    help="the relay phase's `inferq worker --processes` [default: the worker's own]",
+)
 @click.option(
     "--out",
     "out_dir",
@@ -38,10 +44,15 @@ from bench.command import run_command
     "[env INFERQ_BENCH_REDIS_URL; default: embedded]",
 )
 def main(
-    phases: str, smoke: bool, out_dir: Path, database_url: str | None, redis_url: str | None
+    phases: str,
+    smoke: bool,
+    relay_processes: int | None,
+    out_dir: Path,
+    database_url: str | None,
+    redis_url: str | None,
 ) -> None:
-    """Measure the platform against its backend: stream, submit, fan-out, scale."""
-    sys.exit(run_command(phases, smoke, out_dir, database_url, redis_url))
+    """Measure the platform against its backend: stream, submit, fan-out, scale, relay."""
+    sys.exit(run_command(phases, smoke, out_dir, database_url, redis_url, relay_processes))
 
 
 if __name__ == "__main__":

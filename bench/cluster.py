@@ -26,12 +26,21 @@ READY_TIMEOUT_S = 60.0
 
 
 def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU of one process (not of its children), None once it is gone."""
+    """User + system CPU of one process and of its living descendants (a worker's nodes, an
+    API's uvicorn workers), None once it is gone."""
     try:
-        times = psutil.Process(pid).cpu_times()
+        root = psutil.Process(pid)
+        processes = [root, *root.children(recursive=True)]
     except psutil.Error:
         return None
-    return float(times.user + times.system)
+    seconds = 0.0
+    for process in processes:
+        try:
+            times = process.cpu_times()
+        except psutil.Error:
+            continue  # ended meanwhile
+        seconds += times.user + times.system
+    return seconds
 
 
 @dataclass(frozen=True)
@@ -122,10 +131,18 @@ class Cluster:
         return f"http://127.0.0.1:{port}", child
 
     def start_worker(
-        self, node: str, models: list[str], concurrency: int, models_file: Path
+        self,
+        node: str,
+        models: list[str],
+        concurrency: int,
+        models_file: Path,
+        processes: int | None = None,
     ) -> Child:
+        """`inferq worker`; with `processes`, that many nodes (the first named `node`)."""
         args = ["inferq", "worker", "--models", ",".join(models)]
         args += ["--concurrency", str(concurrency), "--name", self.node_name(node)]
+        if processes is not None:
+            args += ["--processes", str(processes)]
         return self.spawn(f"worker-{node}", args, self.env(models_file))
 
     def node_name(self, node: str) -> str:
@@ -133,11 +150,15 @@ class Cluster:
 
     def wait_workers(self, nodes: list[str], children: list[Child]) -> None:
         """Wait until each Celery node answers a control ping (it consumes from then on)."""
+        self.wait_nodes([self.node_name(n) for n in nodes], children)
+
+    def wait_nodes(self, names: list[str], children: list[Child]) -> None:
+        """`wait_workers` by the nodes' full names."""
         settings = Settings(
             database_url=self.servers.database_url, redis_url=self.servers.redis_url
         )
         app = make_producer_app(settings)
-        wanted = {self.node_name(n) for n in nodes}
+        wanted = set(names)
         deadline = time.monotonic() + READY_TIMEOUT_S
         try:
             while time.monotonic() < deadline:

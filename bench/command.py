@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+from dataclasses import replace
 from pathlib import Path
 from types import FrameType
 
@@ -30,11 +31,18 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 
 
 def run_command(
-    phases: str, smoke: bool, out_dir: Path, database_url: str | None, redis_url: str | None
+    phases: str,
+    smoke: bool,
+    out_dir: Path,
+    database_url: str | None,
+    redis_url: str | None,
+    relay_processes: int | None = None,
 ) -> int:
     config = (BenchConfig.smoke() if smoke else BenchConfig.full()).with_phases(
         parse_phases(phases)
     )
+    if relay_processes is not None:
+        config = replace(config, relay=replace(config.relay, processes=relay_processes))
     # SIGTERM unwinds like Ctrl-C, so that the run's processes and database are cleaned up.
     signal.signal(signal.SIGTERM, _interrupt)
     console = Console()

@@ -12,6 +12,7 @@ class Phase(enum.StrEnum):
     fanout = "fanout"
     scale = "scale"
     fairness = "fairness"
+    relay = "relay"
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,43 @@ class FairnessConfig:
 
 
 @dataclass(frozen=True)
+class RelayConfig:
+    """A worker against a fast backend: its own simulators (one per inter-token latency), API
+    and worker; each level's clients run closed loops straight to the simulator, then through
+    the platform, then a bare reader reads the same streams (the CPU floor of a token)."""
+
+    levels: tuple[tuple[int, float], ...]  # (clients, inter-token latency in ms)
+    ttft_ms: float
+    output_tokens: int
+    min_requests: int  # per level and path, within the bounds on rounds below
+    min_rounds: int
+    max_rounds: int
+    burst: int  # streams a fresh worker is given at once, then the warm one the same
+    processes: int | None = None  # the worker's --processes (None: its default)
+    max_concurrent_requests: int = 320
+
+    def stream(self, clients: int, itl_ms: float) -> StreamConfig:
+        sim = SimParams(
+            ttft_ms=self.ttft_ms,
+            itl_ms=itl_ms,
+            output_tokens=self.output_tokens,
+            max_concurrent_requests=self.max_concurrent_requests,
+        )
+        return StreamConfig(
+            sim=sim,
+            concurrency=(clients,),
+            min_requests=self.min_requests,
+            min_rounds=self.min_rounds,
+            max_rounds=self.max_rounds,
+        )
+
+    @property
+    def concurrency(self) -> int:
+        """The worker's threads: every client of the largest level at once, and a margin."""
+        return max(max(clients for clients, _ in self.levels), self.burst) + 8
+
+
+@dataclass(frozen=True)
 class BenchConfig:
     name: str
     stream: StreamConfig
@@ -113,6 +151,7 @@ class BenchConfig:
     fanout: FanoutConfig
     scale: ScaleConfig
     fairness: FairnessConfig
+    relay: RelayConfig
     phases: tuple[Phase, ...] = field(default=tuple(Phase))
     # Celery's threads pool is one process, so one core of Python: a node that must carry
     # thousands of tokens a second runs a worker process per core.
@@ -156,6 +195,15 @@ class BenchConfig:
                 flood_jobs=300,
                 worker_slots=16,
             ),
+            relay=RelayConfig(
+                levels=((64, 10.0), (256, 20.0)),
+                ttft_ms=50,
+                output_tokens=64,
+                min_requests=256,
+                min_rounds=3,
+                max_rounds=16,
+                burst=64,
+            ),
         )
 
     @classmethod
@@ -192,6 +240,16 @@ class BenchConfig:
                 sim=SimParams(ttft_ms=10, itl_ms=10, output_tokens=10, max_concurrent_requests=8),
                 flood_jobs=40,
                 worker_slots=4,
+            ),
+            relay=RelayConfig(
+                levels=((4, 5.0), (8, 5.0)),
+                ttft_ms=10,
+                output_tokens=8,
+                min_requests=8,
+                min_rounds=1,
+                max_rounds=2,
+                burst=4,
+                processes=2,
             ),
             worker_processes=1,
         )

@@ -111,6 +111,8 @@ def _tables(result: BenchResult) -> list[Table]:
         tables.append(scale_table(result))
     if result.fairness is not None:
         tables.append(fairness_table(result))
+    if result.relay is not None:
+        tables.append(relay_table(result))
     tables.append(cpu_table(result))
     tables.append(targets_table(result))
     return tables
@@ -331,6 +333,59 @@ def fairness_table(result: BenchResult) -> Table:
         f"{fair.flood_wait_max_s:.2f}",
         f"{fair.light_vs_backlog:.3f}",
     )
+    return table
+
+
+def relay_table(result: BenchResult) -> Table:
+    relay = result.relay
+    assert relay is not None
+    first, warm = relay.first_burst, relay.warm_burst
+    table = Table(
+        title=f"relay: one worker ({relay.worker_processes} processes, {relay.worker_concurrency}"
+        " threads) against a fast backend",
+        caption=f"tokens relayed per second of worker CPU: {relay.tokens_per_worker_core_s:,.0f}"
+        f" (bare reader: {relay.bare_tokens_per_core_s:,.0f}). First burst of {first.streams}"
+        f" streams on the fresh worker, TTFT p50 / p99: {_ms(first.ttft_ms.p50)} /"
+        f" {_ms(first.ttft_ms.p99)} ms; warm: {_ms(warm.ttft_ms.p50)} /"
+        f" {_ms(warm.ttft_ms.p99)} ms (x{relay.first_over_warm_p50:.2f} /"
+        f" x{relay.first_over_warm_p99:.2f})",
+    )
+    columns = (
+        "C",
+        "ITL ms",
+        "tok/s direct",
+        "tok/s platform",
+        "ratio",
+        "TTFT p50 direct → platform",
+        "p99",
+        "TTFT added p50 / p99",
+        "worker cores",
+        "worker µs/token",
+        "tokens per worker core-s",
+        "bare µs/token",
+        "worker ÷ bare",
+        "errors",
+    )
+    for column in columns:
+        table.add_column(column, justify="right")
+    for level in relay.levels:
+        d, p = level.direct, level.platform
+        table.add_row(
+            str(level.clients),
+            f"{level.itl_ms:g}",
+            f"{d.tokens_per_s:,.0f}",
+            f"{p.tokens_per_s:,.0f}",
+            f"{level.tokens_per_s_ratio:.3f}",
+            f"{_ms(d.ttft_ms.p50)} → {_ms(p.ttft_ms.p50)}",
+            f"{_ms(d.ttft_ms.p99)} → {_ms(p.ttft_ms.p99)}",
+            f"{_ms(level.ttft_added_ms.p50)} / {_ms(level.ttft_added_ms.p99)}",
+            f"{level.worker_cores:.2f}",
+            f"{level.worker_cpu_us_per_token:.0f}",
+            f"{level.tokens_per_worker_core_s:,.0f}",
+            f"{level.bare.cpu_us_per_token:.0f}",
+            f"x{level.worker_over_bare:.1f}",
+            _errors(p.errors),
+        )
     return table
 
 

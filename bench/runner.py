@@ -22,7 +22,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from bench import fairness, fanout, report, scale, stream, submit, targets
+from bench import fairness, fanout, relay, report, scale, stream, submit, targets
 from bench.cluster import Cluster, ModelEntry, Sim
 from bench.config import BenchConfig, Phase
 from bench.environment import Environment
@@ -47,6 +47,7 @@ class BenchResult:
     fanout: fanout.FanoutResult | None = None
     scale: scale.ScaleResult | None = None
     fairness: fairness.FairnessResult | None = None
+    relay: relay.RelayResult | None = None
     cpu: dict[str, CpuUsage] = field(default_factory=dict)
     # The machine's speed probe (ms, lower is faster) before each phase, and at the end.
     speed_probe_ms: dict[str, float] = field(default_factory=dict)
@@ -82,8 +83,9 @@ def start_platform(cluster: Cluster, config: BenchConfig) -> Platform:
     models = cluster.models_file("platform", entries)
     api_url, api = cluster.start_api(models)
     names = [f"main-{i}" for i in range(config.worker_processes)]
+    # One process each, as the stream phase's figures have always been taken.
     workers = [
-        cluster.start_worker(name, ["stream", "fanout"], config.worker_concurrency, models)
+        cluster.start_worker(name, ["stream", "fanout"], config.worker_concurrency, models, 1)
         for name in names
     ]
     for sim in (stream_sim, fanout_sim):
@@ -113,6 +115,7 @@ class Bench:
             Phase.fanout: self.run_fanout,
             Phase.scale: self.run_scale,
             Phase.fairness: self.run_fairness,
+            Phase.relay: self.run_relay,
         }
         for phase in self.config.phases:
             result.speed_probe_ms[phase.value] = speed_probe_ms()
@@ -188,6 +191,15 @@ class Bench:
             levels.append(scale.run_level(target, config, count, tick))
         queue = self.cluster.queue("scale")
         return scale.ScaleResult("scale", queue, scale.NOTE, scale.with_efficiency(levels))
+
+    def run_relay(self) -> relay.RelayResult:
+        config = self.config.relay
+        task, tick = self._ticker("relay", relay.total_requests(config))
+
+        def describe(text: str) -> None:
+            self.progress.update(task, description=text)
+
+        return relay.run(self.cluster, config, tick, describe)
 
     def run_fairness(self) -> fairness.FairnessResult:
         config = self.config.fairness

@@ -93,5 +93,55 @@ def _scale(result: BenchResult) -> list[Check]:
     ]
 
 
+# The relay phase's bars: (clients, inter-token ms) -> least tokens/s ratio to direct.
+RELAY_RATIO = {(64, 10.0): 0.95, (256, 20.0): 0.90}
+RELAY_TTFT_LEVEL, RELAY_TTFT_P50_MS, RELAY_TTFT_P99_MS = (64, 10.0), 25.0, 100.0
+RELAY_TOKENS_PER_CORE_S = 15_000
+RELAY_FIRST_BURST = 2.0  # a fresh worker's first TTFTs, at most this times the warm ones
+
+
+def _relay(result: BenchResult) -> list[Check]:
+    relay = result.relay
+    if relay is None:
+        return []
+    checks = []
+    for level in relay.levels:
+        key = (level.clients, level.itl_ms)
+        name = f"relay C={level.clients} at {level.itl_ms:g} ms"
+        if key in RELAY_RATIO:
+            bound, value = RELAY_RATIO[key], level.tokens_per_s_ratio
+            checks.append(
+                _check(f"{name}: tokens/s >= {bound} x direct", value, value >= bound, "{:.3f}")
+            )
+        if key == RELAY_TTFT_LEVEL:
+            added = level.ttft_added_ms
+            for label, value, bound in (
+                ("p50", added.p50, RELAY_TTFT_P50_MS),
+                ("p99", added.p99, RELAY_TTFT_P99_MS),
+            ):
+                checks.append(
+                    _check(f"{name}: TTFT added {label} <= {bound:g} ms", value, value <= bound)
+                )
+    value = relay.tokens_per_worker_core_s
+    checks.append(
+        _check(
+            f"relay: >= {RELAY_TOKENS_PER_CORE_S:,} tokens per second of worker CPU",
+            value,
+            value >= RELAY_TOKENS_PER_CORE_S,
+            "{:,.0f}",
+        )
+    )
+    worst = max(relay.first_over_warm_p50, relay.first_over_warm_p99)
+    checks.append(
+        _check(
+            f"relay: a fresh worker's first TTFTs <= {RELAY_FIRST_BURST:g} x warm (p50, p99)",
+            worst,
+            worst <= RELAY_FIRST_BURST,
+            "x{:.2f}",
+        )
+    )
+    return checks
+
+
 def check(result: BenchResult) -> list[Check]:
-    return [*_stream(result), *_submit(result), *_fanout(result), *_scale(result)]
+    return [*_stream(result), *_submit(result), *_fanout(result), *_scale(result), *_relay(result)]

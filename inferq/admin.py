@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from inferq import keys
 from inferq.db import make_sync_engine, sync_sessions
+from inferq.judge import RESERVED_TENANT_PREFIX, is_reserved_tenant
 from inferq.models import ApiKey
 
 
@@ -67,6 +68,8 @@ class CreatedKey:
 
 def new_key(name: str, tenant: str, admin: bool, limits: Limits | None = None) -> CreatedKey:
     """A new key's row, not yet stored, and its secret."""
+    if is_reserved_tenant(tenant):
+        raise ValueError(f"tenant names starting with {RESERVED_TENANT_PREFIX!r} are reserved")
     new = keys.generate()
     row = ApiKey(
         name=name,

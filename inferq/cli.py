@@ -119,7 +119,14 @@ def api(host: str, port: int, workers: int) -> None:
 @click.option("--models", default="", help="comma-separated model names (default: all)")
 @click.option("--concurrency", default=16, show_default=True, help="generation threads")
 @click.option("--name", default=None, help="Celery node name")
-def worker(models: str, concurrency: int, name: str | None) -> None:
+@click.option(
+    "--processes",
+    type=click.IntRange(min=1),
+    default=None,
+    help="worker processes sharing the concurrency, one Celery node each "
+    "[default: one per 32 streams, up to the cores]",
+)
+def worker(models: str, concurrency: int, name: str | None, processes: int | None) -> None:
     """Run a Celery worker (threads pool) for the models' queues (under the deployment's prefix)."""
     registry = _registry()
     names = [m for m in models.split(",") if m] or registry.names()
@@ -142,9 +149,22 @@ def worker(models: str, concurrency: int, name: str | None) -> None:
         "--loglevel",
         "WARNING",
     ]
-    if name:
-        args += ["-n", name]
-    _exec_celery(args)
+    from workers import nodes
+
+    count = processes or nodes.default_processes(concurrency)
+    if count == 1:
+        if name:
+            args += ["-n", name]
+        _exec_celery(args)
+        return
+    commands = []
+    for threads, node in zip(
+        nodes.split(concurrency, count), nodes.node_names(name, count), strict=True
+    ):
+        node_args = [*args, "-n", node]
+        node_args[node_args.index("-c") + 1] = str(threads)
+        commands.append(["-A", "workers.app:app", *node_args])
+    sys.exit(nodes.run_nodes(commands))
 
 
 @main.command()
@@ -179,7 +199,10 @@ def sim(args: tuple[str, ...]) -> None:
 
 @main.command()
 def migrate() -> None:
-    """Create the database if it is missing, then apply migrations (alembic upgrade head)."""
+    """Create the database if it is missing, then apply migrations (alembic upgrade head).
+
+    With INFERQ_GRAFANA_DB_PASSWORD set, then create or update Grafana's read-only role.
+    """
     from sqlalchemy.exc import OperationalError
 
     from inferq.migrate import create_database_if_missing, upgrade
@@ -192,6 +215,27 @@ def migrate() -> None:
     except OperationalError as exc:
         raise _unreachable(url, exc) from None
     click.echo("database is at the latest migration")
+    password = get_settings().grafana_db_password
+    if password is not None:
+        _grafana_reader(url, password.get_secret_value())
+
+
+def _grafana_reader(url: str, password: str) -> None:
+    """Create or update Grafana's read-only role (inferq.grafana)."""
+    import psycopg
+
+    from inferq.grafana import READER_ROLE, ensure_reader
+
+    try:
+        created = ensure_reader(url, password)
+    except (psycopg.Error, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise click.ClickException(
+            f"cannot make Grafana's role {READER_ROLE}: {reason}. The database's user needs "
+            "CREATEROLE; or have its owner run deploy/grafana/sql/reader.sql and unset "
+            "INFERQ_GRAFANA_DB_PASSWORD"
+        ) from None
+    click.echo(f"role {READER_ROLE} {'created' if created else 'updated'} (read-only, for Grafana)")
 
 
 @main.group()
@@ -312,9 +356,17 @@ def key_table(rows: list[ApiKey]) -> str:
     )
 
 
+def _tenant(_ctx: click.Context, _param: click.Parameter, tenant: str) -> str:
+    from inferq.judge import RESERVED_TENANT_PREFIX, is_reserved_tenant
+
+    if is_reserved_tenant(tenant):
+        raise click.BadParameter(f"names starting with {RESERVED_TENANT_PREFIX!r} are reserved")
+    return tenant
+
+
 @keys.command("create")
 @click.argument("name")
-@click.option("--tenant", default="default", show_default=True)
+@click.option("--tenant", default="default", show_default=True, callback=_tenant)
 @click.option("--admin", is_flag=True, help="may manage the tenant's keys")
 @_limit_options
 def keys_create(name: str, tenant: str, admin: bool, **limits: object) -> None:
@@ -393,6 +445,34 @@ def submit(
     from inferq.client import submit_and_print
 
     sys.exit(submit_and_print(url, key, prompt, model, max_tokens, stream, as_json))
+
+
+@main.command()
+@click.option(
+    "--from", "first", default=None, help="first UTC day, YYYY-MM-DD (default: 6 days before --to)"
+)
+@click.option("--to", "last", default=None, help="last UTC day, inclusive (default: today)")
+@click.option("--group-by", default="", help="comma-separated: any of model, key, user, day")
+@click.option(
+    "--url",
+    envvar="INFERQ_API_URL",
+    default="http://127.0.0.1:8000",
+    show_default=True,
+    show_envvar=True,
+    help="the API's base URL",
+)
+@click.option("--key", envvar="INFERQ_API_KEY", required=True, show_envvar=True, help="API key")
+@click.option("--json", "as_json", is_flag=True, help="print the rows as JSON")
+def stats(
+    first: str | None, last: str | None, group_by: str, url: str, key: str, as_json: bool
+) -> None:
+    """Print the tenant's jobs, outcomes, cost, feedback and timings (GET /v1/stats).
+
+    One row per group (one row in all without --group-by). The key decides the tenant.
+    """
+    from inferq.stats_table import print_stats
+
+    sys.exit(print_stats(url, key, first, last, group_by, as_json))
 
 
 @main.command()

@@ -21,6 +21,7 @@ from sqlalchemy import (
     Table,
     and_,
     bindparam,
+    case,
     func,
     or_,
     select,
@@ -134,6 +135,14 @@ _OVERDUE = and_(
     _jobs.c.started_at.is_(None),
 )
 _LEASE = func.now() + bindparam("lease", type_=Interval)
+# A job submitted while INFERQ_REDACT_INPUTS is on carries this in its params: the statement
+# that ends it, whichever process runs it, also clears its input text (to {}).
+REDACT_PARAM = "redact_input"
+_REDACT = _jobs.c.params[REDACT_PARAM].as_boolean()
+_END_REDACTION = {
+    "input": case((_REDACT, func.jsonb_build_object()), else_=_jobs.c.input),
+    "redacted_at": case((_REDACT, func.now()), else_=_jobs.c.redacted_at),
+}
 _keys: Table = ApiKey.__table__  # type: ignore[assignment]
 # Whether the job's key has limits: a worker settles only those jobs (one primary-key read).
 _LIMITED = (
@@ -211,13 +220,19 @@ _FINISH = (
             bindparam("first_token_at", type_=_jobs.c.first_token_at.type),
             _jobs.c.first_token_at,
         ),
+        **_END_REDACTION,
     )
 )
 # A queued job is cancelled at once (a running one by its worker, which finishes it).
 _CANCEL_QUEUED = (
     update(_jobs)
     .where(_jobs.c.id == bindparam("job_id"), _jobs.c.status == JobStatus.queued)
-    .values(status=JobStatus.cancelled, finish_reason="cancelled", finished_at=func.now())
+    .values(
+        status=JobStatus.cancelled,
+        finish_reason="cancelled",
+        finished_at=func.now(),
+        **_END_REDACTION,
+    )
     .returning(*_jobs.c)
 )
 # A job whose lease lapsed on its last allowed attempt: its workers kept dying.
@@ -234,6 +249,7 @@ _FAIL_EXHAUSTED = (
         error_message=bindparam("error_message"),
         finished_at=func.now(),
         lease_expires_at=None,
+        **_END_REDACTION,
     )
     .returning(_jobs.c.id)
 )
@@ -249,6 +265,7 @@ _EXPIRE_VALUES = {
     "error_type": EXPIRED.error_type,
     "error_message": EXPIRED.error_message,
     "finished_at": func.now(),
+    **_END_REDACTION,
 }
 _EXPIRE = (
     update(_jobs)

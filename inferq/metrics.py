@@ -29,6 +29,19 @@ INPUT_TOKENS = Counter("inferq_input_tokens", "Input tokens", ["model"])
 OUTPUT_TOKENS = Counter("inferq_output_tokens", "Output tokens", ["model"])
 COST = Counter("inferq_cost_usd", "Cost in USD", ["model"])
 BACKEND_ERRORS = Counter("inferq_backend_errors", "Backend errors", ["model", "type"])
+# Every backend error that another try within the attempt follows (BACKEND_ERRORS counts the
+# ones that ended a job).
+BACKEND_RETRIES = Counter(
+    "inferq_backend_retries", "Backend errors retried within an attempt", ["model", "type"]
+)
+# The gap between two tokens of a stream as its worker reads them: the backend's pace, plus
+# whatever the worker adds when it is short of CPU.
+INTER_TOKEN = Histogram(
+    "inferq_inter_token_seconds",
+    "Gap between a stream's consecutive tokens, in the worker",
+    ["model"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 5),
+)
 ROUTES = Counter("inferq_routes", "Jobs for `auto`, by the model routed to", ["target"])
 # Gauges say how processes combine when several share one scrape (see `exposition`).
 SSE_CONNECTIONS = Gauge(
@@ -37,7 +50,8 @@ SSE_CONNECTIONS = Gauge(
 QUEUE_DEPTH = Gauge(
     "inferq_queue_depth", "Messages waiting in a queue", ["queue"], multiprocess_mode="max"
 )
-# beat has no metrics port of its own: the API reads the sweeper's last pass from Redis.
+# Set by beat's sweeper after each pass (beat's /metrics), and by each API process from the
+# pass's time in Redis (the API's /metrics): an alert sees it wherever beat is not scraped.
 SWEEPER_LAST_RUN = Gauge(
     "inferq_sweeper_last_run_timestamp_seconds",
     "Unix time of the sweeper's last complete pass (0: none seen)",
@@ -66,6 +80,25 @@ JOBS_RELEASED = Counter(
     "inferq_jobs_released",
     "Running jobs a stopping worker handed back to the queue after its grace period",
     ["model"],
+)
+
+# The quality loop (docs/quality.md): ratings in the API, judge verdicts and retention in beat.
+FEEDBACK = Counter(
+    "inferq_feedback", "Ratings of jobs' answers by model and rating: up, down", ["model", "rating"]
+)
+JUDGE_SCORE = Histogram(
+    "inferq_judge_score",
+    "Judge scores (1-5) of sampled jobs, by the judged job's model",
+    ["model"],
+    buckets=(1, 2, 3, 4, 5),
+)
+JUDGE_VERDICTS = Counter(
+    "inferq_judge_verdicts",
+    "Judge verdicts by the judged job's model and outcome: scored, unparseable, failed",
+    ["model", "outcome"],
+)
+RETENTION_CLEARED = Counter(
+    "inferq_retention_cleared_jobs", "Jobs whose texts retention cleared (their figures stay)"
 )
 
 

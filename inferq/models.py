@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 import uuid
-from datetime import datetime
+from datetime import date, datetime
 from decimal import Decimal
 from typing import Any, Literal, get_args
 
@@ -12,6 +12,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Float,
     ForeignKey,
     Identity,
     Index,
@@ -25,7 +26,7 @@ from sqlalchemy import (
     func,
     text,
 )
-from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 NAMING_CONVENTION = {
@@ -122,6 +123,16 @@ class Job(Base):
             "ix_jobs_webhook_pending",
             "webhook_next_at",
             postgresql_where=text(WEBHOOK_PENDING),
+        ),
+        # A tenant's jobs by creation time, for /v1/stats (a judge's jobs never count there).
+        Index("ix_jobs_stats", "tenant", "created_at", postgresql_where=text("judge_of IS NULL")),
+        # Ended jobs in the order they ended: beat's passes over them (the judge, retention,
+        # closing streams) read a range of it, not the whole table.
+        Index(
+            "ix_jobs_finished",
+            "finished_at",
+            "id",
+            postgresql_where=text("finished_at IS NOT NULL"),
         ),
     )
 
@@ -242,3 +253,73 @@ class Evaluation(Base):
     error: Mapped[str | None] = mapped_column(Text)  # the judge's reply could not be parsed
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
     judged_at: Mapped[datetime | None]
+
+
+class StatsDaily(Base):
+    """A tenant's figures of one closed UTC day for one group: the rollup behind /v1/stats.
+
+    `grouping` says which of model (1), key (2) and user (4) the row is grouped by; the
+    others are null. The timings are [p50, p95, p99] over that day's jobs of the group.
+    """
+
+    __tablename__ = "stats_daily"
+    __table_args__ = (
+        Index(
+            "uq_stats_daily_group",
+            "tenant",
+            "day",
+            "grouping",
+            "model",
+            "api_key_id",
+            "user",
+            unique=True,
+            postgresql_nulls_not_distinct=True,
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(200))
+    day: Mapped[date]
+    grouping: Mapped[int] = mapped_column(SmallInteger)
+    model: Mapped[str | None] = mapped_column(String(200))
+    api_key_id: Mapped[uuid.UUID | None] = mapped_column(UUID)  # null: the bootstrap key
+    user: Mapped[str | None] = mapped_column(String(200))
+    jobs: Mapped[int]
+    succeeded: Mapped[int]
+    failed: Mapped[int]
+    cancelled: Mapped[int]
+    expired: Mapped[int]
+    input_tokens: Mapped[int] = mapped_column(BigInteger)
+    output_tokens: Mapped[int] = mapped_column(BigInteger)
+    cost_usd: Mapped[Decimal] = mapped_column(Numeric(20, 8))
+    cache_hits: Mapped[int]
+    feedback_up: Mapped[int]
+    feedback_down: Mapped[int]
+    judge_score_sum: Mapped[int]
+    judge_scores: Mapped[int]
+    queue_ms: Mapped[list[float] | None] = mapped_column(ARRAY(Float))
+    ttft_ms: Mapped[list[float] | None] = mapped_column(ARRAY(Float))
+    duration_ms: Mapped[list[float] | None] = mapped_column(ARRAY(Float))
+    tokens_per_second: Mapped[list[float] | None] = mapped_column(ARRAY(Float))
+
+
+class StatsDay(Base):
+    """A (tenant, day) rolled up into stats_daily, as of its `changes` count then."""
+
+    __tablename__ = "stats_days"
+
+    tenant: Mapped[str] = mapped_column(String(200), primary_key=True)
+    day: Mapped[date] = mapped_column(primary_key=True)
+    changes_seen: Mapped[int] = mapped_column(BigInteger)
+    rolled_up_at: Mapped[datetime] = mapped_column(server_default=func.now())
+
+
+class StatsChange(Base):
+    """How often feedback or evaluations of a (tenant, day)'s jobs changed, counted by a
+    trigger on those tables: a rollup older than the count is stale."""
+
+    __tablename__ = "stats_changes"
+
+    tenant: Mapped[str] = mapped_column(String(200), primary_key=True)
+    day: Mapped[date] = mapped_column(primary_key=True)
+    changes: Mapped[int] = mapped_column(BigInteger)

@@ -8,7 +8,9 @@ or every message's content), case-insensitively.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+import re
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from inferq.protocol import JobInput
 
@@ -61,14 +63,55 @@ class RoutingTable(BaseModel):
         return self.default
 
 
+# The judge's prompt unless the [judge] table gives one: {input}, {output} and {model} are
+# filled in; the reply asked for is what inferq.judge.parse reads first.
+DEFAULT_JUDGE_PROMPT = """You are a strict reviewer of an AI assistant's answers.
+
+The request:
+<request>
+{input}
+</request>
+
+The answer:
+<answer>
+{output}
+</answer>
+
+Rate how well the answer serves the request (correct, helpful, clear) from 1 (useless or \
+wrong) to 5 (excellent). Reply with one JSON object and nothing else:
+{"score": <1-5>, "rationale": "<one short sentence>"}"""
+JUDGE_PLACEHOLDERS = frozenset({"input", "output", "model"})
+_PLACEHOLDER = re.compile(r"\{(\w+)\}")
+
+
 class JudgeTable(BaseModel):
-    """The [judge] table: checked when the file loads; nothing samples jobs for judging yet."""
+    """The [judge] table: the model that scores a sample of succeeded jobs (docs/quality.md)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: str = Field(min_length=1)
     sample_rate: float = Field(ge=0, le=1)
-    prompt: str | None = None  # a template for the judge's prompt
+    # The judge's prompt: {output} (the answer) is required; {input} and {model} may appear.
+    prompt: str | None = Field(None, min_length=1)
+    max_tokens: int = Field(256, gt=0)  # the judge's reply, capped by its model's max_tokens
+
+    @field_validator("prompt")
+    @classmethod
+    def _known_placeholders(cls, prompt: str | None) -> str | None:
+        if prompt is None:
+            return None
+        names = set(_PLACEHOLDER.findall(prompt))
+        unknown = sorted(names - JUDGE_PLACEHOLDERS)
+        if unknown:
+            known = ", ".join(f"{{{n}}}" for n in sorted(JUDGE_PLACEHOLDERS))
+            raise ValueError(f"unknown placeholder {{{unknown[0]}}} (known: {known})")
+        if "output" not in names:
+            raise ValueError("the prompt must show the answer: add {output}")
+        return prompt
+
+    @property
+    def template(self) -> str:
+        return self.prompt or DEFAULT_JUDGE_PROMPT
 
 
 def input_text(job_input: JobInput) -> str:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import unquote, urlsplit
 
-from pydantic import SecretStr, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -51,6 +51,10 @@ class Settings(BaseSettings):
 
     # Flower
     flower_basic_auth: SecretStr = SecretStr("admin:inferq")
+
+    # Grafana's read-only Postgres role (deploy/grafana): set, `inferq migrate` creates or
+    # updates the role `grafana_reader` with this password after the migrations.
+    grafana_db_password: SecretStr | None = None
 
     db_pool_size: int = 20
     redis_pool_size: int = 64
@@ -112,6 +116,15 @@ class Settings(BaseSettings):
     # Response cache: how long a deterministic request's answer is served again.
     cache_ttl_seconds: int = 86400
 
+    # The quality loop (docs/quality.md). Retention: beat clears the input and output texts
+    # of jobs that ended this many days ago, keeping their counts, timings and cost.
+    retention_days: float = Field(30.0, gt=0)
+    retention_interval_seconds: float = 300.0  # how often beat looks for such jobs
+    # Clear a job's input text in the statement that ends it (read at submit: a job submitted
+    # while this is on is redacted whichever process ends it).
+    redact_inputs: bool = False
+    judge_interval_seconds: float = 5.0  # how often beat samples ended jobs for the judge
+
     @property
     def stall_bound_seconds(self) -> float:
         return self.stall_seconds or self.backend_timeout_seconds + 30.0
@@ -162,6 +175,9 @@ def default_secrets(settings: Settings) -> list[str]:
     flower = settings.flower_basic_auth.get_secret_value().split(",")
     if any(pair.partition(":")[2] in _KNOWN_PASSWORDS for pair in flower):
         found.append("INFERQ_FLOWER_BASIC_AUTH")
+    grafana = settings.grafana_db_password
+    if grafana is not None and grafana.get_secret_value() in _KNOWN_PASSWORDS:
+        found.append("INFERQ_GRAFANA_DB_PASSWORD")
     urls = {
         "INFERQ_DATABASE_URL": settings.database_url,
         "INFERQ_REDIS_URL": settings.redis_url,

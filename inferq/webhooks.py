@@ -169,11 +169,30 @@ class ErrorInfo(BaseModel):
     message: str
 
 
+class FeedbackInfo(BaseModel):
+    """A key's rating of a job's answer: 1 (up) or -1 (down), with an optional comment."""
+
+    rating: int
+    comment: str | None
+
+
+class EvaluationInfo(BaseModel):
+    """A judge's verdict on a job: a score 1-5 and why; `score` is null and `error` says why
+    when the judge's reply could not be read or its job failed."""
+
+    score: int | None
+    rationale: str | None
+    judge_model: str
+    error: str | None = None
+
+
 class JobPayload(BaseModel):
     """The body of a job's webhook: the fields of `GET /v1/jobs/{id}` that a finished job has,
     with the same names and shapes (id, status, model, requested_model, priority, the
     created/started/finished times, output, finish_reason, usage, timings, error, cached,
-    attempts, metadata); `queue_position` and `links` are left out."""
+    attempts, metadata, feedback, evaluation, redacted_at); `queue_position` and `links` are
+    left out. A webhook is sent as the job ends, before anyone rated or judged it: `feedback`
+    and `evaluation` are then null."""
 
     id: uuid.UUID
     status: str
@@ -191,6 +210,10 @@ class JobPayload(BaseModel):
     cached: bool
     attempts: int
     metadata: dict[str, Any]
+    feedback: FeedbackInfo | None = None
+    evaluation: EvaluationInfo | None = None
+    # When retention or input redaction cleared the job's texts (null: never).
+    redacted_at: datetime | None = None
 
 
 def _ms(later: datetime | None, earlier: datetime | None) -> float | None:
@@ -212,7 +235,9 @@ def job_timings(job: Job) -> Timings:
     )
 
 
-def job_payload(job: Job) -> JobPayload:
+def job_payload(
+    job: Job, feedback: FeedbackInfo | None = None, evaluation: EvaluationInfo | None = None
+) -> JobPayload:
     error = (
         ErrorInfo(type=job.error_type, message=job.error_message or "") if job.error_type else None
     )
@@ -237,6 +262,9 @@ def job_payload(job: Job) -> JobPayload:
         cached=job.cached,
         attempts=job.attempts,
         metadata=job.metadata_,
+        feedback=feedback,
+        evaluation=evaluation,
+        redacted_at=job.redacted_at,
     )
 
 

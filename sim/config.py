@@ -45,6 +45,12 @@ class SimConfig:
         default=None,
         metadata=_help("always generate this many tokens (capped by max_new_tokens)"),
     )
+    reply: str = field(
+        default="",
+        metadata=_help(
+            "answer every request with this text, its words as the tokens (empty: random words)"
+        ),
+    )
     error_rate: float = field(
         default=0.0, metadata=_help("fraction of requests failing mid-stream (generation error)")
     )

@@ -102,9 +102,12 @@ def plan_generation(
     max_new_tokens: int,
     stop: Sequence[str] = (),
     fixed_output_tokens: int | None = None,
+    reply: str = "",
 ) -> Plan:
-    """Decide every token of the output for (prompt, seed)."""
+    """Decide every token of the output for (prompt, seed); a set `reply` is the output."""
     rng = _rng(prompt, seed)
+    if reply:
+        return _reply_plan(rng, reply, max_new_tokens)
     total = _output_length(rng, max_new_tokens, fixed_output_tokens)
     hits_limit = total == max_new_tokens
     words = _draw_words(rng, total if hits_limit else total - 1, stop)
@@ -113,6 +116,15 @@ def plan_generation(
     if hits_limit:
         return Plan(words.tokens, "length")
     return Plan((*words.tokens, Token(EOS_ID, EOS_TEXT, _logprob(rng), special=True)), "eos_token")
+
+
+def _reply_plan(rng: random.Random, reply: str, max_new_tokens: int) -> Plan:
+    """The fixed reply's words, as many as `max_new_tokens` allows (with eos, if room)."""
+    words = reply.split()[:max_new_tokens]
+    tokens = tuple(Token(_word_id(word), " " + word, _logprob(rng)) for word in words)
+    if len(words) == max_new_tokens:
+        return Plan(tokens, "length")
+    return Plan((*tokens, Token(EOS_ID, EOS_TEXT, _logprob(rng), special=True)), "eos_token")
 
 
 def _output_length(rng: random.Random, max_new_tokens: int, fixed: int | None) -> int:

@@ -109,6 +109,7 @@ class Simulator:
             request.max_new_tokens,
             request.stop,
             config.fixed_output_tokens,
+            config.reply,
         )
         if fault is not None:
             plan = _faulted_plan(plan, fault.mode)

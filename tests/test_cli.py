@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy.engine import make_url
 
+from tests.conftest import Platform, submit, wait_for
 from tests.servers import Databases, drop_database, free_port
 
 
@@ -78,3 +80,24 @@ def test_beat_keeps_its_schedule_in_the_data_dir(
     assert result.exit_code == 0, result.output
     schedule = calls[0][calls[0].index("--schedule") + 1]
     assert Path(schedule).parent.resolve() == (tmp_path / "data").resolve()
+
+
+def test_stats_prints_the_tenants_figures_as_a_table_or_as_json(
+    platform: Platform, tmp_path: Path
+) -> None:
+    key = platform.new_key(f"stats-cli-{uuid.uuid4().hex[:8]}")
+    with platform.client(key) as http:
+        job = submit(http, prompt=f"stats cli {uuid.uuid4().hex}", max_tokens=5, user="dana")
+        wait_for(http, job["id"])
+        api_rows = http.get("/v1/stats", params={"group_by": "model"}).json()["data"]
+    env = {"INFERQ_API_URL": platform.api_url, "INFERQ_API_KEY": key}
+    table = inferq("stats", "--group-by", "model,user", cwd=tmp_path, **env)
+    assert table.returncode == 0, table.stderr
+    header, row = table.stdout.splitlines()
+    assert header.split()[:4] == ["model", "user", "jobs", "succeeded"]
+    assert row.split()[:4] == ["sim", "dana", "1", "1"]
+    as_json = inferq("stats", "--group-by", "model", "--json", cwd=tmp_path, **env)
+    assert json.loads(as_json.stdout) == api_rows
+    bad = inferq("stats", "--from", "someday", cwd=tmp_path, **env)
+    assert bad.returncode == 1
+    assert bad.stderr.startswith("error: invalid_request: from")

@@ -68,6 +68,10 @@ METRICS = {
     "inferq_sse_connections",
     "inferq_backend_errors_total",
     "inferq_sweeper_last_run_timestamp_seconds",
+    "inferq_feedback_total",
+    "inferq_judge_score_sum",
+    "inferq_judge_score_count",
+    "inferq_judge_verdicts_total",
     "flower_worker_online",
     "up",
 }
@@ -77,6 +81,7 @@ GENERATED_SECRETS = (
     "POSTGRES_PASSWORD",
     "INFERQ_FLOWER_BASIC_AUTH",
     "GRAFANA_ADMIN_PASSWORD",
+    "GRAFANA_DB_PASSWORD",
 )
 OPERATOR_UIS = ("flower", "prometheus", "grafana")
 LOOPBACK = {"127.0.0.1", "::1"}
@@ -464,6 +469,8 @@ OWN = {"flower_basic_auth": "ops:Tq8vL2mZ0xYc4nR7"}
         ("database_url", "postgresql://inferq:@db/inferq", "INFERQ_DATABASE_URL"),
         ("redis_url", "redis://:change-me@redis:6379/0", "INFERQ_REDIS_URL"),
         ("broker_url", "redis://default:redis@broker:6379/0", "INFERQ_BROKER_URL"),
+        ("grafana_db_password", "change-me", "INFERQ_GRAFANA_DB_PASSWORD"),
+        ("grafana_db_password", "", "INFERQ_GRAFANA_DB_PASSWORD"),
     ],
 )
 def test_production_refuses_a_default_secret(field: str, value: str, variable: str) -> None:
@@ -479,7 +486,13 @@ def test_production_refuses_the_kubernetes_example_secret() -> None:
     values.pop("hf_token")
     with pytest.raises(ValueError) as refused:
         production(**values)
-    for name in ("BOOTSTRAP_KEY", "FLOWER_BASIC_AUTH", "DATABASE_URL", "REDIS_URL"):
+    for name in (
+        "BOOTSTRAP_KEY",
+        "FLOWER_BASIC_AUTH",
+        "DATABASE_URL",
+        "REDIS_URL",
+        "GRAFANA_DB_PASSWORD",
+    ):
         assert f"INFERQ_{name}" in str(refused.value), name
 
 
@@ -980,7 +993,8 @@ def test_k8s_models_file_is_complete() -> None:
 
 def test_k8s_kustomization_lists_all_but_optional_manifests() -> None:
     kustomization = load_yaml_docs(K8S / "kustomization.yaml")[0]
-    optional = {"secret.example.yaml", "servicemonitor.yaml"}
+    # Each needs CRDs a cluster may not have (KEDA, the Prometheus Operator), or real secrets.
+    optional = {"secret.example.yaml", "servicemonitor.yaml", "scaledobject.yaml"}
     assert set(kustomization["resources"]) == {p.name for p in k8s_files()} - optional
 
 
@@ -996,7 +1010,8 @@ def test_k8s_manifests_match_the_kubernetes_schemas() -> None:
             try:
                 kubernetes_validate.validate(doc, version, strict=True)
             except kubernetes_validate.SchemaNotFoundError:
-                assert doc["apiVersion"].startswith("monitoring.coreos.com/"), doc["kind"]
+                # Custom resources: KEDA's are checked by test_k8s_keda_objects_match_keda_crds.
+                assert doc["apiVersion"].startswith(("monitoring.coreos.com/", "keda.sh/"))
                 continue
             except kubernetes_validate.ValidationError as exc:
                 pytest.fail(f"{doc['kind']}/{doc['metadata']['name']} ({version}): {exc}")
@@ -1016,6 +1031,334 @@ def test_k8s_kustomization_builds() -> None:
         for r in load_yaml_docs(K8S / "kustomization.yaml")[0]["resources"]
     )
     assert all(d["metadata"].get("namespace", "inferq") == "inferq" for d in built)
+
+
+# ---------------------------------------------------------------- KEDA
+
+# kubernetes-validate knows no custom resources. These schemas are KEDA's CRD fields
+# (keda.sh_scaledobjects.yaml and keda.sh_triggerauthentications.yaml, KEDA 2.12+) for the
+# parts of the objects this deployment writes, with the metadata each scaler it uses reads
+# (KEDA's redis and postgresql scaler documentation). As with `kubectl apply` and the API
+# server's strict field validation, a field they do not know is an error, not ignored.
+_INT32 = {"type": "integer", "minimum": 0, "maximum": 2**31 - 1}
+_NUMBER_TEXT = {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?$"}
+_OBJECT_META = {
+    "type": "object",
+    "required": ["name", "namespace"],
+    "properties": {
+        "name": {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"},
+        "namespace": {"type": "string"},
+        "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+        "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
+    },
+    "additionalProperties": False,
+}
+_HPA_RULES = {
+    "type": "object",
+    "properties": {
+        "stabilizationWindowSeconds": {"type": "integer", "minimum": 0, "maximum": 3600},
+        "selectPolicy": {"enum": ["Max", "Min", "Disabled"]},
+        "policies": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["type", "value", "periodSeconds"],
+                "properties": {
+                    "type": {"enum": ["Pods", "Percent"]},
+                    "value": {"type": "integer", "minimum": 1},
+                    "periodSeconds": {"type": "integer", "minimum": 1, "maximum": 1800},
+                },
+                "additionalProperties": False,
+            },
+        },
+    },
+    "additionalProperties": False,
+}
+_REDIS_METADATA = {
+    "type": "object",
+    "properties": {
+        **{
+            name: {"type": "string"}
+            for name in (
+                "address",
+                "addressFromEnv",
+                "host",
+                "hostFromEnv",
+                "port",
+                "portFromEnv",
+                "usernameFromEnv",
+                "passwordFromEnv",
+                "listName",
+                "keyName",
+                "enableTLS",
+                "unsafeSsl",
+            )
+        },
+        "listLength": _NUMBER_TEXT,
+        "activationListLength": _NUMBER_TEXT,
+        "keyValue": _NUMBER_TEXT,
+        "activationValue": _NUMBER_TEXT,
+        "databaseIndex": {"type": "string", "pattern": r"^[0-9]+$"},
+    },
+    "oneOf": [{"required": ["listName"]}, {"required": ["keyName"]}],
+    "additionalProperties": False,
+}
+_POSTGRESQL_METADATA = {
+    "type": "object",
+    "required": ["query", "targetQueryValue"],
+    "properties": {
+        **{
+            name: {"type": "string"}
+            for name in (
+                "connectionFromEnv",
+                "host",
+                "port",
+                "userName",
+                "passwordFromEnv",
+                "dbName",
+                "sslmode",
+                "query",
+            )
+        },
+        "targetQueryValue": _NUMBER_TEXT,
+        "activationTargetQueryValue": _NUMBER_TEXT,
+    },
+    "additionalProperties": False,
+}
+_TRIGGER = {
+    "type": "object",
+    "required": ["type", "metadata"],
+    "properties": {
+        "type": {"enum": ["redis", "postgresql"]},
+        "name": {"type": "string", "pattern": r"^[a-zA-Z_][a-zA-Z0-9_]*$"},
+        "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
+        "authenticationRef": {
+            "type": "object",
+            "required": ["name"],
+            "properties": {
+                "name": {"type": "string"},
+                "kind": {"enum": ["TriggerAuthentication", "ClusterTriggerAuthentication"]},
+            },
+            "additionalProperties": False,
+        },
+        "metricType": {"enum": ["AverageValue", "Value"]},
+        "useCachedMetrics": {"type": "boolean"},
+    },
+    "allOf": [
+        {
+            "if": {"properties": {"type": {"const": "redis"}}},
+            "then": {"properties": {"metadata": _REDIS_METADATA}},
+        },
+        {
+            "if": {"properties": {"type": {"const": "postgresql"}}},
+            "then": {"properties": {"metadata": _POSTGRESQL_METADATA}},
+        },
+    ],
+    "additionalProperties": False,
+}
+KEDA_SCHEMAS: dict[str, dict[str, Any]] = {
+    "ScaledObject": {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": {"const": "keda.sh/v1alpha1"},
+            "kind": {"const": "ScaledObject"},
+            "metadata": _OBJECT_META,
+            "spec": {
+                "type": "object",
+                "required": ["scaleTargetRef", "triggers"],
+                "properties": {
+                    "scaleTargetRef": {
+                        "type": "object",
+                        "required": ["name"],
+                        "properties": {
+                            "apiVersion": {"type": "string"},
+                            "kind": {"type": "string"},
+                            "name": {"type": "string", "minLength": 1},
+                            "envSourceContainerName": {"type": "string"},
+                        },
+                        "additionalProperties": False,
+                    },
+                    "pollingInterval": _INT32,
+                    "cooldownPeriod": _INT32,
+                    "initialCooldownPeriod": _INT32,
+                    "idleReplicaCount": _INT32,
+                    "minReplicaCount": _INT32,
+                    "maxReplicaCount": _INT32,
+                    "fallback": {
+                        "type": "object",
+                        "required": ["failureThreshold", "replicas"],
+                        "properties": {"failureThreshold": _INT32, "replicas": _INT32},
+                        "additionalProperties": False,
+                    },
+                    "advanced": {
+                        "type": "object",
+                        "properties": {
+                            "restoreToOriginalReplicaCount": {"type": "boolean"},
+                            "horizontalPodAutoscalerConfig": {
+                                "type": "object",
+                                "properties": {
+                                    "name": {"type": "string"},
+                                    "behavior": {
+                                        "type": "object",
+                                        "properties": {
+                                            "scaleUp": _HPA_RULES,
+                                            "scaleDown": _HPA_RULES,
+                                        },
+                                        "additionalProperties": False,
+                                    },
+                                },
+                                "additionalProperties": False,
+                            },
+                            # KEDA requires formula and target together.
+                            "scalingModifiers": {
+                                "type": "object",
+                                "required": ["formula", "target"],
+                                "properties": {
+                                    "formula": {"type": "string", "minLength": 1},
+                                    "target": _NUMBER_TEXT,
+                                    "activationTarget": _NUMBER_TEXT,
+                                    "metricType": {"enum": ["AverageValue", "Value"]},
+                                },
+                                "additionalProperties": False,
+                            },
+                        },
+                        "additionalProperties": False,
+                    },
+                    "triggers": {"type": "array", "minItems": 1, "items": _TRIGGER},
+                },
+                "additionalProperties": False,
+            },
+        },
+        "additionalProperties": False,
+    },
+    "TriggerAuthentication": {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": {"const": "keda.sh/v1alpha1"},
+            "kind": {"const": "TriggerAuthentication"},
+            "metadata": _OBJECT_META,
+            "spec": {
+                "type": "object",
+                "properties": {
+                    "secretTargetRef": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "required": ["parameter", "name", "key"],
+                            "properties": {
+                                "parameter": {"type": "string"},
+                                "name": {"type": "string"},
+                                "key": {"type": "string"},
+                            },
+                            "additionalProperties": False,
+                        },
+                    },
+                    "env": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "required": ["parameter", "name"],
+                            "properties": {
+                                "parameter": {"type": "string"},
+                                "name": {"type": "string"},
+                                "containerName": {"type": "string"},
+                            },
+                            "additionalProperties": False,
+                        },
+                    },
+                },
+                "additionalProperties": False,
+            },
+        },
+        "additionalProperties": False,
+    },
+}
+
+
+def keda_docs() -> list[dict[str, Any]]:
+    return [d for d in k8s_docs() if d["apiVersion"].startswith("keda.sh/")]
+
+
+def keda_errors(doc: dict[str, Any]) -> list[str]:
+    jsonschema = pytest.importorskip("jsonschema")
+    validator = jsonschema.Draft202012Validator(KEDA_SCHEMAS[doc["kind"]])
+    return [
+        f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)
+    ]
+
+
+def test_k8s_keda_objects_match_keda_crds() -> None:
+    docs = keda_docs()
+    assert {d["kind"] for d in docs} == {"ScaledObject", "TriggerAuthentication"}
+    for doc in docs:
+        assert not keda_errors(doc), (doc["kind"], keda_errors(doc))
+    # The schemas do refuse what KEDA would: a misspelt scaler field, formula without target.
+    scaled = k8s_get("ScaledObject", "inferq-worker")
+    misspelt = json.loads(json.dumps(scaled))
+    misspelt["spec"]["triggers"][0]["metadata"]["listname"] = "x"
+    assert keda_errors(misspelt)
+    untargeted = json.loads(json.dumps(scaled))
+    del untargeted["spec"]["advanced"]["scalingModifiers"]["target"]
+    assert keda_errors(untargeted)
+
+
+def example_secret() -> dict[str, str]:
+    (secret,) = load_yaml_docs(K8S / "secret.example.yaml")
+    return dict(secret["stringData"])
+
+
+def test_k8s_workers_scale_on_every_priority_list_and_running_jobs() -> None:
+    from urllib.parse import urlsplit
+
+    from inferq.models import Job, JobStatus
+    from inferq.queue import priority_lists
+    from inferq.registry import queue_name
+
+    scaled = k8s_get("ScaledObject", "inferq-worker")
+    spec = scaled["spec"]
+    ref = spec["scaleTargetRef"]
+    worker = k8s_get(ref["kind"], ref["name"])
+    (container,) = [
+        c for c in pod_spec(worker)["containers"] if c["name"] == ref["envSourceContainerName"]
+    ]
+    (model,) = option(container["command"], "--models").split(",")
+    concurrency = option(container["command"], "--concurrency")
+    modifiers = spec["advanced"]["scalingModifiers"]
+    assert modifiers["target"] == concurrency and modifiers["metricType"] == "AverageValue"
+    # Every list of the model's queue, as the workers' own code names them (the database's
+    # name is the queue prefix), each read once, summed with the running jobs.
+    secret = example_secret()
+    prefix = urlsplit(secret["INFERQ_DATABASE_URL"]).path.strip("/")
+    redis = [t for t in spec["triggers"] if t["type"] == "redis"]
+    assert [t["metadata"]["listName"] for t in redis] == priority_lists(queue_name(prefix, model))
+    broker = secret.get("INFERQ_BROKER_URL") or secret["INFERQ_REDIS_URL"]
+    redis_db = urlsplit(broker).path.strip("/") or "0"
+    assert {t["metadata"]["databaseIndex"] for t in redis} == {redis_db}
+    assert {t["metadata"]["listLength"] for t in redis} == {concurrency}
+    (running,) = [t for t in spec["triggers"] if t["type"] == "postgresql"]
+    table = Job.__table__
+    assert {"status", "model"} <= set(table.c.keys())
+    assert running["metadata"]["query"] == (
+        f"SELECT count(*) FROM {table.name} "
+        f"WHERE status = '{JobStatus.running.value}' AND model = '{model}'"
+    )
+    assert running["metadata"]["targetQueryValue"] == concurrency
+    names = [t["name"] for t in spec["triggers"]]
+    terms = [term.strip() for term in modifiers["formula"].split("+")]
+    assert sorted(terms) == sorted(names) and len(set(names)) == len(names)
+    # What the triggers read from resolves: the worker's environment and the Secret's keys.
+    sources = [s.get("secretRef", {}).get("name") for s in container["envFrom"]]
+    assert running["metadata"]["connectionFromEnv"] in secret and "inferq-secrets" in sources
+    for trigger in redis:
+        auth = k8s_get("TriggerAuthentication", trigger["authenticationRef"]["name"])
+        params = {r["parameter"]: r for r in auth["spec"]["secretTargetRef"]}
+        assert set(params) == {"address", "password"}
+        assert {r["name"] for r in params.values()} == {"inferq-secrets"}
+    # KEDA owns the worker's HPA: no other autoscaler may target the Deployment.
+    hpas = [d for d in k8s_docs() if d["kind"] == "HorizontalPodAutoscaler"]
+    assert all(h["spec"]["scaleTargetRef"]["name"] != ref["name"] for h in hpas)
 
 
 # ---------------------------------------------------------------- the CLI itself
@@ -1196,3 +1539,364 @@ def test_grafana_queries_are_valid_promql(tmp_path: Path) -> None:
     path = tmp_path / "dashboard-queries.yml"
     path.write_text(yaml.safe_dump({"groups": [group]}))
     assert_ok(run([promtool, "check", "rules", str(path)]))
+
+
+# ---------------------------------------------------------------- Grafana: usage from Postgres
+
+USAGE_DASHBOARD = DEPLOY / "grafana" / "dashboards" / "inferq-usage.json"
+READER_SQL = DEPLOY / "grafana" / "sql" / "reader.sql"
+# Columns that hold what people wrote or were answered: the reader never gets them.
+TEXT_COLUMNS = ("input", "output", "comment", "rationale", "error_message", "metadata", "params")
+
+
+def usage_queries() -> list[str]:
+    dash = json.loads(USAGE_DASHBOARD.read_text())
+    return [t["rawSql"] for p in dash["panels"] for t in p["targets"]]
+
+
+def test_grafana_postgres_source_reads_as_the_reader_role() -> None:
+    path = DEPLOY / "grafana" / "provisioning" / "datasources" / "postgres.yml"
+    (source,) = load_yaml_docs(path)[0]["datasources"]
+    assert source["type"] == "grafana-postgresql-datasource"
+    assert source["user"] == "grafana_reader" and source["jsonData"]["database"] == "inferq"
+    assert source["secureJsonData"]["password"] == "${GRAFANA_DB_PASSWORD}"
+    from inferq.grafana import READER_COLUMNS, READER_ROLE
+
+    sql = READER_SQL.read_text()
+    assert "\\set role grafana_reader" in sql and "default_transaction_read_only = on" in sql
+    assert READER_ROLE == "grafana_reader"
+    grants = " ".join(re.findall(r"GRANT SELECT \(([^)]*)\)", sql))
+    granted = {c.strip().strip('"') for c in grants.split(",")}
+    assert not granted & set(TEXT_COLUMNS), granted & set(TEXT_COLUMNS)
+    assert not {c for cs in READER_COLUMNS.values() for c in cs} & set(TEXT_COLUMNS)
+
+
+def test_grafana_usage_dashboard_is_well_formed() -> None:
+    dash = json.loads(USAGE_DASHBOARD.read_text())
+    assert dash["uid"] == "inferq-usage" and dash["uid"] != dashboard()["uid"]
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids))
+    titles = {p["title"] for p in dash["panels"]}
+    assert "Cost per user per day (top 20 users)" in titles
+    for panel in dash["panels"]:
+        assert panel["datasource"]["uid"] == "inferq-postgres"
+        assert panel["gridPos"]["x"] + panel["gridPos"]["w"] <= 24
+        for target in panel["targets"]:
+            assert target["datasource"]["uid"] == "inferq-postgres" and target["rawQuery"]
+            assert "$__timeFilter(" in target["rawSql"]
+    # Per-user cost leaves the judge's jobs out (they belong to no tenant's users).
+    assert all("judge_of IS NULL" in q for q in usage_queries() if "cost_usd" in q)
+
+
+def _as_sql(query: str) -> str:
+    """A Grafana Postgres query with its macros expanded as Grafana does (last 14 days)."""
+    query = re.sub(
+        r"\$__timeGroupAlias\(([^,]+), '1d'\)",
+        r'floor(extract(epoch from \1) / 86400) * 86400 AS "time"',
+        query,
+    )
+    return re.sub(
+        r"\$__timeFilter\(([^)]+)\)",
+        r"\1 BETWEEN now() - interval '14 days' AND now()",
+        query,
+    )
+
+
+def test_grafana_usage_queries_run_as_the_reader_role() -> None:
+    admin_url = os.environ.get("INFERQ_TEST_DATABASE_URL")
+    if not admin_url:
+        pytest.skip("needs a Postgres server (INFERQ_TEST_DATABASE_URL)")
+    import psycopg
+
+    from inferq.grafana import ensure_reader
+    from inferq.migrate import upgrade
+    from tests.servers import create_database, drop_database
+
+    url, name = create_database(admin_url)
+    role = f"grafana_reader_{name[-10:]}"
+    try:
+        upgrade(url)
+        ensure_reader(url, "test", role)  # what `inferq migrate` makes
+        with psycopg.connect(url, autocommit=True) as db:
+            db.execute(f"SET ROLE {role}")  # type: ignore[arg-type]
+            for query in usage_queries():
+                db.execute(_as_sql(query)).fetchall()  # type: ignore[arg-type]
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                db.execute("SELECT input FROM jobs")
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                db.execute("SELECT comment FROM feedback")
+    finally:
+        drop_database(admin_url, name)
+        with psycopg.connect(admin_url, autocommit=True) as db:
+            db.execute(f"DROP ROLE IF EXISTS {role}")  # type: ignore[arg-type]
+
+
+def test_grafana_dashboard_shows_feedback_and_judge_scores() -> None:
+    exprs = "\n".join(dashboard_exprs())
+    for needle in (
+        "increase(inferq_feedback_total{",
+        "inferq_judge_score_sum",
+        "inferq_judge_verdicts_total",
+    ):
+        assert needle in exprs, needle
+
+
+# ---------------------------------------------------------------- Grafana's reader role
+
+
+def test_compose_gives_the_reader_password_to_migrate_and_grafana_only() -> None:
+    services = compose_services()
+    migrate, grafana = services["migrate"], services["grafana"]
+    assert migrate["command"] == ["migrate"]
+    uses = {
+        name: svc["environment"][var]
+        for name, svc in services.items()
+        for var in svc.get("environment") or {}
+        if "GRAFANA_DB_PASSWORD" in var
+    }
+    assert uses.keys() == {"migrate", "grafana"}, uses
+    assert uses["migrate"] == uses["grafana"]
+    assert migrate["environment"]["INFERQ_GRAFANA_DB_PASSWORD"].startswith(
+        "${GRAFANA_DB_PASSWORD:?"
+    )
+    assert "GRAFANA_DB_PASSWORD" in grafana["environment"]
+    # migrate keeps every setting the other inferq services have.
+    assert services["api"]["environment"].items() <= migrate["environment"].items()
+    # The data source reaches compose's Postgres and database.
+    path = DEPLOY / "grafana" / "provisioning" / "datasources" / "postgres.yml"
+    (source,) = load_yaml_docs(path)[0]["datasources"]
+    host = source["url"].split(":")[0]
+    assert host in services and host in grafana["depends_on"]
+    assert source["jsonData"]["database"] == services[host]["environment"]["POSTGRES_DB"]
+
+
+def test_compose_config_renders_one_reader_password(tmp_path: Path) -> None:
+    env = generated_env(tmp_path / ".env")
+    proc = compose_config(env)
+    assert_ok(proc)
+    rendered = yaml.safe_load(proc.stdout)["services"]
+    password = env_file(env)["GRAFANA_DB_PASSWORD"]
+    migrate = rendered["migrate"]["environment"]
+    assert migrate["INFERQ_GRAFANA_DB_PASSWORD"] == password
+    assert rendered["grafana"]["environment"]["GRAFANA_DB_PASSWORD"] == password
+    assert migrate["INFERQ_DATABASE_URL"] == rendered["api"]["environment"]["INFERQ_DATABASE_URL"]
+
+
+def test_k8s_migrate_job_reads_the_reader_password_from_the_secret() -> None:
+    secret = example_secret()
+    assert "INFERQ_GRAFANA_DB_PASSWORD" in secret
+    (container,) = pod_spec(k8s_get("Job", "inferq-migrate"))["containers"]
+    assert {"secretRef": {"name": "inferq-secrets"}} in container["envFrom"]
+    assert container["command"] == ["inferq", "migrate"]
+
+
+def scram_matches(verifier: str, password: str) -> bool:
+    """Whether a Postgres SCRAM-SHA-256 verifier (RFC 5803) is that of `password`."""
+    import base64
+    import hashlib
+    import hmac
+
+    method, params, keys = verifier.split("$")
+    iterations, salt = params.split(":")
+    stored = keys.split(":")[0]
+    salted = hashlib.pbkdf2_hmac(
+        "sha256", password.encode(), base64.b64decode(salt), int(iterations)
+    )
+    client_key = hmac.new(salted, b"Client Key", "sha256").digest()
+    return method == "SCRAM-SHA-256" and hashlib.sha256(client_key).digest() == base64.b64decode(
+        stored
+    )
+
+
+@dataclass
+class ReaderRole:
+    verifier: str
+    settings: set[str]
+    columns: set[tuple[str, str, str]]  # (table, column, privilege)
+    may_connect: bool
+
+
+def reader_role(admin_url: str, database: str, role: str) -> ReaderRole:
+    import psycopg
+
+    with psycopg.connect(admin_url.replace("postgresql+psycopg", "postgresql")) as db:
+        verifier, settings = db.execute(
+            "SELECT a.rolpassword, r.rolconfig FROM pg_authid a JOIN pg_roles r USING (oid)"
+            " WHERE a.rolname = %s",
+            (role,),
+        ).fetchone()  # type: ignore[misc]
+        may_connect = db.execute(
+            "SELECT has_database_privilege(%s, %s, 'CONNECT')", (role, database)
+        ).fetchone()[0]  # type: ignore[index]
+    with psycopg.connect(database_url_of(admin_url, database)) as db:
+        columns = db.execute(
+            "SELECT table_name, column_name, privilege_type FROM information_schema"
+            ".column_privileges WHERE grantee = %s",
+            (role,),
+        ).fetchall()
+    return ReaderRole(verifier, set(settings), set(columns), may_connect)
+
+
+def database_url_of(admin_url: str, database: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    url = make_url(admin_url).set(drivername="postgresql", database=database)
+    return url.render_as_string(hide_password=False)
+
+
+@pytest.fixture
+def fresh_database() -> Iterator[tuple[str, str]]:
+    """A migrated database of its own: (admin URL, its name)."""
+    admin_url = os.environ.get("INFERQ_TEST_DATABASE_URL")
+    if not admin_url:
+        pytest.skip("needs a Postgres server (INFERQ_TEST_DATABASE_URL)")
+    from inferq.migrate import upgrade
+    from tests.servers import create_database, drop_database
+
+    url, name = create_database(admin_url)
+    try:
+        upgrade(url)
+        yield admin_url, name
+    finally:
+        drop_database(admin_url, name)
+
+
+def drop_role(admin_url: str, role: str) -> None:
+    import psycopg
+
+    with psycopg.connect(database_url_of(admin_url, "postgres"), autocommit=True) as db:
+        db.execute(f'DROP ROLE IF EXISTS "{role}"')  # type: ignore[arg-type]
+
+
+def migrate(admin_url: str, database: str, tmp: Path, **extra: str) -> str:
+    """`inferq migrate`, as the compose service runs it (production), on `database`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INFERQ_")}
+    env |= {
+        "INFERQ_ENVIRONMENT": "production",
+        "INFERQ_DATABASE_URL": database_url_of(admin_url, database),
+        "INFERQ_FLOWER_BASIC_AUTH": "ops:Tq8vL2mZ0xYc4nR7",
+        "INFERQ_DATA_DIR": str(tmp),
+        **extra,
+    }
+    command = compose_services()["migrate"]["command"]
+    proc = run([sys.executable, "-m", "inferq", *command], env=env, cwd=tmp)
+    assert_ok(proc)
+    return proc.stdout
+
+
+def test_migrate_makes_and_updates_the_reader_role(
+    fresh_database: tuple[str, str], tmp_path: Path
+) -> None:
+    from inferq.grafana import READER_COLUMNS, READER_ROLE
+
+    admin_url, name = fresh_database
+    import psycopg
+
+    role = READER_ROLE  # the role compose's Grafana logs in as: one per Postgres server
+    with psycopg.connect(database_url_of(admin_url, "postgres")) as db:
+        existed = db.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
+    first, second = "a'b\"c$d\\e" + "x" * 24, "rotated-" + "y" * 32
+    try:
+        out = migrate(admin_url, name, tmp_path, INFERQ_GRAFANA_DB_PASSWORD=first)
+        assert f"role {role} {'updated' if existed else 'created'}" in out
+        made = reader_role(admin_url, name, role)
+        assert scram_matches(made.verifier, first)  # sent as a verifier, quoting and all
+        assert made.settings == {"default_transaction_read_only=on", "statement_timeout=30s"}
+        expected = {(t, c, "SELECT") for t, cs in READER_COLUMNS.items() for c in cs}
+        assert made.columns == expected and made.may_connect
+        # Every run brings it up to date: a new password replaces the old one.
+        assert f"role {role} updated" in migrate(
+            admin_url, name, tmp_path, INFERQ_GRAFANA_DB_PASSWORD=second
+        )
+        rotated = reader_role(admin_url, name, role)
+        assert scram_matches(rotated.verifier, second)
+        assert not scram_matches(rotated.verifier, first)
+        assert rotated.columns == expected
+        # Without the variable migrate leaves the role alone.
+        assert "grafana" not in migrate(admin_url, name, tmp_path)
+        assert reader_role(admin_url, name, role).verifier == rotated.verifier
+    finally:
+        if not existed:
+            from tests.servers import drop_database
+
+            drop_database(admin_url, name)  # its CONNECT grant first
+            drop_role(admin_url, role)
+
+
+def test_migrate_refuses_a_default_reader_password(
+    fresh_database: tuple[str, str], tmp_path: Path
+) -> None:
+    admin_url, name = fresh_database
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INFERQ_")}
+    env |= {
+        "INFERQ_ENVIRONMENT": "production",
+        "INFERQ_DATABASE_URL": database_url_of(admin_url, name),
+        "INFERQ_FLOWER_BASIC_AUTH": "ops:Tq8vL2mZ0xYc4nR7",
+        "INFERQ_DATA_DIR": str(tmp_path),
+        "INFERQ_GRAFANA_DB_PASSWORD": "change-me",
+    }
+    proc = run([sys.executable, "-m", "inferq", "migrate"], env=env, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "INFERQ_GRAFANA_DB_PASSWORD" in proc.stderr and "change-me" not in proc.stderr
+
+
+def test_reader_sql_by_hand_grants_what_migrate_grants(
+    fresh_database: tuple[str, str], tmp_path: Path
+) -> None:
+    psql = require_tool("psql")
+    from inferq.grafana import ensure_reader
+
+    admin_url, name = fresh_database
+    url = database_url_of(admin_url, name)
+    by_migrate, by_hand = f"reader_py_{name[-10:]}", f"reader_sql_{name[-10:]}"
+    password = 'it\'s "quoted"; DROP TABLE jobs; --'
+    try:
+        ensure_reader(url, password, by_migrate)
+        variables = ["ON_ERROR_STOP=1", f"role={by_hand}", f"password={password}"]
+        command = [psql, url, "-X", "-q", "-f", str(READER_SQL)]
+        for _ in range(2):  # made, then updated
+            assert_ok(run([*command, *(a for v in variables for a in ("-v", v))]))
+        py, sql = reader_role(admin_url, name, by_migrate), reader_role(admin_url, name, by_hand)
+        assert scram_matches(py.verifier, password) and scram_matches(sql.verifier, password)
+        assert py.settings == sql.settings and py.may_connect and sql.may_connect
+        assert py.columns == sql.columns and py.columns
+    finally:
+        from tests.servers import drop_database
+
+        drop_database(admin_url, name)
+        drop_role(admin_url, by_migrate)
+        drop_role(admin_url, by_hand)
+
+
+# ---------------------------------------------------------------- beat's metrics
+
+
+def test_compose_beat_serves_metrics_where_prometheus_scrapes() -> None:
+    services = compose_services()
+    beat = services["beat"]
+    port = int(beat["environment"]["INFERQ_BEAT_METRICS_PORT"])
+    assert port != int(beat["environment"]["INFERQ_WORKER_METRICS_PORT"])
+    assert [int(p) for p in beat["expose"]] == [port]
+    assert "beat_metrics_port" in Settings.model_fields
+    jobs = {job["job_name"]: job for job in prometheus_config()["scrape_configs"]}
+    (target,) = jobs["inferq-beat"]["dns_sd_configs"]
+    assert target["names"] == ["beat"] and target["port"] == port
+
+
+def test_k8s_beat_serves_metrics_to_its_pod_monitor() -> None:
+    beat = k8s_get("Deployment", "inferq-beat")
+    (container,) = pod_spec(beat)["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["metrics"] == int(env["INFERQ_BEAT_METRICS_PORT"])
+    monitor = k8s_get("PodMonitor", "inferq-beat")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= pod_spec_labels(beat).items()
+    assert [e["port"] for e in monitor["spec"]["podMetricsEndpoints"]] == ["metrics"]
+
+
+def test_target_down_covers_every_inferq_process() -> None:
+    (down,) = [r for r in rules() if r.get("alert") == "InferqTargetDown"]
+    watched = re.search(r'job=~"([^"]+)"', down["expr"]).group(1)  # type: ignore[union-attr]
+    jobs = {job["job_name"] for job in prometheus_config()["scrape_configs"]}
+    for job in ("inferq-api", "inferq-worker", "inferq-beat"):
+        assert job in jobs and re.fullmatch(watched, job), job

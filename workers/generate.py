@@ -235,6 +235,8 @@ class Generation:
     def _before_retry(self, state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
         log.warning("backend error, retrying: %s", exc, extra=self._log())
+        if isinstance(exc, BackendError):
+            metrics.BACKEND_RETRIES.labels(self.claim.model, exc.type).inc()
         # The back-off counts as progress: the lease must outlive it.
         sleep = state.next_action.sleep if state.next_action else 0.0
         self.ctx.leases.beat(self.claim.token, grace=sleep)
@@ -251,19 +253,25 @@ class Generation:
         parts = self.parts = []
         self.completion = stream.completion
         first_token_at: datetime | None = None
+        inter_token = metrics.INTER_TOKEN.labels(self.claim.model)
+        last = 0.0
         self.interrupt.attach(stream)
         try:
             self._stop_if_interrupted()
             for delta in stream:
+                now = time.monotonic()
                 if first_token_at is None:
                     first_token_at = datetime.now(UTC)
                     self.emitted = True
+                else:
+                    inter_token.observe(now - last)
+                last = now
                 parts.append(delta)
-                if self.publisher.add_token(delta):
+                if self.publisher.add_token(delta, now):
                     return self._cancelled(first_token_at)
-                if not self.ctx.leases.beat(self.claim.token):
+                if not self.ctx.leases.beat(self.claim.token, now=now):
                     raise ClaimLost
-                if time.monotonic() > self.interrupt.deadline:
+                if now > self.interrupt.deadline:
                     raise FatalBackendError("deadline_exceeded", RUN_DEADLINE_MESSAGE)
         except BackendError:
             # An interrupt aborts the backend's stream, which fails the read it was blocked in.

@@ -66,11 +66,12 @@ class LeaseKeeper:
         """True once a renewal found the claim gone (its lease expired and was taken over)."""
         return token in self._lost
 
-    def beat(self, token: uuid.UUID, grace: float = 0.0) -> bool:
+    def beat(self, token: uuid.UUID, grace: float = 0.0, now: float | None = None) -> bool:
         """Record progress on a held claim (`grace`: seconds of waiting that count as progress,
-        e.g. a retry's back-off); False once the claim was lost."""
+        e.g. a retry's back-off; `now`: the caller's time.monotonic()); False once the claim
+        was lost."""
         if token in self._moved:
-            self._moved[token] = time.monotonic() + grace
+            self._moved[token] = (time.monotonic() if now is None else now) + grace
         return token not in self._lost
 
     def renew(self) -> None:

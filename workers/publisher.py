@@ -182,10 +182,14 @@ class TokenPublisher:
                 error = exc
         raise RedisUnavailable(f"Redis unreachable for {self._outage_s:.0f} s") from error
 
-    def add_token(self, text: str) -> bool:
-        """Buffer a delta; flush every interval or N tokens. True when cancel was requested."""
+    def add_token(self, text: str, now: float | None = None) -> bool:
+        """Buffer a delta; flush every interval or N tokens. True when cancel was requested.
+
+        `now`: the caller's time.monotonic(), when it has just read it."""
         self._pending.append(text)
-        due = time.monotonic() - self._last_flush >= self._pace.interval()
+        if now is None:
+            now = time.monotonic()
+        due = now - self._last_flush >= self._pace.interval()
         if due or len(self._pending) >= self._max_tokens:
             return self.send([])
         return self.cancelled

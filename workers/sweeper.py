@@ -23,6 +23,7 @@ from sqlalchemy import Row, Select, func, select, tuple_
 from inferq import lifecycle, limits
 from inferq.events import TERMINAL_EVENTS, Event, publish_end, stream_key
 from inferq.lifecycle import Outcome
+from inferq.metrics import SWEEPER_LAST_RUN
 from inferq.models import TERMINAL_STATUSES, Job, JobStatus
 from inferq.queue import (
     ENQUEUED_KEY,
@@ -66,7 +67,9 @@ def sweep(ctx: WorkerContext) -> SweepReport:
     expired = _requeue_expired(ctx)
     closed = close_streams(ctx)
     ctx.broker.zremrangebyscore(ENQUEUED_KEY, "-inf", time.time() - MARK_RETENTION_SECONDS)
-    ctx.redis.set(_key(ctx, SWEEPER_LAST_RUN_KEY), time.time())
+    now = time.time()
+    ctx.redis.set(_key(ctx, SWEEPER_LAST_RUN_KEY), now)  # the API's /metrics reads it there
+    SWEEPER_LAST_RUN.set(now)  # beat's own /metrics (INFERQ_BEAT_METRICS_PORT)
     return SweepReport(lost, expired, failed, orphaned, closed)
 
 

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from api.jobs.schemas import Text
 from inferq.admin import KeyChanges, Limits
+from inferq.judge import RESERVED_TENANT_PREFIX, is_reserved_tenant
 from inferq.models import ApiKey
 
 # A limit is a positive count (to stop a key altogether, revoke it); a budget may be 0.
@@ -42,6 +43,14 @@ class KeyCreate(KeyLimits):
     # Absent: the caller's own tenant.
     tenant: Text | None = Field(None, min_length=1, max_length=200)
     admin: bool = False
+
+    @field_validator("tenant")
+    @classmethod
+    def _not_reserved(cls, tenant: str | None) -> str | None:
+        # The platform's own jobs (the judge's) belong to such tenants: no key may see them.
+        if tenant is not None and is_reserved_tenant(tenant):
+            raise ValueError(f"tenant names starting with {RESERVED_TENANT_PREFIX!r} are reserved")
+        return tenant
 
 
 class KeyUpdate(KeyLimits):

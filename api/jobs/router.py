@@ -9,7 +9,7 @@ from fastapi import APIRouter, Header, Query, Response
 
 from api.deps import CurrentKey, SessionDep, StateDep
 from api.jobs import service
-from api.jobs.schemas import JobCreate, JobList, JobOut
+from api.jobs.schemas import FeedbackCreate, FeedbackOut, JobCreate, JobList, JobOut
 from api.limits import SubmitGate
 from api.openapi import AUTHENTICATED, error_responses
 from inferq.models import JobStatus
@@ -42,7 +42,9 @@ async def get(job_id: uuid.UUID, key: CurrentKey, session: SessionDep, state: St
     job = await service.get_job(session, key, job_id)
     position = await service.queue_position(session, job)
     eta = await service.queue_eta(state, job, position)
-    return service.to_out(job, position, await service.running_progress(state, job), eta)
+    quality = (await service.quality_of(session, key, [job])).get(job.id)
+    progress = await service.running_progress(state, job)
+    return service.to_out(job, position, progress, eta, quality)
 
 
 @router.get("", response_model=JobList, responses=error_responses(*AUTHENTICATED))
@@ -54,7 +56,9 @@ async def list_(
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> JobList:
     jobs, next_cursor = await service.list_jobs(session, key, status, cursor, limit)
-    return JobList(data=[service.to_out(j) for j in jobs], next_cursor=next_cursor)
+    quality = await service.quality_of(session, key, jobs)
+    data = [service.to_out(j, quality=quality.get(j.id)) for j in jobs]
+    return JobList(data=data, next_cursor=next_cursor)
 
 
 @router.post(
@@ -72,3 +76,17 @@ async def cancel(
     if not JobStatus(job.status).terminal:
         response.status_code = 202
     return service.to_out(job)
+
+
+@router.post(
+    "/{job_id}/feedback",
+    status_code=201,
+    response_model=FeedbackOut,
+    responses=error_responses(*AUTHENTICATED, 404, 409),
+)
+async def feedback(
+    job_id: uuid.UUID, body: FeedbackCreate, key: CurrentKey, session: SessionDep
+) -> FeedbackOut:
+    """Rate an ended job's answer: 1 (up) or -1 (down), with an optional comment. The latest
+    rating from a key replaces its earlier one; a job not ended yet is a 409."""
+    return await service.rate_job(session, key, job_id, body)

@@ -20,11 +20,12 @@ from pydantic_core import PydanticCustomError
 
 from inferq.models import JobEnd
 
-# A job's timings have one definition, shared with the webhook body.
-# A job's error and timings have one shape, in the API's answers and in webhook bodies.
-from inferq.webhooks import ErrorInfo, Timings
+# A job's error, timings, feedback and evaluation have one shape, in the API's answers and in
+# webhook bodies.
+from inferq.webhooks import ErrorInfo, EvaluationInfo, FeedbackInfo, Timings
 
 MAX_TOKENS_LIMIT = 131_072
+MAX_COMMENT_CHARS = 2000
 MAX_DEADLINE_SECONDS = 7 * 86400
 
 
@@ -189,9 +190,41 @@ class JobOut(BaseModel):
     # Oldest chat messages left out to fit the model's context window.
     dropped_messages: int = 0
     metadata: dict[str, Any]
+    # The caller key's rating, else the latest; null until someone rated the job.
+    feedback: FeedbackInfo | None = None
+    # The judge's verdict once it is in (docs/quality.md); null otherwise.
+    evaluation: EvaluationInfo | None = None
+    # When retention or input redaction cleared the job's texts: `output` is then null.
+    redacted_at: datetime | None = None
     links: Links
 
 
 class JobList(BaseModel):
     data: list[JobOut]
     next_cursor: str | None
+
+
+class FeedbackCreate(BaseModel):
+    """A rating of a job's answer; the latest from a key replaces its earlier one."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rating: Literal[1, -1] = Field(
+        description="1: a good answer (thumbs up), -1: a bad one (thumbs down)"
+    )
+    comment: Text | None = Field(None, max_length=MAX_COMMENT_CHARS)
+
+    @field_validator("rating", mode="before")
+    @classmethod
+    def _an_integer(cls, value: Any) -> Any:
+        # `true` and `1.0` equal 1 in Python: no ratings all the same.
+        if type(value) is not int:
+            raise PydanticCustomError("rating", "the rating is the integer 1 or -1")
+        return value
+
+
+class FeedbackOut(BaseModel):
+    job_id: uuid.UUID
+    rating: int
+    comment: str | None
+    created_at: datetime

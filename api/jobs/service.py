@@ -18,7 +18,17 @@ from api.auth import Principal
 from api.errors import Conflict, InvalidRequest, NotFound, redact_addresses
 from api.events.service import JobEvents
 from api.jobs.context import fit_context
-from api.jobs.schemas import ErrorInfo, JobCreate, JobOut, Links, Usage
+from api.jobs.schemas import (
+    ErrorInfo,
+    EvaluationInfo,
+    FeedbackCreate,
+    FeedbackInfo,
+    FeedbackOut,
+    JobCreate,
+    JobOut,
+    Links,
+    Usage,
+)
 from api.limits import Gate
 from api.state import AppState
 from api.webhooks.service import guard_url
@@ -33,9 +43,9 @@ from inferq.events import (
     publish_end,
     stream_key,
 )
-from inferq.lifecycle import Outcome
-from inferq.metrics import CACHE_HITS, CACHE_MISSES, JOBS_SUBMITTED
-from inferq.models import Job, JobStatus
+from inferq.lifecycle import REDACT_PARAM, Outcome
+from inferq.metrics import CACHE_HITS, CACHE_MISSES, FEEDBACK, JOBS_SUBMITTED
+from inferq.models import Evaluation, Feedback, Job, JobStatus
 from inferq.protocol import ChatMessage, JobInput, JobParams, TokenData
 from inferq.queue import ENQUEUED_KEY, PRIORITIES
 from inferq.registry import ModelSpec, Registry
@@ -144,6 +154,8 @@ async def create_job(
         await guard_url(str(body.webhook.url), state.settings)
     spec = resolve_model(state.registry, routed(state.registry, body))
     values = job_values(body, spec, key)
+    if state.settings.redact_inputs:
+        values["params"] = {**values["params"], REDACT_PARAM: True}
     # Keyed by the request as sent (fitting it to the context is deterministic): a hit needs
     # no tokenizer call.
     hit = await _from_cache(state, key, spec, values)
@@ -196,6 +208,8 @@ async def _from_cache(
         "first_token_at": now,
         "finished_at": now,
     }
+    if values["params"].get(REDACT_PARAM):  # created ended: its input goes at once
+        values |= {"input": {}, "redacted_at": now}
     return True
 
 
@@ -441,6 +455,7 @@ def to_out(
     position: int | None = None,
     so_far: Progress | None = None,
     eta_seconds: float | None = None,
+    quality: Quality | None = None,
 ) -> JobOut:
     base = f"/v1/jobs/{job.id}"
     # Backends' and client libraries' messages can name hosts: not the tenant's business.
@@ -472,5 +487,79 @@ def to_out(
         queue_position=position,
         eta_seconds=eta_seconds,
         metadata=job.metadata_,
+        feedback=quality.feedback if quality else None,
+        evaluation=quality.evaluation if quality else None,
+        redacted_at=job.redacted_at,
         links=Links(self=base, events=f"{base}/events", cancel=f"{base}/cancel"),
     )
+
+
+# ------------------------------------------------------------------ feedback and evaluation
+
+
+@dataclass(frozen=True, slots=True)
+class Quality:
+    """What people and the judge said of a job's answer."""
+
+    feedback: FeedbackInfo | None = None
+    evaluation: EvaluationInfo | None = None
+
+
+async def rate_job(
+    session: AsyncSession, key: Principal, job_id: uuid.UUID, body: FeedbackCreate
+) -> FeedbackOut:
+    """Store the key's rating of an ended job; a later one from the same key replaces it."""
+    job = await get_job(session, key, job_id)
+    if not JobStatus(job.status).terminal:
+        raise Conflict(f"job {job_id} is {job.status}: rate it once it has ended")
+    values = {"rating": body.rating, "comment": body.comment, "created_at": func.now()}
+    stored = (
+        await session.execute(
+            insert(Feedback)
+            .values(job_id=job_id, api_key_id=key.key_id, **values)
+            .on_conflict_do_update(index_elements=["job_id", "api_key_id"], set_=values)
+            .returning(Feedback.rating, Feedback.comment, Feedback.created_at)
+        )
+    ).one()
+    FEEDBACK.labels(job.model, "up" if body.rating > 0 else "down").inc()
+    return FeedbackOut(
+        job_id=job_id, rating=stored.rating, comment=stored.comment, created_at=stored.created_at
+    )
+
+
+async def quality_of(
+    session: AsyncSession, key: Principal, jobs: list[Job]
+) -> dict[uuid.UUID, Quality]:
+    """Each ended job's feedback (the caller key's, else the latest) and judged evaluation;
+    two indexed queries whatever the number of jobs."""
+    ended = [j.id for j in jobs if JobStatus(j.status).terminal]
+    if not ended:
+        return {}
+    mine = Feedback.api_key_id.is_not_distinct_from(key.key_id)
+    ratings = await session.execute(
+        select(Feedback.job_id, Feedback.rating, Feedback.comment)
+        .where(Feedback.job_id.in_(ended))
+        .distinct(Feedback.job_id)
+        .order_by(Feedback.job_id, mine.desc(), Feedback.created_at.desc(), Feedback.id.desc())
+    )
+    feedback = {r.job_id: FeedbackInfo(rating=r.rating, comment=r.comment) for r in ratings}
+    verdicts = await session.execute(
+        select(
+            Evaluation.job_id,
+            Evaluation.score,
+            Evaluation.rationale,
+            Evaluation.judge_model,
+            Evaluation.error,
+        ).where(Evaluation.job_id.in_(ended), Evaluation.judged_at.is_not(None))
+    )
+    evaluation = {
+        r.job_id: EvaluationInfo(
+            score=r.score, rationale=r.rationale, judge_model=r.judge_model, error=r.error
+        )
+        for r in verdicts
+    }
+    return {
+        job_id: Quality(feedback.get(job_id), evaluation.get(job_id))
+        for job_id in ended
+        if job_id in feedback or job_id in evaluation
+    }

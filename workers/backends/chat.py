@@ -10,6 +10,7 @@ from typing import Any
 from huggingface_hub import InferenceClient
 
 from inferq.registry import ModelSpec
+from workers.backends import sse
 from workers.backends.base import GenerationRequest
 from workers.backends.errors import TRANSLATED
 from workers.backends.tgi import ClientStream
@@ -19,28 +20,39 @@ log = logging.getLogger("inferq.worker")
 
 class ChatStream(ClientStream):
     def __init__(
-        self, client: InferenceClient, request: GenerationRequest, model: str | None
+        self,
+        client: InferenceClient,
+        request: GenerationRequest,
+        model: str | None,
+        lean: bool = True,
     ) -> None:
-        super().__init__(client)
+        super().__init__(client, lean)
         self.request = request
         self.model = model
 
     def __iter__(self) -> Iterator[str]:
         return self._guard(self._deltas())
 
-    def _deltas(self) -> Iterator[str]:
-        chunks = self.client.chat_completion(
+    def _call(self) -> Any:
+        return self.client.chat_completion(
             self.request.messages or [], **chat_params(self.request, self.model)
         )
-        for chunk in chunks:
-            for choice in chunk.choices or []:
-                if choice.delta and choice.delta.content:
-                    yield choice.delta.content
-                if choice.finish_reason:
-                    self.completion.finish_reason = choice.finish_reason
-            if chunk.usage:
-                self.completion.input_tokens = chunk.usage.prompt_tokens
-                self.completion.output_tokens = chunk.usage.completion_tokens
+
+    def _chunks(self) -> Iterator[sse.ChatChunk]:
+        # The request is sent (and a refusal raised) here, before the first event is read.
+        if self.lean:
+            return sse.chat_chunks(self._lines())
+        return map(sse.chat_chunk_of, self._call())
+
+    def _deltas(self) -> Iterator[str]:
+        for choices, usage in self._chunks():
+            for content, reason in choices:
+                if content:
+                    yield content
+                if reason:
+                    self.completion.finish_reason = reason
+            if usage is not None:
+                self.completion.input_tokens, self.completion.output_tokens = usage
         self._check_finished()
 
 

@@ -15,6 +15,7 @@ import httpx2
 from huggingface_hub import InferenceClient
 
 from inferq.registry import ModelSpec
+from workers.backends import sse
 from workers.backends.base import (
     NUL,
     REPLACEMENT,
@@ -33,23 +34,57 @@ _UNFINISHED = frozenset({"abort", "error"})
 
 
 class ClientStream(ABC):
-    """One streaming call on its own InferenceClient, so closing it closes only this connection."""
+    """One streaming call on its own InferenceClient, so closing it closes only this connection.
 
-    def __init__(self, client: InferenceClient) -> None:
+    `lean` (the default): huggingface_hub builds the request, which is sent and read by
+    workers/backends/sse.py (where it can be; else huggingface_hub sends it, and its lines
+    are still parsed there). False: huggingface_hub sends, reads and parses it, into its
+    dataclasses: what the lean reader is pinned to.
+    """
+
+    def __init__(self, client: InferenceClient, lean: bool = True) -> None:
         self.client = client
+        self.lean = lean
         self.completion = Completion()
         # The client keeps its streaming responses on this stack until it is closed.
         self._responses = client.exit_stack = _Responses()
+        self._connection: sse.LeanConnection | None = None
 
     @abstractmethod
     def __iter__(self) -> Iterator[str]: ...
 
     def close(self) -> None:
         self.client.close()
+        if self._connection is not None:
+            self._connection.close()
 
     def abort(self) -> None:
         """Fail the stream's blocked read from another thread (a cancel during prefill)."""
         self._responses.abort()
+        if self._connection is not None:
+            self._connection.abort()
+
+    @abstractmethod
+    def _call(self) -> Any:
+        """The streaming call on the client, through huggingface_hub."""
+
+    def _lines(self) -> Iterator[str]:
+        """The lines of the answer to the call: sent on a lean connection where one behaves
+        as huggingface_hub's would, else by huggingface_hub."""
+        call = self._call
+        request = sse.built_request(self.client, call)
+        if sse.lean_possible(request.url):
+            connection = self._connection = sse.LeanConnection(request, self.client.timeout)
+            if self._responses.aborted:
+                connection.abort()
+            try:
+                connection.open()
+                return connection.lines()
+            except sse.NotLean:
+                connection.close()
+                self._connection = None
+        call()
+        return self._responses.lines()
 
     def _guard(self, produce: Iterator[str]) -> Iterator[str]:
         """The deltas, NUL-free; any failure as a BackendError; the connection closed at the end.
@@ -114,6 +149,14 @@ class _Responses(ExitStack):
                 _shut(value)
         return value
 
+    @property
+    def aborted(self) -> bool:
+        return self._aborted
+
+    def lines(self) -> Iterator[str]:
+        """The lines of the streaming response the client opened last."""
+        return self._held[-1].iter_lines()
+
     def abort(self) -> None:
         self._aborted = True
         for response in list(self._held):
@@ -134,23 +177,32 @@ def make_client(spec: ModelSpec, api_key: str | None, timeout: float) -> Inferen
 
 
 class TextGenerationStream(ClientStream):
-    def __init__(self, client: InferenceClient, request: GenerationRequest) -> None:
-        super().__init__(client)
+    def __init__(
+        self, client: InferenceClient, request: GenerationRequest, lean: bool = True
+    ) -> None:
+        super().__init__(client, lean)
         self.request = request
 
     def __iter__(self) -> Iterator[str]:
         return self._guard(self._tokens())
 
+    def _call(self) -> Any:
+        return self.client.text_generation(self.request.prompt or "", **tgi_params(self.request))
+
+    def _chunks(self) -> Iterator[sse.TgiChunk]:
+        # The request is sent (and a refusal raised) here, before the first event is read.
+        if self.lean:
+            return sse.tgi_chunks(self._lines())
+        return map(sse.tgi_chunk_of, self._call())
+
     def _tokens(self) -> Iterator[str]:
-        for chunk in self.client.text_generation(
-            self.request.prompt or "", **tgi_params(self.request)
-        ):
-            if not chunk.token.special:
-                yield chunk.token.text
-            if chunk.details is not None:
-                self.completion.finish_reason = str(chunk.details.finish_reason)
-                self.completion.output_tokens = chunk.details.generated_tokens
-                self.completion.input_tokens = getattr(chunk.details, "input_length", None)
+        for text, details in self._chunks():
+            if text is not None:
+                yield text
+            if details is not None:
+                self.completion.finish_reason = details.finish_reason
+                self.completion.output_tokens = details.generated_tokens
+                self.completion.input_tokens = details.input_length
         self._check_finished()
 
 

@@ -1,0 +1,368 @@
+"""The token path's reader of a backend's event stream: one `json.loads` an event.
+
+huggingface_hub parses every event of a stream into its dataclasses, about 50 µs an event,
+where the worker needs three fields of each. Here huggingface_hub still sends the request
+and answers its refusals (status, error body, timeout: its exceptions, unchanged); this
+reads the lines of the response it opened, as it would have read them, and decodes each
+plain event with `json.loads`. Any event of another shape (an error event, `[DONE]` written
+another way, a payload that is not the usual object) goes to huggingface_hub's own parser,
+which raises or returns what it would have. tests/test_lean_reader.py pins what the worker
+gets from both readers (deltas, finish reason, usage, errors) on the same streams.
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import http.client
+import json
+import os
+import socket
+import threading
+import urllib.request
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, NamedTuple, NoReturn
+from urllib.parse import urlsplit
+
+import httpx2
+from huggingface_hub import InferenceClient, constants
+from huggingface_hub.errors import BadRequestError, HfHubHTTPError, InferenceTimeoutError
+from huggingface_hub.inference._common import (
+    RequestParameters,
+    _format_chat_completion_stream_output,
+    _format_text_generation_stream_output,
+    raise_text_generation_error,
+)
+from huggingface_hub.utils import hf_raise_for_status
+
+DONE = "data: [DONE]"
+
+
+class Details(NamedTuple):
+    """A TGI stream's closing figures (its last event's `details`)."""
+
+    finish_reason: str
+    generated_tokens: int | None
+    input_length: int | None
+
+
+class TgiChunk(NamedTuple):
+    """One `/generate_stream` event: its token's text (None for a special token), details."""
+
+    text: str | None
+    details: Details | None
+
+
+class Choice(NamedTuple):
+    content: str | None
+    finish_reason: str | None
+
+
+class ChatChunk(NamedTuple):
+    """One chat completion chunk: its choices, and usage as (prompt, completion) tokens."""
+
+    choices: list[Choice]
+    usage: tuple[int | None, int | None] | None
+
+
+def _data(lines: Iterable[str]) -> Iterator[str]:
+    """The `data:` lines up to `[DONE]`, as huggingface_hub picks them."""
+    for line in lines:
+        if not line.startswith("data:"):
+            continue  # blank lines between events, keep-alive comments
+        if line.strip() == DONE:
+            return
+        yield line
+
+
+def _object(line: str) -> dict[str, Any] | None:
+    """The event's payload when it is a JSON object without an error, else None."""
+    try:
+        payload = json.loads(line[5:])
+    except ValueError:
+        return None
+    if type(payload) is not dict or payload.get("error") is not None:
+        return None
+    return payload
+
+
+def tgi_chunks(lines: Iterable[str]) -> Iterator[TgiChunk]:
+    for line in _data(lines):
+        chunk = _tgi_fast(line)
+        yield (
+            chunk
+            if chunk is not None
+            else tgi_chunk_of(_format_text_generation_stream_output(line, True))
+        )
+
+
+def _tgi_fast(line: str) -> TgiChunk | None:
+    payload = _object(line)
+    if payload is None:
+        return None
+    token = payload.get("token")
+    if type(token) is not dict:
+        return None
+    text, special = token.get("text"), token.get("special")
+    if type(text) is not str or type(special) is not bool:
+        return None
+    details = payload.get("details")
+    if details is None:
+        return TgiChunk(None if special else text, None)
+    if type(details) is not dict:
+        return None
+    reason = details.get("finish_reason")
+    generated, length = details.get("generated_tokens"), details.get("input_length")
+    if type(reason) is not str or not (_count(generated) and _count(length)):
+        return None
+    return TgiChunk(None if special else text, Details(reason, generated, length))
+
+
+def tgi_chunk_of(output: Any) -> TgiChunk:
+    """huggingface_hub's TextGenerationStreamOutput as the worker reads it."""
+    text = None if output.token.special else output.token.text
+    details = output.details
+    if details is None:
+        return TgiChunk(text, None)
+    return TgiChunk(
+        text,
+        Details(
+            str(details.finish_reason),
+            details.generated_tokens,
+            getattr(details, "input_length", None),
+        ),
+    )
+
+
+def chat_chunks(lines: Iterable[str]) -> Iterator[ChatChunk]:
+    for line in _data(lines):
+        chunk = _chat_fast(line)
+        yield (
+            chunk
+            if chunk is not None
+            else chat_chunk_of(_format_chat_completion_stream_output(line))
+        )
+
+
+def _chat_fast(line: str) -> ChatChunk | None:
+    payload = _object(line)
+    if payload is None:
+        return None
+    raw = payload.get("choices")
+    if raw is not None and type(raw) is not list:
+        return None
+    choices = []
+    for choice in raw or ():
+        if type(choice) is not dict:
+            return None
+        delta, reason = choice.get("delta"), choice.get("finish_reason")
+        if delta is not None and type(delta) is not dict:
+            return None
+        content = delta.get("content") if delta is not None else None
+        if not (_text(content) and _text(reason)):
+            return None
+        choices.append(Choice(content, reason))
+    usage = payload.get("usage")
+    if usage is None:
+        return ChatChunk(choices, None)
+    if type(usage) is not dict:
+        return None
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    if not (_count(prompt) and _count(completion)):
+        return None
+    return ChatChunk(choices, (prompt, completion))
+
+
+def chat_chunk_of(output: Any) -> ChatChunk:
+    """huggingface_hub's ChatCompletionStreamOutput as the worker reads it."""
+    choices = [
+        Choice(choice.delta.content if choice.delta else None, choice.finish_reason)
+        for choice in output.choices or []
+    ]
+    usage = output.usage
+    if not usage:
+        return ChatChunk(choices, None)
+    return ChatChunk(choices, (usage.prompt_tokens, usage.completion_tokens))
+
+
+def _count(value: object) -> bool:
+    return value is None or type(value) is int
+
+
+def _text(value: object) -> bool:
+    return value is None or type(value) is str
+
+
+# The request: built by huggingface_hub, sent here ---------------------------------------------
+
+
+class _Built(Exception):
+    """Carries the request huggingface_hub built, out of the call that would have sent it."""
+
+    def __init__(self, request: RequestParameters) -> None:
+        super().__init__()
+        self.request = request
+
+
+def built_request(client: InferenceClient, call: Callable[[], object]) -> RequestParameters:
+    """The request `call` (a streaming call on `client`) would send, as huggingface_hub builds
+    it (URL, payload, headers), without sending it."""
+
+    def build(request_parameters: RequestParameters, *, stream: bool = False) -> NoReturn:
+        raise _Built(request_parameters)
+
+    client._inner_post = build  # type: ignore[method-assign]
+    try:
+        call()
+    except _Built as built:
+        return built.request
+    finally:
+        del client._inner_post
+    raise RuntimeError("the call sent no request")
+
+
+def lean_possible(url: str) -> bool:
+    """Where the lean connection behaves as huggingface_hub's would: plain HTTP, no proxy,
+    not offline (huggingface_hub refuses every request then)."""
+    if not url.startswith("http://") or constants.is_offline_mode():
+        return False
+    host = urlsplit(url).hostname or ""
+    proxies = urllib.request.getproxies()
+    return "http" not in proxies or bool(urllib.request.proxy_bypass(host))
+
+
+class NotLean(Exception):
+    """An answer the lean connection leaves to huggingface_hub (a redirect, say): the caller
+    sends the request again through it."""
+
+
+class LeanConnection:
+    """One request on a connection of its own (closing it stops the backend's generation),
+    read line by line; failures raised as huggingface_hub and httpx2 would raise them."""
+
+    def __init__(self, request: RequestParameters, timeout: float | None) -> None:
+        self.request = request
+        self.timeout = timeout
+        self._connection: http.client.HTTPConnection | None = None
+        self._response: http.client.HTTPResponse | None = None
+        self._aborted = False
+        self._lock = threading.Lock()
+
+    def open(self) -> None:
+        """Send the request and read the answer's head; a refusal raises what huggingface_hub
+        raises for it."""
+        parts = urlsplit(self.request.url)
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        body = json.dumps(self.request.json).encode()
+        headers = {k: v for k, v in self.request.headers.items() if k.lower() != "accept-encoding"}
+        connection = http.client.HTTPConnection(
+            parts.hostname or "", parts.port or 80, timeout=self.timeout
+        )
+        with self._lock:
+            self._connection = connection
+        try:
+            connection.connect()
+            if self._aborted:
+                _shut(connection)
+            connection.request("POST", path, body=body, headers=headers)
+            response = connection.getresponse()
+        except TimeoutError as exc:
+            raise InferenceTimeoutError(f"Inference call timed out: {self.request.url}") from exc
+        except http.client.RemoteDisconnected as exc:
+            raise httpx2.RemoteProtocolError(
+                "Server disconnected without sending a response."
+            ) from exc
+        except (http.client.HTTPException, ValueError) as exc:
+            raise httpx2.RemoteProtocolError(str(exc)) from exc
+        except ConnectionRefusedError as exc:
+            raise httpx2.ConnectError(str(exc)) from exc
+        except OSError as exc:
+            if connection.sock is None:
+                raise httpx2.ConnectError(str(exc)) from exc
+            raise httpx2.ReadError(str(exc)) from exc
+        self._response = response
+        if response.status != 200:
+            self._refused(response)
+
+    def _refused(self, response: http.client.HTTPResponse) -> NoReturn:
+        """What huggingface_hub raises for this answer (its `_inner_post`, and for text
+        generation the TGI error mapping of `text_generation`)."""
+        if not 400 <= response.status < 600:
+            raise NotLean(f"status {response.status}")
+        try:
+            content = response.read()
+        except (OSError, http.client.HTTPException) as exc:
+            raise httpx2.ReadError(str(exc)) from exc
+        request = httpx2.Request("POST", self.request.url)
+        answer = httpx2.Response(
+            response.status, headers=response.getheaders(), content=content, request=request
+        )
+        task = self.request.task
+        try:
+            hf_raise_for_status(answer)
+        except HfHubHTTPError as error:
+            if isinstance(error, BadRequestError) and task == "text-generation":
+                raise NotLean("a server that is not TGI") from error
+            if answer.status_code == 422 and task != "unknown":
+                message = str(error.args[0])
+                if len(answer.text) > 0:
+                    message += f"{os.linesep}{answer.text}{os.linesep}"
+                error.args = (message, *error.args[1:])
+            if task == "text-generation":
+                raise_text_generation_error(error)
+            raise
+        raise NotLean(f"status {response.status}")  # pragma: no cover (4xx and 5xx raise)
+
+    def lines(self) -> Iterator[str]:
+        """The answer's lines, split as httpx2's `iter_lines` splits them."""
+        response = self._response
+        assert response is not None
+        charset = _charset(response)
+        readline = response.readline
+        try:
+            while True:
+                raw = readline()
+                if not raw:
+                    # http.client's readline takes a cut in the body for its end.
+                    if (response.chunked and response.chunk_left is not None) or response.length:
+                        raise http.client.IncompleteRead(b"")
+                    return
+                yield from raw.decode(charset, "replace").splitlines()
+        except TimeoutError as exc:
+            raise httpx2.ReadTimeout("timed out") from exc
+        except http.client.IncompleteRead as exc:
+            raise httpx2.RemoteProtocolError(
+                "peer closed connection without sending complete message body"
+                " (incomplete chunked read)"
+            ) from exc
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            raise httpx2.ReadError(str(exc)) from exc
+
+    def abort(self) -> None:
+        """Fail a read blocked in another thread: shut the socket down."""
+        with self._lock:
+            self._aborted = True
+            connection = self._connection
+        if connection is not None:
+            _shut(connection)
+
+    def close(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+
+
+def _shut(connection: http.client.HTTPConnection) -> None:
+    if connection.sock is not None:
+        with contextlib.suppress(OSError):
+            connection.sock.shutdown(socket.SHUT_RDWR)
+
+
+def _charset(response: http.client.HTTPResponse) -> str:
+    """httpx2's choice: the charset the answer names, else UTF-8."""
+    charset = response.headers.get_content_charset()
+    if charset:
+        try:
+            return codecs.lookup(charset).name
+        except LookupError:
+            pass
+    return "utf-8"
