@@ -120,6 +120,8 @@ class Settings(BaseSettings):
     # of jobs that ended this many days ago, keeping their counts, timings and cost.
     retention_days: float = Field(30.0, gt=0)
     retention_interval_seconds: float = 300.0  # how often beat looks for such jobs
+    # How often beat rolls up closed days for /v1/stats (docs/stats.md).
+    stats_rollup_seconds: float = Field(600.0, gt=0)
     # Clear a job's input text in the statement that ends it (read at submit: a job submitted
     # while this is on is redacted whichever process ends it).
     redact_inputs: bool = False

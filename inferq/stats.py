@@ -8,6 +8,7 @@ closest ranks) over the jobs that have the timing: a job that never started has 
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -55,6 +56,7 @@ MAX_DAYS = 92  # the longest range asked at once: any calendar quarter
 PERCENTILES = (0.5, 0.95, 0.99)
 TIMINGS = ("queue_ms", "ttft_ms", "duration_ms", "tokens_per_second")
 BOOTSTRAP_NAME = "bootstrap"  # the key of jobs with no key row
+DAY = re.compile(r"\d{4}-\d{2}-\d{2}", re.ASCII)
 GROUPING_BITS = {"model": 1, "key": 2, "user": 4}  # the rollup's `grouping` column
 # For the stats transaction only: compiling (JIT) costs more than it saves on these queries,
 # and the sorts of a live range stay in memory.
@@ -131,13 +133,12 @@ def parse_group_by(text: str | None) -> tuple[str, ...]:
 
 
 def parse_day(text: str, param: str) -> date:
+    """`YYYY-MM-DD` as a date (only that spelling: ISO 8601 has others)."""
     try:
-        return date.fromisoformat(text) if len(text) == 10 else _bad_day(text, param)
+        if DAY.fullmatch(text) and (day := date.fromisoformat(text)) < date.max:
+            return day  # (the last day there is has no midnight after it)
     except ValueError:
-        return _bad_day(text, param)
-
-
-def _bad_day(text: str, param: str) -> date:
+        pass  # a day that does not exist, such as 2026-02-30
     raise StatsParamError(f"{param}: {text!r} is not a date as YYYY-MM-DD")
 
 

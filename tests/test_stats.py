@@ -414,6 +414,8 @@ def test_the_bootstrap_keys_jobs_show_as_bootstrap(platform: Platform) -> None:
         ({"from": "2026-13-01"}, "not a date"),
         ({"to": "2026-02-30"}, "not a date"),
         ({"from": "yesterday"}, "from"),
+        ({"from": "2026-W49-6"}, "not a date"),  # ISO 8601, but not YYYY-MM-DD
+        ({"from": "9999-12-30", "to": "9999-12-31"}, "not a date"),
         ({"from": "2026-12-05", "to": "2026-12-01"}, "after"),
         ({"from": "2026-01-01", "to": "2026-12-31"}, "at most 92"),
         ({"group_by": "model,tenant"}, "unknown 'tenant'"),

@@ -16,6 +16,7 @@ from workers.context import WorkerContext
 from workers.generate import run_job
 from workers.judge import start_judge
 from workers.retention import start_retention
+from workers.stats import start_rollup
 from workers.sweeper import start_sweeper
 from workers.webhooks import start_dispatcher
 
@@ -89,3 +90,4 @@ def _start_sweeper(**_: Any) -> None:
     start_dispatcher(app.require_context())
     start_judge(app.require_context())
     start_retention(app.require_context())
+    start_rollup(app.require_context())
