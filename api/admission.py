@@ -20,7 +20,6 @@ from api import tasks
 from inferq.limits import ADMIT_SCRIPT
 
 ADMIT_SHA = hashlib.sha1(ADMIT_SCRIPT.encode()).hexdigest()  # Redis names scripts by it
-MAX_BATCH = 256
 
 
 @dataclass(slots=True)
@@ -30,35 +29,18 @@ class _Pending:
     done: asyncio.Future[list[Any]]
 
 
-class Admissions:
+class Admissions(tasks.Coalescer[_Pending]):
     def __init__(self, redis: aioredis.Redis) -> None:
+        super().__init__("inferq-admissions")
         self._redis = redis
-        self._pending: list[_Pending] = []
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="inferq-admissions")
-
-    async def close(self) -> None:
-        await tasks.cancel(self._task)
 
     async def admit(self, reservation: str, args: list[Any]) -> list[Any]:
         """The admission script's answer for this reservation."""
         pending = _Pending(reservation, args, asyncio.get_running_loop().create_future())
-        self._pending.append(pending)
-        self._wake.set()
+        self._add(pending)
         return await pending.done
 
-    async def _run(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while self._pending:
-                batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
-                await self._send(batch)
-
-    async def _send(self, batch: list[_Pending]) -> None:
+    async def _handle(self, batch: list[_Pending]) -> None:
         try:
             answers = await self._scripts(batch)
         except Exception as exc:  # Redis down: every submit of the batch gets its 503

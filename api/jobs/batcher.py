@@ -17,8 +17,6 @@ from inferq.models import Job
 
 log = logging.getLogger("inferq.api")
 
-MAX_BATCH = 256
-
 # Hands committed jobs to the broker.
 EnqueueJobs = Callable[[list[Job]], Awaitable[None]]
 
@@ -29,40 +27,23 @@ class _Pending:
     done: asyncio.Future[Job]
 
 
-class SubmitBatcher:
-    """Writes every job waiting when the previous batch ends, in one transaction.
-
-    A lone request goes straight through; under load the requests that arrive while a batch
-    is being written form the next one, so round trips per job fall as the rate rises.
-    """
+class SubmitBatcher(tasks.Coalescer[_Pending]):
+    """Writes every job waiting when the previous batch ends, in one transaction, and hands
+    them to the broker together."""
 
     def __init__(self, autocommit: AsyncEngine, enqueue: EnqueueJobs) -> None:
+        super().__init__("inferq-submit-batcher")
         self._autocommit = autocommit
         self._enqueue_jobs = enqueue
-        self._pending: list[_Pending] = []
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="inferq-submit-batcher")
-
-    async def close(self) -> None:
-        await tasks.cancel(self._task)
 
     async def submit(self, values: dict[str, Any]) -> Job:
         """Commit the job and hand it to the broker; returns the stored job."""
         pending = _Pending(values, asyncio.get_running_loop().create_future())
-        self._pending.append(pending)
-        self._wake.set()
+        self._add(pending)
         return await pending.done
 
-    async def _run(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while self._pending:
-                batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
-                await self._write(batch)
+    async def _handle(self, batch: list[_Pending]) -> None:
+        await self._write(batch)
 
     async def _write(self, batch: list[_Pending]) -> None:
         try:
