@@ -145,13 +145,18 @@ def parse_day(text: str, param: str) -> date:
 def parse_range(first: str | None, last: str | None, today: date) -> tuple[date, date]:
     """The inclusive UTC days asked: `to` defaults to today, `from` to 6 days before `to`."""
     last_day = parse_day(last, "to") if last else today
-    first_day = parse_day(first, "from") if first else last_day - timedelta(DEFAULT_DAYS - 1)
+    first_day = parse_day(first, "from") if first else _week_ending(last_day)
     if first_day > last_day:
         raise StatsParamError(f"from ({first_day}) is after to ({last_day})")
     days = (last_day - first_day).days + 1
     if days > MAX_DAYS:
         raise StatsParamError(f"the range is {days} days; ask for at most {MAX_DAYS} at once")
     return first_day, last_day
+
+
+def _week_ending(day: date) -> date:
+    """The first of the DEFAULT_DAYS days ending with `day`, or the first day there is."""
+    return date.fromordinal(max(1, day.toordinal() - (DEFAULT_DAYS - 1)))
 
 
 # -- the query -------------------------------------------------------------------------------

@@ -42,7 +42,12 @@ def roll_up(engine: Engine, now: datetime | None = None, days: int = RECENT_DAYS
     with engine.connect() as conn:
         due = _due(conn, now, days)
     for tenant, day in due:
-        rolled += roll_up_day(engine, tenant, day)
+        try:
+            rolled += roll_up_day(engine, tenant, day)
+        except DBAPIError:
+            # One day that fails (a statement over its timeout, say) stays read live; it must
+            # not hold up the days after it, which every run would otherwise never reach.
+            log.exception("stats rollup of %s %s failed; it stays read live", tenant, day)
     return rolled
 
 

@@ -49,7 +49,8 @@ def print_stats(
 
 
 def _groups(group_by: str) -> list[str]:
-    return [name.strip() for name in group_by.split(",") if name.strip()]
+    """The group columns, each once, as the API groups (`model,model` is by model)."""
+    return list(dict.fromkeys(name.strip() for name in group_by.split(",") if name.strip()))
 
 
 def stats_table(rows: list[dict[str, Any]], groups: list[str]) -> str:

@@ -98,6 +98,17 @@ def test_bad_feedback_is_a_422(http: httpx.Client, body: dict[str, Any]) -> None
     assert response.json()["error"]["type"]
 
 
+def test_a_body_over_the_size_limit_is_a_documented_413(
+    platform: Platform, http: httpx.Client
+) -> None:
+    job = _ended(http)
+    response = _rate(http, job["id"], rating=1, comment="x" * (5 * 1024 * 1024))
+    assert response.status_code == 413, response.text
+    assert response.json()["error"]["type"]
+    spec = httpx.get(f"{platform.api_url}/openapi.json", timeout=10).json()
+    assert "413" in spec["paths"]["/v1/jobs/{job_id}/feedback"]["post"]["responses"]
+
+
 def test_a_job_not_ended_cannot_be_rated(http: httpx.Client) -> None:
     job = submit(http, model="slow", prompt="a long answer", max_tokens=400)
     response = _rate(http, job["id"], rating=1)

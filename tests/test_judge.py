@@ -12,8 +12,10 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -22,6 +24,7 @@ import pytest
 
 from inferq.judge import JUDGE_TENANT, Judged, parse, render, sampled
 from inferq.limits import counters_prefix, reservation_key, to_nano
+from inferq.metrics import JUDGE_VERDICTS
 from inferq.migrate import upgrade
 from inferq.registry import ModelsFileError, Registry
 from inferq.settings import Settings
@@ -35,7 +38,7 @@ from tests.servers import (
     wait_http,
 )
 from workers.context import WorkerContext
-from workers.judge import judge_pass
+from workers.judge import _record_verdicts, judge_pass
 
 REPLY = '{"score": 4, "rationale": "Clear and mostly right."}'
 
@@ -345,8 +348,10 @@ def test_a_failed_judge_job_is_recorded(deployment: Deployment, judge_ctx: Worke
     with platform.client() as http:
         job = wait_for(http, submit(http, prompt="Judge me when down", max_tokens=8)["id"])
         found = _wait_judged(platform, job["id"], lambda: judge_pass(judge_ctx))
+        shown = http.get(f"/v1/jobs/{job['id']}").json()["evaluation"]
     assert found["score"] is None and found["status"] == "failed"
     assert found["error"].startswith("the judge's job ended failed")
+    assert shown["error"] == found["error"]
 
 
 @pytest.mark.parametrize("judge_ctx", ["sim"], indirect=True)
@@ -368,6 +373,131 @@ def test_judge_jobs_and_cache_hits_are_not_judged(
             "SELECT count(*) FROM evaluations WHERE job_id = ANY(%s)", ([r[0] for r in judges],)
         ).fetchone()
     assert judges and judged_judges == (0,)
+
+
+def _sql(platform: Platform, statement: str, *params: Any) -> None:
+    with psycopg.connect(platform.database_url, autocommit=True) as db:
+        db.execute(statement, params)
+
+
+@pytest.mark.parametrize("judge_ctx", ["sim"], indirect=True)
+def test_a_job_whose_input_was_redacted_is_judged_on_its_answer(
+    deployment: Deployment, judge_ctx: WorkerContext
+) -> None:
+    """INFERQ_REDACT_INPUTS clears the input as the job ends: the answer is still judged.
+    A job whose output retention cleared is not."""
+    platform = deployment.platform
+    with platform.client() as http:
+        redacted = wait_for(http, submit(http, prompt="Secret request", max_tokens=8)["id"])
+        cleared = wait_for(http, submit(http, prompt="Old request", max_tokens=8)["id"])
+        # What the statement that ends a job submitted with redaction on writes, and what
+        # retention writes (both before the pass's settle time is over).
+        _sql(
+            platform,
+            "UPDATE jobs SET input = '{}', redacted_at = now() WHERE id = %s",
+            redacted["id"],
+        )
+        _sql(
+            platform,
+            "UPDATE jobs SET input = '{}', output = NULL, redacted_at = now() WHERE id = %s",
+            cleared["id"],
+        )
+        found = _wait_judged(platform, redacted["id"], lambda: judge_pass(judge_ctx))
+    time.sleep(2.5)  # past the pass's settle time for both jobs
+    judge_pass(judge_ctx)
+    with psycopg.connect(platform.database_url) as db:
+        (judge_input,) = db.execute(
+            "SELECT input FROM jobs WHERE id = %s", (found["judge_job_id"],)
+        ).fetchone()
+    prompt = judge_input["messages"][0]["content"]
+    assert "(the request was not kept)" in prompt and "Secret request" not in prompt
+    assert _evaluation(platform, cleared["id"]) is None
+
+
+@pytest.mark.parametrize("judge_ctx", ["scorer"], indirect=True)
+def test_a_verdict_another_beat_recorded_first_is_not_counted_again(
+    deployment: Deployment, judge_ctx: WorkerContext
+) -> None:
+    """Two beats read the same unjudged evaluation; the one whose update comes second
+    writes nothing, and neither counts the verdict twice."""
+    platform = deployment.platform
+    with platform.client() as http:
+        job = wait_for(http, submit(http, prompt="Judged by two beats", max_tokens=8)["id"])
+    rows = [_judged_by(platform, job["id"], output=REPLY)]
+    scored = JUDGE_VERDICTS.labels("sim", "scored")
+    before = scored._value.get()
+    with ThreadPoolExecutor(1) as pool, psycopg.connect(platform.database_url) as first:
+        # The first beat's update, not committed yet: the second reads the row unjudged.
+        first.execute(
+            "UPDATE evaluations SET score = 3, judged_at = now() WHERE job_id = %s", (job["id"],)
+        )
+        second = pool.submit(_record_verdicts, judge_ctx, rows)
+        _wait_blocked(platform)
+        first.commit()
+        assert second.result(timeout=30) == 0
+    assert scored._value.get() == before
+    assert _evaluation(platform, job["id"])["score"] == 3  # type: ignore[index]
+
+
+def _judged_by(platform: Platform, job_id: str, **judge: Any) -> SimpleNamespace:
+    """A judge's job of `job_id` as it ended (`judge`: its columns), and its evaluation."""
+    judge_id = uuid.uuid4()
+    columns = {"status": "succeeded", "output": None, "error_type": None, "error_message": None}
+    columns |= judge
+    _sql(
+        platform,
+        "INSERT INTO jobs (id, tenant, requested_model, model, status, priority, input, params,"
+        " metadata, output, error_type, error_message, created_at, started_at, finished_at,"
+        " judge_of) VALUES (%s, %s, 'scorer', 'scorer', %s, 'batch', '{}', '{}', '{}', %s, %s,"
+        " %s, now(), now(), now(), %s)",
+        judge_id,
+        JUDGE_TENANT,
+        columns["status"],
+        columns["output"],
+        columns["error_type"],
+        columns["error_message"],
+        job_id,
+    )
+    _sql(
+        platform,
+        "INSERT INTO evaluations (job_id, judge_job_id, judge_model) VALUES (%s, %s, 'scorer')",
+        job_id,
+        judge_id,
+    )
+    return SimpleNamespace(id=judge_id, judge_of=uuid.UUID(job_id))
+
+
+@pytest.mark.parametrize("judge_ctx", ["scorer"], indirect=True)
+def test_a_judges_failure_shows_the_tenant_no_backend_address(
+    deployment: Deployment, judge_ctx: WorkerContext
+) -> None:
+    """Where the backends are is not the tenant's business, as in a job's own error."""
+    platform = deployment.platform
+    with platform.client() as http:
+        job = wait_for(http, submit(http, prompt="Judged by a chatty backend", max_tokens=8)["id"])
+        message = "http://10.1.2.3:8080/generate answered 400 (from 10.1.2.3:8080)"
+        row = _judged_by(
+            platform, job["id"], status="failed", error_type="backend", error_message=message
+        )
+        assert _record_verdicts(judge_ctx, [row]) == 1
+        shown = http.get(f"/v1/jobs/{job['id']}").json()["evaluation"]
+    assert shown["error"].startswith("the judge's job ended failed: backend: ")
+    assert "10.1.2.3" not in shown["error"] and "http://" not in shown["error"]
+
+
+def _wait_blocked(platform: Platform) -> None:
+    """Until a session of the database waits for a row lock."""
+    deadline = time.monotonic() + 30
+    with psycopg.connect(platform.database_url, autocommit=True) as db:
+        while time.monotonic() < deadline:
+            waiting = db.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND wait_event_type = 'Lock'"
+            ).fetchone()
+            if waiting and waiting[0]:
+                return
+            time.sleep(0.05)
+    raise AssertionError("no session waited for the row lock")
 
 
 def test_a_judged_job_holds_the_judged_texts(deployment: Deployment) -> None:

@@ -19,10 +19,12 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
+from sqlalchemy import create_engine
 from sqlalchemy.engine import make_url
 
 from inferq.db import make_sync_engine
 from inferq.stats_rollup import roll_up
+from inferq.stats_table import print_stats
 from tests.conftest import Platform, submit, wait_for
 
 TODAY = datetime.now(UTC).date()
@@ -366,6 +368,55 @@ def test_the_rollup_answers_as_the_jobs_do_and_follows_late_feedback(
         engine.dispose()
 
 
+def _closed_job(platform: Platform, tenant: str, day: date) -> str:
+    job_id = str(uuid.uuid4())
+    _sql(
+        platform,
+        "INSERT INTO jobs (id, tenant, requested_model, model, status, priority, input, params,"
+        " metadata, created_at, started_at, finished_at)"
+        " VALUES (%s, %s, 'sim', 'sim', 'succeeded', 'batch', '{}', '{}', '{}', %s, %s, %s)",
+        job_id,
+        tenant,
+        *(datetime.combine(day, datetime.min.time(), UTC) + timedelta(hours=12),) * 3,
+    )
+    return job_id
+
+
+def _changes_seen(platform: Platform, tenant: str) -> int | None:
+    url = make_url(platform.database_url).set(drivername="postgresql")
+    with psycopg.connect(url.render_as_string(hide_password=False)) as conn:
+        row = conn.execute(
+            "SELECT changes_seen FROM stats_days WHERE tenant = %s", (tenant,)
+        ).fetchone()
+    return None if row is None else int(row[0])
+
+
+def test_a_day_that_cannot_be_rolled_up_does_not_hold_up_the_others(
+    platform: Platform,
+) -> None:
+    suffix = uuid.uuid4().hex[:8]
+    first, second = f"roll-a-{suffix}", f"roll-b-{suffix}"  # rolled up in this order
+    day = TODAY - timedelta(days=2)
+    jobs = {tenant: _closed_job(platform, tenant, day) for tenant in (first, second)}
+    url = make_url(platform.database_url).set(drivername="postgresql+psycopg")
+    # A lock wait over 300 ms fails the statement, as a statement timeout would.
+    engine = create_engine(url, connect_args={"options": "-c lock_timeout=300"})
+    owner = psycopg.connect(url.set(drivername="postgresql").render_as_string(False))
+    try:
+        roll_up(engine)
+        assert _changes_seen(platform, first) == _changes_seen(platform, second) == 0
+        for job_id in jobs.values():  # late feedback: both days are stale
+            _sql(platform, "INSERT INTO feedback (job_id, rating) VALUES (%s, 1)", job_id)
+        # Another session holds the first day's row: its rollup fails, the next one's not.
+        owner.execute("SELECT 1 FROM stats_days WHERE tenant = %s FOR UPDATE", (first,))
+        roll_up(engine)
+        assert _changes_seen(platform, second) == 1
+        assert _changes_seen(platform, first) == 0
+    finally:
+        owner.close()
+        engine.dispose()
+
+
 def test_one_day_grouped_by_user_is_what_each_user_did_that_day(
     platform: Platform, ran: Ran
 ) -> None:
@@ -429,6 +480,37 @@ def test_bad_parameters_are_a_422_that_says_why(
     assert response.status_code == 422
     error = response.json()["error"]
     assert error["type"] == "invalid_request" and words in error["message"]
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"to": "0001-01-03"},  # the default week would start before the first day there is
+        {"from": "0001-01-01", "to": "0001-01-01"},
+        {"from": "9999-12-24", "to": "9999-12-30"},
+        {"to": "9999-12-30", "group_by": "model,model,day"},
+    ],
+)
+def test_the_ends_of_the_calendar_are_answered(
+    platform: Platform, ran: Ran, params: dict[str, str]
+) -> None:
+    with ran.a.client(platform, "a1") as http:
+        response = http.get("/v1/stats", params=params)
+    assert response.status_code == 200, response.text
+    assert all(row.get("jobs", 0) == 0 for row in response.json()["data"])
+
+
+def test_the_cli_table_has_one_column_per_group_field(
+    platform: Platform, ran: Ran, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key = ran.a.keys["a1"][1]
+    code = print_stats(platform.api_url, key, RANGE["from"], RANGE["to"], "model,model", False)
+    assert code == 0
+    header, *lines = capsys.readouterr().out.splitlines()
+    assert header.split()[:2] == ["model", "jobs"]
+    models = {job["model"] for job in ran.a.jobs}
+    assert sorted(line.split()[0] for line in lines) == sorted(models)
+    assert all(line.split()[1].replace(",", "").isdigit() for line in lines)
 
 
 def test_stats_need_a_key(platform: Platform) -> None:

@@ -71,7 +71,9 @@ def judge_pass(ctx: WorkerContext) -> JudgeReport:
         Job.tenant,
         Job.cached,
         Job.judge_of,
-        Job.redacted_at,
+        # Retention clears the output; input redaction (INFERQ_REDACT_INPUTS) keeps it, and
+        # the judge then reads the answer alone.
+        Job.output.is_not(None).label("answer_kept"),
     )
     started = judged = 0
     for page in ended_pages(ctx, query, after, until, PAGE, MAX_PAGES):
@@ -88,7 +90,7 @@ def _wanted(row: Row[Any], table: JudgeTable) -> bool:
         row.status == JobStatus.succeeded
         and row.judge_of is None
         and not row.cached
-        and row.redacted_at is None
+        and row.answer_kept
         and row.tenant != JUDGE_TENANT
         and sampled(row.id, table.sample_rate)
     )
@@ -162,22 +164,29 @@ def _record_verdicts(ctx: WorkerContext, rows: Sequence[Row[Any]]) -> int:
                 Evaluation.judged_at.is_(None),
             )
         ).all()
-        for row in pending:
-            verdict = _verdict(row)
-            session.execute(
-                update(Evaluation)
-                .where(Evaluation.id == row.id, Evaluation.judged_at.is_(None))
-                .values(
-                    score=verdict.score,
-                    rationale=verdict.rationale,
-                    error=verdict.error,
-                    judged_at=func.now(),
-                ),
-                execution_options={"synchronize_session": False},
-            )
-    for row in pending:
+        recorded = [row for row in pending if _record(session, row)]
+    for row in recorded:
         _count(row.model, _verdict(row), row.status)
-    return len(pending)
+    return len(recorded)
+
+
+def _record(session: Session, row: Row[Any]) -> bool:
+    """Write the verdict of `row`'s judge's job; False if another beat did first (its row
+    was read unjudged by both, and its update re-checked the row once the other's committed)."""
+    verdict = _verdict(row)
+    written = session.scalar(
+        update(Evaluation)
+        .where(Evaluation.id == row.id, Evaluation.judged_at.is_(None))
+        .values(
+            score=verdict.score,
+            rationale=verdict.rationale,
+            error=verdict.error,
+            judged_at=func.now(),
+        )
+        .returning(Evaluation.id),
+        execution_options={"synchronize_session": False},
+    )
+    return written is not None
 
 
 def _verdict(row: Row[Any]) -> Verdict:

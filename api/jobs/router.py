@@ -82,7 +82,7 @@ async def cancel(
     "/{job_id}/feedback",
     status_code=201,
     response_model=FeedbackOut,
-    responses=error_responses(*AUTHENTICATED, 404, 409),
+    responses=error_responses(*AUTHENTICATED, 404, 409, 413),
 )
 async def feedback(
     job_id: uuid.UUID, body: FeedbackCreate, key: CurrentKey, session: SessionDep

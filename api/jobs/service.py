@@ -554,7 +554,11 @@ async def quality_of(
     )
     evaluation = {
         r.job_id: EvaluationInfo(
-            score=r.score, rationale=r.rationale, judge_model=r.judge_model, error=r.error
+            score=r.score,
+            rationale=r.rationale,
+            judge_model=r.judge_model,
+            # A failed judge's job's error is its backend's, which may name where it is.
+            error=redact_addresses(r.error) if r.error else r.error,
         )
         for r in verdicts
     }
