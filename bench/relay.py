@@ -75,6 +75,7 @@ class Burst:
     streams: int
     errors: int
     ttft_ms: Percentiles
+    submit_ms: Percentiles  # the POST /v1/jobs part of the TTFT: the API's, not the worker's
 
 
 @dataclass(frozen=True)
@@ -152,8 +153,11 @@ async def _burst(targets: stream.StreamTargets, count: int, output_tokens: int, 
         timings: list[Timing] = await asyncio.gather(
             *(send(i, request) for i, request in enumerate(requests))
         )
-    ok = [t.ttft_ms for t in timings if t.ok]
-    return Burst(count, count - len(ok), Percentiles.of(ok))
+    ok = [t for t in timings if t.ok]
+    submits = [t.submit_ms for t in ok if t.submit_ms is not None]
+    return Burst(
+        count, count - len(ok), Percentiles.of([t.ttft_ms for t in ok]), Percentiles.of(submits)
+    )
 
 
 def _bare_reader(url: str, clients: int, rounds: int, tokens: int) -> BareReader:

@@ -34,8 +34,9 @@ BACKEND_ERRORS = Counter("inferq_backend_errors", "Backend errors", ["model", "t
 BACKEND_RETRIES = Counter(
     "inferq_backend_retries", "Backend errors retried within an attempt", ["model", "type"]
 )
-# The gap between two tokens of a stream as its worker reads them: the backend's pace, plus
-# whatever the worker adds when it is short of CPU.
+# The gap between two tokens of a stream as its worker reads them (averaged over the tokens
+# it reads together, once a flush under load): the backend's pace, plus whatever the worker
+# adds when it is short of CPU.
 INTER_TOKEN = Histogram(
     "inferq_inter_token_seconds",
     "Gap between a stream's consecutive tokens, in the worker",

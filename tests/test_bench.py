@@ -13,7 +13,7 @@ from typing import Any
 
 from tests.conftest import BOOTSTRAP_KEY, Platform
 
-PHASES = ("stream", "submit", "fanout", "scale")
+PHASES = ("stream", "submit", "fanout", "scale", "relay")
 
 
 def _bench_env() -> dict[str, str]:
@@ -90,6 +90,20 @@ def _assert_scale(scale: dict[str, Any]) -> None:
     assert scale["levels"][0]["efficiency"] == 1.0
 
 
+def _assert_relay(relay: dict[str, Any]) -> None:
+    assert relay["worker_processes"] == 2  # the smoke run's worker: `--processes 2`
+    assert [level["clients"] for level in relay["levels"]] == [4, 8]
+    for level in relay["levels"]:
+        assert level["platform"]["errors"] == {} and level["direct"]["errors"] == {}
+        assert level["platform"]["output_tokens"] > 0 and level["worker_cpu_s"] > 0
+        assert level["tokens_per_worker_core_s"] > 0
+        assert level["bare"]["tokens"] > 0 and level["bare"]["errors"] == 0
+        assert level["bare"]["cpu_us_per_token"] > 0
+    for burst in (relay["first_burst"], relay["warm_burst"]):
+        assert burst["errors"] == 0 and burst["ttft_ms"]["n"] == burst["streams"] > 0
+    assert relay["tokens_per_worker_core_s"] > 0 and relay["bare_tokens_per_core_s"] > 0
+
+
 def test_bench_smoke_reports_every_phase(tmp_path: Path) -> None:
     result = _run_smoke(tmp_path)
     assert all(result[phase] is not None for phase in PHASES)
@@ -97,6 +111,7 @@ def test_bench_smoke_reports_every_phase(tmp_path: Path) -> None:
     _assert_submit(result["submit"])
     _assert_fanout(result["fanout"])
     _assert_scale(result["scale"])
+    _assert_relay(result["relay"])
     assert set(result["cpu"]) == set(PHASES)
     assert set(result["speed_probe_ms"]) == {*PHASES, "end"}
     assert all(ms > 0 for ms in result["speed_probe_ms"].values())

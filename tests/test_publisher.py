@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from workers.publisher import FlushPace
+import datetime as dt
+import time
+import uuid
+
+from inferq.events import PUBLISH_SCRIPT, Event, script_keys, stream_key
+from inferq.lifecycle import Claim
+from inferq.models import JobStatus
+from inferq.protocol import JobInput, JobParams, ResetData, StatusData
+from tests.servers import Databases, redis_client
+from workers.publisher import FlushPace, TokenPublisher
 
 
 def test_flushes_stretch_with_the_streams_of_the_process_and_no_further_than_the_cap() -> None:
@@ -18,3 +27,95 @@ def test_flushes_stretch_with_the_streams_of_the_process_and_no_further_than_the
     assert pace.interval() == 32 / 400  # 400 flushes a second over 32 streams
     pace.active = 1000
     assert pace.interval() == 0.1
+
+
+def test_the_first_token_of_a_stream_is_written_at_once(databases: Databases) -> None:
+    """Not held back for an interval by the `status` write that just preceded it."""
+    client = redis_client(databases.redis_url)
+    job_id = str(uuid.uuid4())
+    now = dt.datetime.now(dt.UTC)
+    claim = Claim(
+        uuid.uuid4(),
+        uuid.uuid4(),
+        1,
+        "sim",
+        JobInput(prompt="-"),
+        JobParams(max_tokens=4),
+        now,
+        None,
+    )
+    publisher = TokenPublisher(
+        client.register_script(PUBLISH_SCRIPT),
+        job_id,
+        maxlen=100,
+        ttl=60,
+        pace=FlushPace(base_s=60.0, budget=400, max_s=60.0),  # nothing else is due for a minute
+        flush_max_tokens=16,
+        claim=claim,
+    )
+    try:
+        publisher.send([Event.of(StatusData(status=JobStatus.running))])
+        publisher.add_token("Once")
+        publisher.add_token(" upon")
+        types = [fields["e"] for _, fields in client.xrange(stream_key(job_id))]
+        assert types == ["status", "token"]  # the second token waits for its interval
+        publisher.send([Event.of(ResetData(attempt=2))])
+        publisher.add_token("Again")  # the first token after a reset goes at once too
+        types = [fields["e"] for _, fields in client.xrange(stream_key(job_id))]
+        assert types == ["status", "token", "token", "reset", "token"]
+    finally:
+        client.delete(*script_keys(job_id))
+        client.close()
+
+
+class _Recorded:
+    """A histogram that keeps what it was given."""
+
+    def __init__(self) -> None:
+        self.values: list[float] = []
+
+    def observe(self, value: float) -> None:
+        self.values.append(value)
+
+
+def test_a_stream_is_read_once_a_flush_and_to_its_end(databases: Databases) -> None:
+    from workers.generate import ReadPace
+
+    client = redis_client(databases.redis_url)
+    job_id = str(uuid.uuid4())
+    now = dt.datetime.now(dt.UTC)
+    request = JobInput(prompt="-"), JobParams(max_tokens=10)
+    claim = Claim(uuid.uuid4(), uuid.uuid4(), 1, "sim", *request, now, None)
+    publisher = TokenPublisher(
+        client.register_script(PUBLISH_SCRIPT),
+        job_id,
+        maxlen=100,
+        ttl=60,
+        pace=FlushPace(base_s=0.1, budget=400, max_s=0.1),
+        flush_max_tokens=16,
+        claim=claim,
+    )
+    histogram = _Recorded()
+    pace = ReadPace(histogram, max_tokens=10)
+    try:
+        t = time.monotonic()
+        publisher.add_token("a", t)  # the first token is flushed at once
+        assert pace.read(t, 1, publisher) == 0.0
+        # No pace known yet: read on, token by token, until a flush tells the pace.
+        publisher.add_token("b", t + 0.01)
+        assert pace.read(t + 0.01, 2, publisher) == 0.0
+        flushed_at = time.monotonic() + 1.0  # a flush later than every reading above
+        publisher.add_token("c", flushed_at)
+        assert publisher.last_flush >= flushed_at - 1.0
+        pause = pace.read(publisher.last_flush, 3, publisher)
+        assert histogram.values  # the gaps so far, averaged
+        # Paused until the next flush, or until the last token is due, whichever is first.
+        gap = histogram.values[-1]
+        assert 0 < pause <= min(0.1, 6 * gap) + 1e-9
+        # Near the end the stream is read on, so that its end is seen at once.
+        assert pace.read(publisher.last_flush + 0.001, 9, publisher) == 0.0
+        pace.end(publisher.last_flush + 0.002)
+        assert len(histogram.values) == 3  # one gap a token after the first
+    finally:
+        client.delete(*script_keys(job_id))
+        client.close()

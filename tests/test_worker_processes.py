@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 
 import httpx
@@ -12,6 +13,7 @@ import psutil
 from inferq.queue import make_producer_app
 from inferq.settings import Settings
 from tests.conftest import Platform, submit, wait_for
+from tests.servers import free_port
 from workers import nodes
 
 
@@ -45,7 +47,21 @@ def _ping(platform: Platform, names: list[str], seconds: float = 60) -> None:
         app.close()
 
 
+def _two_free_ports() -> int:
+    """A port that is free, and the next one too."""
+    for _ in range(50):
+        port = free_port()
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise AssertionError("no two free ports in a row")
+
+
 def test_two_processes_run_jobs_and_stop_together(platform: Platform, http: httpx.Client) -> None:
+    metrics_port = _two_free_ports()
     parent = platform.spawn(
         "worker",
         "--models",
@@ -57,9 +73,14 @@ def test_two_processes_run_jobs_and_stop_together(platform: Platform, http: http
         "--name",
         "pair@inferq-test",
         name="worker-pair",
+        INFERQ_WORKER_METRICS_PORT=str(metrics_port),
     )
     try:
         _ping(platform, ["pair@inferq-test", "pair-2@inferq-test"])
+        # Each node serves its metrics on a port of its own: the configured one, and the next.
+        for port in (metrics_port, metrics_port + 1):
+            scrape = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10)
+            assert "inferq_jobs_finished" in scrape.text
         nodes_ = psutil.Process(parent.pid).children()
         assert len(nodes_) == 2
         jobs = [

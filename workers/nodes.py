@@ -49,9 +49,25 @@ def node_names(name: str | None, processes: int) -> list[str]:
     return [name] + [f"{node}-{i + 1}{at}{host}" for i in range(1, processes)]
 
 
+def node_env(index: int) -> dict[str, str]:
+    """Node `index`'s environment: each serves its /metrics on a port of its own, the
+    configured one plus its index (INFERQ_WORKER_METRICS_PORT, when set)."""
+    env = dict(os.environ)
+    port = env.get(METRICS_PORT)
+    if port and port.strip().isdigit() and int(port) > 0:
+        env[METRICS_PORT] = str(int(port) + index)
+    return env
+
+
+METRICS_PORT = "INFERQ_WORKER_METRICS_PORT"
+
+
 def run_nodes(commands: list[list[str]]) -> int:
     """Run `python -m celery ARGS` for each command; return the exit code of the first to end."""
-    children = [subprocess.Popen([sys.executable, "-m", "celery", *args]) for args in commands]
+    children = [
+        subprocess.Popen([sys.executable, "-m", "celery", *args], env=node_env(i))
+        for i, args in enumerate(commands)
+    ]
     stopping = False
 
     def stop(signum: int, frame: FrameType | None) -> None:

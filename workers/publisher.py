@@ -182,17 +182,31 @@ class TokenPublisher:
                 error = exc
         raise RedisUnavailable(f"Redis unreachable for {self._outage_s:.0f} s") from error
 
-    def add_token(self, text: str, now: float | None = None) -> bool:
+    def add_token(self, text: str, now: float | None = None, more: bool = False) -> bool:
         """Buffer a delta; flush every interval or N tokens. True when cancel was requested.
 
-        `now`: the caller's time.monotonic(), when it has just read it."""
+        `now`: the caller's time.monotonic(), when it has just read it. `more`: the caller
+        has more tokens at hand (read together with this one): the flush waits for them."""
         self._pending.append(text)
         if now is None:
             now = time.monotonic()
-        due = now - self._last_flush >= self._pace.interval()
+        # The first token since the stream (re)started goes at once: it is the time to first
+        # token; the `status` write just before it must not hold it back for an interval.
+        due = not self._shown.tokens or (
+            not more and now - self._last_flush >= self._pace.interval()
+        )
         if due or len(self._pending) >= self._max_tokens:
             return self.send([])
         return self.cancelled
 
     def flush(self) -> bool:
         return self.send([])
+
+    @property
+    def last_flush(self) -> float:
+        """When (time.monotonic()) the last write ended."""
+        return self._last_flush
+
+    def due_in(self, now: float) -> float:
+        """Seconds from `now` until pending tokens are due to be flushed."""
+        return self._last_flush + self._pace.interval() - now
