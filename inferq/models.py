@@ -104,12 +104,6 @@ class Job(Base):
             "lease_expires_at",
             postgresql_where=text("status IN ('queued', 'running')"),
         ),
-        # A key's queued jobs, counted at submit for keys with max_queued.
-        Index(
-            "ix_jobs_key_queued",
-            "api_key_id",
-            postgresql_where=text("status = 'queued'"),
-        ),
         # A queued job's position: its model's queued jobs by priority, then id.
         Index(
             "ix_jobs_queued_position",
@@ -239,6 +233,14 @@ class Evaluation(Base):
     """A judge's score of a job: 1-5 with a rationale, or why its reply could not be read."""
 
     __tablename__ = "evaluations"
+    __table_args__ = (
+        # The evaluations waiting for their judge's job: few, read by every judge pass.
+        Index(
+            "ix_evaluations_pending",
+            "judge_job_id",
+            postgresql_where=text("judged_at IS NULL"),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
     job_id: Mapped[uuid.UUID] = mapped_column(

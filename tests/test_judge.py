@@ -439,6 +439,22 @@ def test_a_verdict_another_beat_recorded_first_is_not_counted_again(
     assert _evaluation(platform, job["id"])["score"] == 3  # type: ignore[index]
 
 
+@pytest.mark.parametrize("judge_ctx", ["scorer"], indirect=True)
+def test_a_judges_end_committed_after_the_walk_passed_it_is_still_read(
+    deployment: Deployment, judge_ctx: WorkerContext
+) -> None:
+    """The walk over ended jobs may pass a judge's job whose end committed late; its verdict
+    is read from the pending evaluations all the same."""
+    platform = deployment.platform
+    with platform.client() as http:
+        job = wait_for(http, submit(http, prompt="Judged late", max_tokens=8)["id"])
+    judge = _judged_by(platform, job["id"], output=REPLY)
+    _sql(platform, "UPDATE jobs SET finished_at = now() - interval '1 day' WHERE id = %s", judge.id)
+    judge_pass(judge_ctx)
+    found = _evaluation(platform, job["id"])
+    assert found is not None and found["score"] is not None, found
+
+
 def _judged_by(platform: Platform, job_id: str, **judge: Any) -> SimpleNamespace:
     """A judge's job of `job_id` as it ended (`judge`: its columns), and its evaluation."""
     judge_id = uuid.uuid4()

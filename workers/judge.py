@@ -6,9 +6,10 @@ Each pass walks the jobs that ended since the last one (workers/passes.py), and
   makes the judge's job: an `evaluations` row (its `job_id` unique: a job is judged once,
   whichever beat gets there) names it while its score is null, and the job goes through the
   model's queue like any other, at batch priority;
-- for an ended judge's job, reads its reply into the evaluation: a score and a rationale, or
-  the reason there is none (an unreadable reply, a failed job), `judged_at` set either way, so
-  nothing is retried for ever.
+- for each evaluation still pending whose judge's job has ended (however late its end was
+  committed), reads the reply into it: a score and a rationale, or the reason there is none
+  (an unreadable reply, a failed job), `judged_at` set either way, so nothing is retried for
+  ever.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from sqlalchemy.orm import Session, aliased
 
 from inferq.judge import JUDGE_TENANT, Judged, Verdict, judge_job, parse, sampled
 from inferq.metrics import JUDGE_SCORE, JUDGE_VERDICTS
-from inferq.models import Evaluation, Job, JobStatus
+from inferq.models import TERMINAL_STATUSES, Evaluation, Job, JobStatus
 from inferq.queue import Enqueue
 from inferq.registry import ModelSpec
 from inferq.routing import JudgeTable
@@ -75,12 +76,11 @@ def judge_pass(ctx: WorkerContext) -> JudgeReport:
         # the judge then reads the answer alone.
         Job.output.is_not(None).label("answer_kept"),
     )
-    started = judged = 0
+    started = 0
     for page in ended_pages(ctx, query, after, until, PAGE, MAX_PAGES):
-        judged += _record_verdicts(ctx, [r for r in page if r.judge_of is not None])
         started += _start_judging(ctx, table, spec, [r.id for r in page if _wanted(r, table)])
         save_mark(ctx, MARK, Mark(page[-1].finished_at, page[-1].id))
-    return JudgeReport(started, judged)
+    return JudgeReport(started, _record_verdicts(ctx, _ended_judges(ctx)))
 
 
 def _wanted(row: Row[Any], table: JudgeTable) -> bool:
@@ -139,6 +139,19 @@ def _claim(session: Session, ids: list[uuid.UUID], judge_model: str) -> list[Jud
 
 
 # ------------------------------------------------------------------------- verdicts
+
+
+def _ended_judges(ctx: WorkerContext) -> Sequence[Row[Any]]:
+    """Ended judge's jobs whose evaluation is still pending, a page at most (the pending
+    evaluations are few: those of the judge's jobs in flight, by a partial index)."""
+    with ctx.sessions.begin() as session:
+        return session.execute(
+            select(Job.id, Job.judge_of)
+            .join(Evaluation, Evaluation.judge_job_id == Job.id)
+            .where(Evaluation.judged_at.is_(None), Job.status.in_(TERMINAL_STATUSES))
+            .order_by(Evaluation.id)
+            .limit(PAGE)
+        ).all()
 
 
 def _record_verdicts(ctx: WorkerContext, rows: Sequence[Row[Any]]) -> int:
