@@ -94,6 +94,37 @@ CANVAS_HAS_INK = """
 
 NO_OVERFLOW = "() => document.documentElement.scrollWidth <= window.innerWidth"
 
+# Every visible element that holds text, with its WCAG 2 contrast ratio against the first
+# opaque background behind it, where the ratio is below AA's (4.5, or 3 for large text).
+LOW_CONTRAST = """() => {
+  const rgb = (c) => (c.match(/[\\d.]+/g) || []).map(Number);
+  const lum = ([r, g, b]) => {
+    const f = (v) => { v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; };
+    return 0.2126 * f(r) + 0.7152 * f(g) + 0.0722 * f(b);
+  };
+  const background = (el) => {
+    for (let e = el; e; e = e.parentElement) {
+      const c = rgb(getComputedStyle(e).backgroundColor);
+      if (c.length === 3 || (c.length === 4 && c[3] > 0.9)) return c.slice(0, 3);
+    }
+    return [255, 255, 255];
+  };
+  const low = [];
+  for (const el of document.querySelectorAll("body *")) {
+    const own = [...el.childNodes].some((n) => n.nodeType === 3 && n.textContent.trim());
+    const style = getComputedStyle(el);
+    if (!own || !el.getClientRects().length || style.visibility === "hidden") continue;
+    if (el.disabled || el.closest("[disabled]")) continue;  // WCAG exempts inactive controls
+    const [a, b] = [lum(rgb(style.color).slice(0, 3)), lum(background(el))];
+    const ratio = (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05);
+    const size = parseFloat(style.fontSize), bold = Number(style.fontWeight) >= 700;
+    const large = size >= 24 || (bold && size >= 18.66);
+    const text = el.textContent.trim().slice(0, 30);
+    if (ratio < (large ? 3 : 4.5)) low.push(`${el.tagName} "${text}" ${ratio.toFixed(2)}`);
+  }
+  return low;
+}"""
+
 
 @dataclass
 class Console:
@@ -481,6 +512,21 @@ def test_an_api_error_shows_in_the_banner_and_forget_clears_the_key(
     assert page.evaluate("sessionStorage.getItem('inferq.key')") is None
     context.close()
     assert not console.unexpected()
+
+
+def test_every_page_has_readable_contrast(console: Console, tenant: httpx.Client) -> None:
+    """WCAG AA contrast for the text of every page, the finished playground included."""
+    done = wait_for(
+        tenant, submit(tenant, prompt=f"Contrast {uuid.uuid4().hex}", max_tokens=8)["id"]
+    )
+    page = console.page
+    console.run("sim", f"Readable {uuid.uuid4().hex}", 16)
+    sync_api.expect(page.locator("#run-state")).to_have_text("succeeded")
+    assert page.evaluate(LOW_CONTRAST) == [], "the playground"
+    for section in ("jobs", f"jobs/{done['id']}", "dashboard"):
+        page.goto(f"{console.api_url}/#/{section}")
+        page.wait_for_load_state("networkidle")
+        assert page.evaluate(LOW_CONTRAST) == [], f"#/{section}"
 
 
 def test_the_console_works_from_the_keyboard(
