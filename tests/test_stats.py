@@ -14,6 +14,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -23,9 +24,10 @@ from sqlalchemy import create_engine
 from sqlalchemy.engine import make_url
 
 from inferq.db import make_sync_engine
-from inferq.stats_rollup import roll_up
+from inferq.stats_rollup import RECENT_DAYS, roll_up
 from inferq.stats_table import print_stats
 from tests.conftest import Platform, submit, wait_for
+from workers.stats import Rollup
 
 TODAY = datetime.now(UTC).date()
 RANGE = {"from": str(TODAY - timedelta(days=3)), "to": str(TODAY)}
@@ -415,6 +417,22 @@ def test_a_day_that_cannot_be_rolled_up_does_not_hold_up_the_others(
     finally:
         owner.close()
         engine.dispose()
+
+
+def test_beats_first_rollup_reaches_days_that_closed_while_it_was_down(
+    platform: Platform,
+) -> None:
+    tenant = f"roll-back-{uuid.uuid4().hex[:8]}"
+    _closed_job(platform, tenant, TODAY - timedelta(days=20))
+    ctx = SimpleNamespace(engine=make_sync_engine(platform.database_url, pool_size=1))
+    try:
+        rollup = Rollup(ctx)  # type: ignore[arg-type]
+        assert roll_up(ctx.engine) >= 0 and _changes_seen(platform, tenant) is None
+        rollup()  # the first pass looks back over the longest range
+        assert _changes_seen(platform, tenant) == 0
+        assert rollup.days == RECENT_DAYS
+    finally:
+        ctx.engine.dispose()
 
 
 def test_one_day_grouped_by_user_is_what_each_user_did_that_day(
