@@ -419,20 +419,28 @@ def keys_revoke(key_id: uuid.UUID) -> None:
     click.echo(f"revoked {key_id} ({row.name}, tenant {row.tenant}) at {when}")
 
 
+def _api_options(command: Callable[..., None]) -> Callable[..., None]:
+    """--url and --key: where the API is and the key to call it with (both found on their own
+    where `inferq up` runs)."""
+    command = click.option(
+        "--key", envvar="INFERQ_API_KEY", required=True, show_envvar=True, help="API key"
+    )(command)
+    return click.option(
+        "--url",
+        envvar="INFERQ_API_URL",
+        default="http://127.0.0.1:8000",
+        show_default=True,
+        show_envvar=True,
+        help="the API's base URL",
+    )(command)
+
+
 @main.command()
 @click.argument("prompt")
 @click.option("--model", default="sim", show_default=True)
 @click.option("--max-tokens", default=64, show_default=True)
 @click.option("--stream", is_flag=True, help="print tokens as they arrive")
-@click.option(
-    "--url",
-    envvar="INFERQ_API_URL",
-    default="http://127.0.0.1:8000",
-    show_default=True,
-    show_envvar=True,
-    help="the API's base URL",
-)
-@click.option("--key", envvar="INFERQ_API_KEY", required=True, show_envvar=True, help="API key")
+@_api_options
 @click.option("--json", "as_json", is_flag=True, help="print the finished job as JSON")
 def submit(
     prompt: str, model: str, max_tokens: int, stream: bool, url: str, key: str, as_json: bool
@@ -453,15 +461,7 @@ def submit(
 )
 @click.option("--to", "last", default=None, help="last UTC day, inclusive (default: today)")
 @click.option("--group-by", default="", help="comma-separated: any of model, key, user, day")
-@click.option(
-    "--url",
-    envvar="INFERQ_API_URL",
-    default="http://127.0.0.1:8000",
-    show_default=True,
-    show_envvar=True,
-    help="the API's base URL",
-)
-@click.option("--key", envvar="INFERQ_API_KEY", required=True, show_envvar=True, help="API key")
+@_api_options
 @click.option("--json", "as_json", is_flag=True, help="print the rows as JSON")
 def stats(
     first: str | None, last: str | None, group_by: str, url: str, key: str, as_json: bool

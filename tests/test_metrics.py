@@ -53,8 +53,8 @@ API = "api"
 WORKER = "worker"
 BEAT = "beat"
 
-# DESIGN.md §9, each metric with the process that counts it and the labels it must carry
-# after this module's work. (name of the sample, its labels) → the process.
+# Every metric the platform promises, with the process that counts it and the labels it must
+# carry after this module's work. (name of the sample, its labels) → the process.
 EXPECTED: list[tuple[str, dict[str, str], str]] = [
     ("inferq_jobs_submitted_total", {"model": "sim"}, API),
     ("inferq_jobs_finished_total", {"model": "sim", "status": "succeeded"}, WORKER),
