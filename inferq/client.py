@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 
 import httpx
 from httpx_sse import connect_sse
@@ -23,17 +24,32 @@ def submit_and_print(
     stream: bool,
     as_json: bool = False,
 ) -> int:
+    return call_api(
+        url, key, 120, lambda http: _submit(http, prompt, model, max_tokens, stream, as_json)
+    )
+
+
+def call_api(url: str, key: str, read_seconds: float, action: Callable[[httpx.Client], int]) -> int:
+    """Run `action` with a client of the API that carries the key; exit code 2, with a hint,
+    when the API cannot be reached."""
     headers = {"Authorization": f"Bearer {key}"}
-    with httpx.Client(base_url=url, headers=headers, timeout=httpx.Timeout(30, read=120)) as http:
-        try:
-            return _submit(http, prompt, model, max_tokens, stream, as_json)
-        except httpx.TransportError as exc:
-            print(
-                f"error: cannot reach the inferq API at {url} ({exc.__class__.__name__}); "
-                "is it running? Set INFERQ_API_URL or --url.",
-                file=sys.stderr,
-            )
-            return 2
+    timeout = httpx.Timeout(30, read=read_seconds)
+    try:
+        with httpx.Client(base_url=url, headers=headers, timeout=timeout) as http:
+            return action(http)
+    except httpx.TransportError as exc:
+        print(
+            f"error: cannot reach the inferq API at {url} ({exc.__class__.__name__}); "
+            "is it running? Set INFERQ_API_URL or --url.",
+            file=sys.stderr,
+        )
+        return 2
+
+
+def print_error(response: httpx.Response) -> int:
+    """Say what the API refused, as its error envelope puts it; the exit code for it."""
+    print(f"error: {_error_text(response)}", file=sys.stderr)
+    return 1
 
 
 def _submit(
@@ -43,8 +59,7 @@ def _submit(
         "/v1/jobs", json={"model": model, "prompt": prompt, "max_tokens": max_tokens}
     )
     if response.status_code >= 400:
-        print(f"error: {_error_text(response)}", file=sys.stderr)
-        return 1
+        return print_error(response)
     job_id = response.json()["id"]
     if stream:
         return _stream(http, job_id)

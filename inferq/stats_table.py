@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import sys
 from typing import Any
 
 import httpx
 
-from inferq.client import _error_text
+from inferq.client import call_api, print_error
 from inferq.stats import TIMINGS
 
 # Each timing in one cell: p50/p95/p99.
@@ -27,25 +26,16 @@ def print_stats(
     params = {name: value for name, value in (("from", first), ("to", last)) if value}
     if group_by:
         params["group_by"] = group_by
-    headers = {"Authorization": f"Bearer {key}"}
-    try:
-        with httpx.Client(
-            base_url=url, headers=headers, timeout=httpx.Timeout(10, read=60)
-        ) as http:
-            response = http.get("/v1/stats", params=params)
-    except httpx.TransportError as exc:
-        print(
-            f"error: cannot reach the inferq API at {url} ({exc.__class__.__name__}); "
-            "is it running? Set INFERQ_API_URL or --url.",
-            file=sys.stderr,
-        )
-        return 2
-    if response.status_code >= 400:
-        print(f"error: {_error_text(response)}", file=sys.stderr)
-        return 1
-    rows = response.json()["data"]
-    print(json.dumps(rows, indent=2) if as_json else stats_table(rows, _groups(group_by)))
-    return 0
+
+    def show(http: httpx.Client) -> int:
+        response = http.get("/v1/stats", params=params)
+        if response.status_code >= 400:
+            return print_error(response)
+        rows = response.json()["data"]
+        print(json.dumps(rows, indent=2) if as_json else stats_table(rows, _groups(group_by)))
+        return 0
+
+    return call_api(url, key, 60, show)
 
 
 def _groups(group_by: str) -> list[str]:
