@@ -168,6 +168,15 @@ class Console:
         link.wait_for()
         return link.inner_text()
 
+    def ended(self, state: str = "succeeded") -> None:
+        """Wait until the playground shows the run ended in `state`."""
+        sync_api.expect(self.page.locator("#run-state")).to_have_text(state)
+
+    def stored(self, tenant: httpx.Client, state: str = "succeeded") -> dict[str, Any]:
+        """The playground's job as the API stores it, once the page shows it ended."""
+        self.ended(state)
+        return wait_for(tenant, self.job_id())
+
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
@@ -257,8 +266,7 @@ def test_tokens_arrive_in_the_playground_as_they_are_generated(
     page = console.page
     page.evaluate(RECORD_OUTPUT)
     console.run("slow", f"Tell a story {uuid.uuid4().hex}", 60)
-    sync_api.expect(page.locator("#run-state")).to_have_text("succeeded")
-    job = wait_for(tenant, console.job_id())
+    job = console.stored(tenant)
     assert page.locator("#output").text_content() == job["output"]
     steps = page.evaluate("window.__steps")
     before_done = {s["length"] for s in steps if s["length"] > 0 and s["state"] != "succeeded"}
@@ -276,8 +284,7 @@ def test_a_chat_job_streams_too(console: Console, tenant: httpx.Client) -> None:
     page.locator("#messages .message-content").last.fill(f"Hello {uuid.uuid4().hex}")
     page.select_option("#model", "sim")
     page.click("#submit")
-    sync_api.expect(page.locator("#run-state")).to_have_text("succeeded")
-    job = wait_for(tenant, console.job_id())
+    job = console.stored(tenant)
     assert job["output"] and page.locator("#output").text_content() == job["output"]
 
 
@@ -286,8 +293,7 @@ def test_cancel_stops_a_long_job(console: Console, tenant: httpx.Client) -> None
     console.run("slow", f"A very long tale {uuid.uuid4().hex}", 400)
     page.wait_for_function("() => document.querySelector('#output').textContent.length > 0")
     page.click("#cancel")
-    sync_api.expect(page.locator("#run-state")).to_have_text("cancelled")
-    job = wait_for(tenant, console.job_id())
+    job = console.stored(tenant, "cancelled")
     assert job["status"] == "cancelled"
     assert job["usage"]["output_tokens"] < 400
     assert page.locator("#output").text_content() == job["output"]
@@ -300,8 +306,7 @@ def test_the_stream_resumes_after_a_dropped_connection(
     page = console.page
     page.evaluate(DROP_FIRST_STREAM)
     console.run("slow", f"Resume me {uuid.uuid4().hex}", 40)
-    sync_api.expect(page.locator("#run-state")).to_have_text("succeeded")
-    job = wait_for(tenant, console.job_id())
+    job = console.stored(tenant)
     assert page.locator("#output").text_content() == job["output"]
     requests = page.evaluate("window.__eventRequests")
     assert len(requests) >= 2 and requests[0] is None
@@ -387,7 +392,7 @@ def test_feedback_given_in_the_console_is_on_the_job(
 ) -> None:
     page = console.page
     console.run("sim", f"Rate me {uuid.uuid4().hex}", 24)
-    sync_api.expect(page.locator("#run-state")).to_have_text("succeeded")
+    console.ended()
     job_id = console.job_id()
     box = page.locator("#run-result .feedback-box")
     box.get_by_role("button", name="Thumbs up").click()
@@ -521,7 +526,7 @@ def test_every_page_has_readable_contrast(console: Console, tenant: httpx.Client
     )
     page = console.page
     console.run("sim", f"Readable {uuid.uuid4().hex}", 16)
-    sync_api.expect(page.locator("#run-state")).to_have_text("succeeded")
+    console.ended()
     assert page.evaluate(LOW_CONTRAST) == [], "the playground"
     for section in ("jobs", f"jobs/{done['id']}", "dashboard"):
         page.goto(f"{console.api_url}/#/{section}")
@@ -544,7 +549,7 @@ def test_the_console_works_from_the_keyboard(
     page.keyboard.press("Control+A")
     page.keyboard.type("8")
     page.keyboard.press("Enter")  # submits the form
-    sync_api.expect(page.locator("#run-state")).to_have_text("succeeded")
+    console.ended()
     page.focus("a[data-tab=playground]")
     page.keyboard.press("Tab")
     focused = page.evaluate(
@@ -564,7 +569,7 @@ def test_at_phone_width_no_page_overflows_sideways(
     done = wait_for(tenant, submit(tenant, prompt=f"Phone {uuid.uuid4().hex}", max_tokens=16)["id"])
     page = phone.page
     phone.run("sim", f"Small screen {uuid.uuid4().hex}", 32)
-    sync_api.expect(page.locator("#run-state")).to_have_text("succeeded")
+    phone.ended()
     assert page.evaluate(NO_OVERFLOW), "the playground is wider than the phone"
     phone.shot("phone-playground")
     for section in ("jobs", f"jobs/{done['id']}", "dashboard"):
