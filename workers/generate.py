@@ -135,7 +135,7 @@ class Generation:
         self.spec = spec
         settings = ctx.settings
         self.publisher = TokenPublisher(
-            ctx.publish_script,
+            ctx.token_script,
             str(claim.job_id),
             maxlen=settings.stream_maxlen,
             ttl=settings.stream_ttl_seconds,
@@ -332,8 +332,8 @@ class Generation:
         )
 
     def finish(self, outcome: Outcome) -> None:
-        if outcome.status is not JobStatus.cancelled:
-            self.publisher.flush()
+        # Tokens not yet flushed go with the closing events, in one write after the row ends
+        # (a cancelled job has none: the flush that saw the flag carried them all).
         with self.ctx.autocommit.connect() as conn:
             recorded = lifecycle.finish(conn, self.claim, outcome)
         if not recorded:

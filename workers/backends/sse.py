@@ -314,20 +314,17 @@ class LeanConnection:
         raise NotLean(f"status {response.status}")  # pragma: no cover (4xx and 5xx raise)
 
     def lines(self) -> Iterator[str]:
-        """The answer's lines, split as httpx2's `iter_lines` splits them."""
+        """The answer's lines, split as httpx2's `iter_lines` splits them.
+
+        The body is taken from the socket in pieces as large as it holds (one system call
+        for every event that waits there, where `readline` made several an event) and its
+        chunked framing undone here, as http.client undoes it.
+        """
         response = self._response
         assert response is not None
         charset = _charset(response)
-        readline = response.readline
         try:
-            while True:
-                raw = readline()
-                if not raw:
-                    # http.client's readline takes a cut in the body for its end.
-                    if (response.chunked and response.chunk_left is not None) or response.length:
-                        raise http.client.IncompleteRead(b"")
-                    return
-                yield from raw.decode(charset, "replace").splitlines()
+            yield from _lines(_body(response), charset)
         except TimeoutError as exc:
             raise httpx2.ReadTimeout("timed out") from exc
         except http.client.IncompleteRead as exc:
@@ -366,3 +363,87 @@ def _charset(response: http.client.HTTPResponse) -> str:
         except LookupError:
             pass
     return "utf-8"
+
+
+# The body, read by pieces ---------------------------------------------------------------------
+
+_PIECE = 65536  # the most taken from the socket at once
+
+
+def _body(response: http.client.HTTPResponse) -> Iterator[bytes]:
+    """The answer's body as it arrives: chunked, framed by its length, or up to the close.
+    A cut before the end raises IncompleteRead, as http.client does."""
+    fp = response.fp
+    if fp is None:  # http.client read the whole (empty) answer already
+        return
+    read = fp.read1
+    if response.chunked:
+        yield from _unchunked(read)
+        return
+    left = response.length
+    if left is None:  # delimited by the connection's close
+        while piece := read(_PIECE):
+            yield piece
+        return
+    while left > 0:
+        piece = read(min(left, _PIECE))
+        if not piece:
+            raise http.client.IncompleteRead(b"")
+        left -= len(piece)
+        yield piece
+
+
+def _unchunked(read: Callable[[int], bytes]) -> Iterator[bytes]:
+    """The data of a chunked body, each piece as soon as it is read (a chunk need not be
+    whole); ends at the last chunk (trailers are not read)."""
+    buffer = b""
+    while True:
+        end = buffer.find(b"\n")
+        while end < 0:
+            if len(buffer) > _PIECE:
+                raise http.client.LineTooLong("chunk size")
+            buffer += _more(read)
+            end = buffer.find(b"\n")
+        size = int(buffer[:end].split(b";", 1)[0], 16)  # a bad size: ValueError
+        buffer = buffer[end + 1 :]
+        if size == 0:
+            return
+        while size:
+            if not buffer:
+                buffer = _more(read)
+            piece, buffer = buffer[:size], buffer[size:]
+            size -= len(piece)
+            yield piece
+        while len(buffer) < 2:  # the CRLF after the chunk's data
+            buffer += _more(read)
+        buffer = buffer[2:]
+
+
+def _more(read: Callable[[int], bytes]) -> bytes:
+    piece = read(_PIECE)
+    if not piece:
+        raise http.client.IncompleteRead(b"")
+    return piece
+
+
+def _lines(pieces: Iterable[bytes], charset: str) -> Iterator[str]:
+    """Lines as `readline` then `splitlines` made them: cut after each b"\\n", each line
+    decoded on its own (in UTF-8, where a b"\\n" never ends a character, the whole run of
+    lines in one call)."""
+    decode_each = charset != "utf-8"
+    rest = b""
+    for piece in pieces:
+        if rest:
+            piece = rest + piece
+        end = piece.rfind(b"\n") + 1
+        if not end:
+            rest = piece
+            continue
+        rest = piece[end:]
+        if decode_each:
+            for line in piece[:end].split(b"\n")[:-1]:
+                yield from (line + b"\n").decode(charset, "replace").splitlines()
+        else:
+            yield from piece[:end].decode(charset, "replace").splitlines()
+    if rest:
+        yield from rest.decode(charset, "replace").splitlines()
