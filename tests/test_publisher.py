@@ -3,32 +3,15 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
-import threading
 import time
 import uuid
-from typing import Any
 
-import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
-
-from inferq.embedded import free_port
-from inferq.events import (
-    PUBLISH_SCRIPT,
-    REFUSED,
-    Event,
-    cancel_key,
-    fence,
-    script_args,
-    script_keys,
-    stream_key,
-)
+from inferq.events import PUBLISH_SCRIPT, Event, script_keys, stream_key
 from inferq.lifecycle import Claim
 from inferq.models import JobStatus
-from inferq.protocol import JobInput, JobParams, ResetData, StatusData, TokenData
+from inferq.protocol import JobInput, JobParams, ResetData, StatusData
 from tests.servers import Databases, redis_client
-from workers.publisher import BatchedScript, FlushPace, TokenPublisher
+from workers.publisher import FlushPace, TokenPublisher
 
 
 def test_flushes_stretch_with_the_streams_of_the_process_and_no_further_than_the_cap() -> None:
@@ -136,74 +119,3 @@ def test_a_stream_is_read_once_a_flush_and_to_its_end(databases: Databases) -> N
     finally:
         client.delete(*script_keys(job_id))
         client.close()
-
-
-def test_streams_written_together_each_get_their_own_answer(databases: Databases) -> None:
-    """Concurrent writes share pipelines; each caller gets its own answer or exception, as
-    from the script itself, also once Redis has lost its scripts."""
-    client = redis_client(databases.redis_url)
-    script = client.register_script(PUBLISH_SCRIPT)
-    batched = BatchedScript(client, script)
-    sizes: list[int] = []
-    pipeline = batched._pipeline
-
-    def counted(batch: list[Any]) -> list[Any]:
-        sizes.append(len(batch))
-        return pipeline(batch)
-
-    batched._pipeline = counted  # type: ignore[method-assign]
-    jobs = [str(uuid.uuid4()) for _ in range(24)]
-    token = str(uuid.uuid4())
-    # A newer claim has written job 0's stream: this writer's writes there are refused.
-    script(keys=script_keys(jobs[0]), args=script_args([], 100, 0, fence(2, token)))
-    client.set(cancel_key(jobs[1]), 1)
-    start = threading.Barrier(len(jobs))
-    answers: dict[str, list[Any]] = {}
-
-    def write(job_id: str) -> None:
-        start.wait()
-        answers[job_id] = []
-        for n in range(20):
-            if n == 10 and job_id == jobs[2]:
-                client.script_flush()  # Redis restarted: the next writes reload the script
-            event = Event.of(TokenData(text=f"{job_id[:4]}-{n}", tokens=1))
-            args = script_args([event], 100, 0, fence(1, token))
-            answers[job_id].append(batched(keys=script_keys(job_id), args=args))
-
-    threads = [threading.Thread(target=write, args=(job_id,)) for job_id in jobs]
-    try:
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        assert answers[jobs[0]] == [REFUSED] * 20
-        assert answers[jobs[1]] == [1] * 20  # the cancel flag, to its own writer only
-        for job_id in jobs[1:]:
-            texts = [json.loads(f["d"])["text"] for _, f in client.xrange(stream_key(job_id))]
-            assert texts == [f"{job_id[:4]}-{n}" for n in range(20)]  # in order, once each
-        for job_id in jobs[2:]:
-            assert answers[job_id] == [0] * 20
-        assert max(sizes) > 1  # writes did go together
-    finally:
-        for job_id in jobs:
-            client.delete(*script_keys(job_id))
-        client.close()
-
-
-def test_a_batch_that_cannot_reach_redis_fails_each_caller() -> None:
-    client = redis.Redis(port=free_port(), socket_connect_timeout=1, retry=Retry(NoBackoff(), 0))
-    batched = BatchedScript(client, client.register_script(PUBLISH_SCRIPT))
-    errors: list[BaseException] = []
-
-    def write(job_id: str) -> None:
-        try:
-            batched(keys=script_keys(job_id), args=script_args([], 100, 0))
-        except redis.ConnectionError as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=write, args=(str(n),)) for n in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert len(errors) == 8

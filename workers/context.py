@@ -22,7 +22,7 @@ from inferq.registry import Registry, registry_of
 from inferq.settings import Settings
 from workers.interrupts import InterruptWatch
 from workers.leases import LeaseKeeper
-from workers.publisher import BatchedScript, FlushPace
+from workers.publisher import FlushPace
 
 log = logging.getLogger("inferq.worker")
 # Redis connections opened ahead: one per generation thread, up to this many.
@@ -38,7 +38,6 @@ class WorkerContext:
     redis: Redis
     broker: Redis  # the broker's Redis (the same client when it is one server)
     publish_script: Any
-    token_script: BatchedScript  # the streams' writes, batched across them
     registry: Registry
     enqueuer: Enqueuer
     leases: LeaseKeeper
@@ -66,15 +65,13 @@ class WorkerContext:
         broker = (
             client if settings.broker == settings.redis_url else sync_client(settings.broker, 8)
         )
-        publish_script = client.register_script(PUBLISH_SCRIPT)
         return cls(
             settings=settings,
             engine=engine,
             sessions=sessions,
             autocommit=autocommit,
             redis=client,
-            publish_script=publish_script,
-            token_script=BatchedScript(client, publish_script),
+            publish_script=client.register_script(PUBLISH_SCRIPT),
             registry=registry_of(settings),
             enqueuer=Enqueuer(make_producer_app(settings)),
             broker=broker,

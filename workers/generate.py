@@ -135,7 +135,7 @@ class Generation:
         self.spec = spec
         settings = ctx.settings
         self.publisher = TokenPublisher(
-            ctx.token_script,
+            ctx.publish_script,
             str(claim.job_id),
             maxlen=settings.stream_maxlen,
             ttl=settings.stream_ttl_seconds,

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from redis import Redis
 from redis import exceptions as redis_errors
-from redis.commands.core import Script
 
 from inferq.events import REFUSED, Event, EventType, fence, script_args, script_keys
 from inferq.lifecycle import Claim
@@ -53,15 +50,6 @@ class FlushPace:
 
     def interval(self) -> float:
         return min(self.max_s, max(self.base_s, self.active / self.budget))
-
-    def next_flush(self, after: float) -> float:
-        """When (time.monotonic()) the flush after one at `after` is due: on a grid of the
-        interval shared by the process's streams, so that their flushes fall together and
-        go to Redis in the same pipelines (`BatchedScript`)."""
-        interval = self.interval()
-        if interval <= 0:  # every token flushed at once
-            return after
-        return (math.floor(after / interval) + 1) * interval
 
     @contextlib.contextmanager
     def streaming(self) -> Iterator[None]:
@@ -205,7 +193,7 @@ class TokenPublisher:
         # The first token since the stream (re)started goes at once: it is the time to first
         # token; the `status` write just before it must not hold it back for an interval.
         due = not self._shown.tokens or (
-            not more and now >= self._pace.next_flush(self._last_flush)
+            not more and now - self._last_flush >= self._pace.interval()
         )
         if due or len(self._pending) >= self._max_tokens:
             return self.send([])
@@ -221,98 +209,4 @@ class TokenPublisher:
 
     def due_in(self, now: float) -> float:
         """Seconds from `now` until pending tokens are due to be flushed."""
-        return self._pace.next_flush(self._last_flush) - now
-
-
-@dataclass(slots=True)
-class _Call:
-    keys: Sequence[str]
-    args: Sequence[Any]
-    done: threading.Event = field(default_factory=threading.Event)
-    lead: bool = False  # woken to send the next batch, its own among them
-    result: Any = None
-    error: BaseException | None = None
-
-    def outcome(self) -> Any:
-        if self.error is not None:
-            raise self.error
-        return self.result
-
-
-class BatchedScript:
-    """The publish script, called from every stream of the process, its calls sent together.
-
-    A call made while another batch is on the wire waits for it, then goes with every call
-    made meanwhile: one pipeline, one round trip, one system call each way for all of them
-    (a call alone is sent as it is). Each caller still gets its own answer or exception, as
-    from the script itself, so the publisher's logic (fence, cancel flag, outage replay) is
-    the same. Flushes are due on a grid shared by the process's streams (FlushPace), so
-    they come together and batches form.
-    """
-
-    def __init__(self, client: Redis, script: Script) -> None:
-        self._client = client
-        self._script = script
-        self._lock = threading.Lock()
-        self._waiting: list[_Call] = []
-        self._sending = False
-
-    def __call__(self, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        call = _Call(keys, args)
-        with self._lock:
-            self._waiting.append(call)
-            call.lead = not self._sending
-            self._sending = True
-        if not call.lead:
-            call.done.wait()  # answered, or woken to lead the next batch
-        if call.lead:
-            self._send_batch()
-        return call.outcome()
-
-    def _send_batch(self) -> None:
-        """Send every waiting call; then wake the first call that came meanwhile to send the
-        next batch (a leader does not stay to serve others)."""
-        with self._lock:
-            batch, self._waiting = self._waiting, []
-        try:
-            self._send(batch)
-        finally:
-            with self._lock:
-                if self._waiting:
-                    self._waiting[0].lead = True
-                    self._waiting[0].done.set()
-                else:
-                    self._sending = False
-            for call in batch:
-                call.lead = False
-                call.done.set()
-
-    def _send(self, batch: list[_Call]) -> None:
-        if len(batch) == 1:
-            call = batch[0]
-            try:
-                call.result = self._script(keys=call.keys, args=call.args)
-            except Exception as exc:
-                call.error = exc
-            return
-        try:
-            results = self._pipeline(batch)
-            if any(isinstance(r, redis_errors.NoScriptError) for r in results):
-                self._client.script_load(self._script.script)  # Redis lost its scripts
-                results = self._pipeline(batch)
-        except Exception as exc:  # the batch did not get through: each call fails with it
-            for call in batch:
-                call.error = exc
-            return
-        for call, result in zip(batch, results, strict=True):
-            if isinstance(result, Exception):
-                call.error = result
-            else:
-                call.result = result
-
-    def _pipeline(self, batch: list[_Call]) -> list[Any]:
-        pipe = self._client.pipeline(transaction=False)
-        sha = self._script.sha
-        for call in batch:
-            pipe.evalsha(sha, len(call.keys), *call.keys, *call.args)
-        return pipe.execute(raise_on_error=False)
+        return self._last_flush + self._pace.interval() - now
