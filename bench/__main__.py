@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from bench.command import run_command
+from bench.command import RelayOptions, run_command
 
 
 @click.command()
@@ -23,6 +23,12 @@ from bench.command import run_command
     type=click.IntRange(min=1),
     default=None,
     help="the relay phase's `inferq worker --processes` [default: the worker's own]",
+)
+@click.option(
+    "--relay-output-tokens",
+    type=click.IntRange(min=2),
+    default=None,
+    help="tokens of every reply in the relay phase [default: 64]",
 )
 @click.option(
     "--out",
@@ -47,12 +53,14 @@ def main(
     phases: str,
     smoke: bool,
     relay_processes: int | None,
+    relay_output_tokens: int | None,
     out_dir: Path,
     database_url: str | None,
     redis_url: str | None,
 ) -> None:
     """Measure the platform against its backend: stream, submit, fan-out, scale, relay."""
-    sys.exit(run_command(phases, smoke, out_dir, database_url, redis_url, relay_processes))
+    relay = RelayOptions(relay_processes, relay_output_tokens)
+    sys.exit(run_command(phases, smoke, out_dir, database_url, redis_url, relay))
 
 
 if __name__ == "__main__":

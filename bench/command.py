@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import signal
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
 
 import click
 from rich.console import Console
 
-from bench.config import BenchConfig, Phase
+from bench.config import BenchConfig, Phase, RelayConfig
 from bench.report import CHART_FILE, JSON_FILE
 from bench.runner import run_bench
 
@@ -30,19 +30,34 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
+@dataclass(frozen=True)
+class RelayOptions:
+    """The relay phase's settings a run may change from the command line (None: as set)."""
+
+    processes: int | None = None
+    output_tokens: int | None = None
+
+    def apply(self, relay: RelayConfig) -> RelayConfig:
+        if self.processes is not None:
+            relay = replace(relay, processes=self.processes)
+        if self.output_tokens is not None:
+            relay = replace(relay, output_tokens=self.output_tokens)
+        return relay
+
+
 def run_command(
     phases: str,
     smoke: bool,
     out_dir: Path,
     database_url: str | None,
     redis_url: str | None,
-    relay_processes: int | None = None,
+    relay: RelayOptions | None = None,
 ) -> int:
     config = (BenchConfig.smoke() if smoke else BenchConfig.full()).with_phases(
         parse_phases(phases)
     )
-    if relay_processes is not None:
-        config = replace(config, relay=replace(config.relay, processes=relay_processes))
+    if relay is not None:
+        config = replace(config, relay=relay.apply(config.relay))
     # SIGTERM unwinds like Ctrl-C, so that the run's processes and database are cleaned up.
     signal.signal(signal.SIGTERM, _interrupt)
     console = Console()

@@ -83,6 +83,7 @@ class RelayResult:
     note: str
     worker_processes: int
     worker_concurrency: int
+    output_tokens: int  # of every reply
     levels: list[RelayLevel]
     first_burst: Burst  # a fresh worker's first streams
     warm_burst: Burst  # the same burst at the end, the worker warm
@@ -255,6 +256,7 @@ def run(
         note=NOTE,
         worker_processes=platform.processes,
         worker_concurrency=config.concurrency,
+        output_tokens=config.output_tokens,
         levels=levels,
         first_burst=first,
         warm_burst=warm,

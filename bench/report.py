@@ -342,7 +342,7 @@ def relay_table(result: BenchResult) -> Table:
     first, warm = relay.first_burst, relay.warm_burst
     table = Table(
         title=f"relay: one worker ({relay.worker_processes} processes, {relay.worker_concurrency}"
-        " threads) against a fast backend",
+        f" threads) against a fast backend, {relay.output_tokens} tokens a reply",
         caption=f"tokens relayed per second of worker CPU: {relay.tokens_per_worker_core_s:,.0f}"
         f" (bare reader: {relay.bare_tokens_per_core_s:,.0f}). First burst of {first.streams}"
         f" streams on the fresh worker, TTFT p50 / p99: {_ms(first.ttft_ms.p50)} /"
