@@ -9,6 +9,8 @@ the lean reader off its fast path.
 
 from __future__ import annotations
 
+import http.client
+import io
 import json
 import os
 import threading
@@ -23,6 +25,7 @@ from huggingface_hub import InferenceClient
 
 from inferq.embedded import free_port
 from inferq.processes import Child, wait_http
+from workers.backends import sse
 from workers.backends.base import BackendError, GenerationRequest
 from workers.backends.chat import ChatStream, OpenAIChatStream
 from workers.backends.tgi import ClientStream, TextGenerationStream
@@ -390,3 +393,51 @@ def test_the_plain_streams_stay_on_the_fast_path(monkeypatch: pytest.MonkeyPatch
         [sse.Choice(" there", "stop")],
     ]
     assert chat[2].usage == (4, 2)
+
+
+# The body's framing, undone by the lean reader itself ------------------------------------------
+
+EVENTS = 'data: {"token": {"text": "caf\u00e9 \u2028"}}\r\n\r\ndata: [DONE]\n\n'.encode()
+
+
+def _chunked(data: bytes, cuts: list[int]) -> bytes:
+    pieces = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+    return b"".join(b"%X;ext=1\r\n%b\r\n" % (len(p), p) for p in pieces if p) + b"0\r\n\r\n"
+
+
+def _read_in(data: bytes, size: int) -> Any:
+    """`read1` over `data`, at most `size` bytes a call (a socket's reads)."""
+    stream = io.BytesIO(data)
+    return lambda n: stream.read(min(n, size))
+
+
+def test_events_split_anywhere_read_the_same() -> None:
+    whole = list(sse._lines(sse._unchunked(_read_in(_chunked(EVENTS, []), 1 << 16)), "utf-8"))
+    assert whole == ['data: {"token": {"text": "café ', '"}}', "", "data: [DONE]", ""]
+    for cut in range(1, len(EVENTS)):
+        for size in (1, 7, 1 << 16):
+            body = _chunked(EVENTS, [cut])
+            assert list(sse._lines(sse._unchunked(_read_in(body, size)), "utf-8")) == whole
+
+
+def test_trailers_are_read_to_their_blank_line() -> None:
+    body = b"5\r\nhello\r\n0\r\nX-Checksum: 1\r\n\r\n"
+    stream = io.BytesIO(body)
+    assert list(sse._unchunked(stream.read)) == [b"hello"]
+    assert stream.tell() == len(body)
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("size", [b"-1", b"-3", b"zz", b""])
+def test_a_chunk_size_that_is_no_size_fails_the_read(size: bytes) -> None:
+    """(A negative size once looped forever, reading nothing.)"""
+    body = b"5\r\nhello\r\n" + size + b"\r\nabcdef\r\n0\r\n\r\n"
+    with pytest.raises(http.client.IncompleteRead):
+        list(sse._unchunked(io.BytesIO(body).read))
+
+
+def test_a_long_line_read_in_small_pieces_is_whole() -> None:
+    line = b"data: " + b"x" * (1 << 22)
+    assert list(
+        sse._lines(iter([line[i : i + 1400] for i in range(0, len(line), 1400)] + [b"\n"]), "utf-8")
+    ) == [line.decode()]

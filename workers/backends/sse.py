@@ -368,6 +368,7 @@ def _charset(response: http.client.HTTPResponse) -> str:
 # The body, read by pieces ---------------------------------------------------------------------
 
 _PIECE = 65536  # the most taken from the socket at once
+_MAX_LINE = 65536  # the longest chunk-size or trailer line, as http.client's _MAXLINE
 
 
 def _body(response: http.client.HTTPResponse) -> Iterator[bytes]:
@@ -395,28 +396,57 @@ def _body(response: http.client.HTTPResponse) -> Iterator[bytes]:
 
 def _unchunked(read: Callable[[int], bytes]) -> Iterator[bytes]:
     """The data of a chunked body, each piece as soon as it is read (a chunk need not be
-    whole); ends at the last chunk (trailers are not read)."""
-    buffer = b""
+    whole); after the last chunk, its trailers are read up to the blank line, as http.client
+    reads them. Framing that cannot be read (a bad size, a cut) raises IncompleteRead, as
+    httpx2 raises it; a body cut before its first chunk too (http.client ends it quietly).
+
+    `at` walks the buffer, which is cut only when read into again: a read after a pause
+    holds hundreds of events, and slicing off each would copy the rest every time."""
+    buffer, at = b"", 0
     while True:
-        end = buffer.find(b"\n")
+        end = buffer.find(b"\n", at)
         while end < 0:
-            if len(buffer) > _PIECE:
+            if len(buffer) - at > _MAX_LINE:
                 raise http.client.LineTooLong("chunk size")
-            buffer += _more(read)
+            buffer, at = buffer[at:] + _more(read), 0
             end = buffer.find(b"\n")
-        size = int(buffer[:end].split(b";", 1)[0], 16)  # a bad size: ValueError
-        buffer = buffer[end + 1 :]
+        try:
+            size = int(buffer[at:end].split(b";", 1)[0], 16)
+        except ValueError:
+            raise http.client.IncompleteRead(b"") from None
+        if size < 0:
+            raise http.client.IncompleteRead(b"")
+        at = end + 1
         if size == 0:
+            _skip_trailers(read, buffer, at)
             return
         while size:
-            if not buffer:
-                buffer = _more(read)
-            piece, buffer = buffer[:size], buffer[size:]
+            if at >= len(buffer):
+                buffer, at = _more(read), 0
+            piece = buffer[at : at + size]
+            at += len(piece)
             size -= len(piece)
             yield piece
-        while len(buffer) < 2:  # the CRLF after the chunk's data
-            buffer += _more(read)
-        buffer = buffer[2:]
+        while len(buffer) - at < 2:  # the CRLF after the chunk's data
+            buffer, at = buffer[at:] + _more(read), 0
+        at += 2
+
+
+def _skip_trailers(read: Callable[[int], bytes], buffer: bytes, at: int) -> None:
+    """Read past the trailer lines up to the blank one, or to the close."""
+    while True:
+        end = buffer.find(b"\n", at)
+        if end < 0:
+            if len(buffer) - at > _MAX_LINE:
+                raise http.client.LineTooLong("trailer line")
+            more = read(_PIECE)
+            if not more:
+                return
+            buffer, at = buffer[at:] + more, 0
+            continue
+        line, at = buffer[at : end + 1], end + 1
+        if line in (b"\r\n", b"\n"):
+            return
 
 
 def _more(read: Callable[[int], bytes]) -> bytes:
@@ -429,21 +459,25 @@ def _more(read: Callable[[int], bytes]) -> bytes:
 def _lines(pieces: Iterable[bytes], charset: str) -> Iterator[str]:
     """Lines as `readline` then `splitlines` made them: cut after each b"\\n", each line
     decoded on its own (in UTF-8, where a b"\\n" never ends a character, the whole run of
-    lines in one call)."""
+    lines in one call). A line that ends in no b"\\n" before the body is cut is not given:
+    the cut is (httpx2 does the same)."""
     decode_each = charset != "utf-8"
-    rest = b""
+    held: list[bytes] = []  # the pieces of a line not ended yet
     for piece in pieces:
-        if rest:
-            piece = rest + piece
         end = piece.rfind(b"\n") + 1
         if not end:
-            rest = piece
+            held.append(piece)
             continue
-        rest = piece[end:]
+        block = piece[:end]
+        if held:
+            block = b"".join([*held, block])
+            held = []
+        if end < len(piece):
+            held.append(piece[end:])
         if decode_each:
-            for line in piece[:end].split(b"\n")[:-1]:
+            for line in block.split(b"\n")[:-1]:
                 yield from (line + b"\n").decode(charset, "replace").splitlines()
         else:
-            yield from piece[:end].decode(charset, "replace").splitlines()
-    if rest:
-        yield from rest.decode(charset, "replace").splitlines()
+            yield from block.decode(charset, "replace").splitlines()
+    if held:
+        yield from b"".join(held).decode(charset, "replace").splitlines()
