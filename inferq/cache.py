@@ -110,11 +110,16 @@ def _bucket_key(model: str, bucket: int) -> str:
 
 def count_start(redis: Any, model: str) -> None:
     """Count one job started on `model` (a sync client); one pipelined round trip."""
-    key = _bucket_key(model, int(time.time()) // BUCKET_SECONDS)
     with redis.pipeline(transaction=False) as pipe:
-        pipe.incr(key)
-        pipe.expire(key, BUCKET_SECONDS * (WINDOW_BUCKETS + 2))
+        count_start_in(pipe, model)
         pipe.execute()
+
+
+def count_start_in(pipe: Any, model: str) -> None:
+    """`count_start`'s commands, added to a pipeline the caller sends."""
+    key = _bucket_key(model, int(time.time()) // BUCKET_SECONDS)
+    pipe.incr(key)
+    pipe.expire(key, BUCKET_SECONDS * (WINDOW_BUCKETS + 2))
 
 
 async def starts_per_second(redis: Any, model: str) -> float:

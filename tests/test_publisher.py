@@ -119,3 +119,32 @@ def test_a_stream_is_read_once_a_flush_and_to_its_end(databases: Databases) -> N
     finally:
         client.delete(*script_keys(job_id))
         client.close()
+
+
+def test_a_write_carries_the_callers_commands_in_its_round_trip(databases: Databases) -> None:
+    """The start of a job: its `status`, its start count and its enqueue mark's removal in one
+    round trip; also once Redis has lost its scripts."""
+    client = redis_client(databases.redis_url)
+    job_id = str(uuid.uuid4())
+    marks = f"inferq:test-marks:{job_id}"
+    request = JobInput(prompt="-"), JobParams(max_tokens=4)
+    claim = Claim(uuid.uuid4(), uuid.uuid4(), 1, "sim", *request, dt.datetime.now(dt.UTC), None)
+    publisher = TokenPublisher(
+        client.register_script(PUBLISH_SCRIPT),
+        job_id,
+        maxlen=100,
+        ttl=60,
+        pace=FlushPace(base_s=0.02, budget=400, max_s=0.1),
+        flush_max_tokens=16,
+        claim=claim,
+    )
+    try:
+        client.zadd(marks, {job_id: 1.0})
+        client.script_flush()
+        running = Event.of(StatusData(status=JobStatus.running))
+        assert publisher.send([running], also=lambda pipe: pipe.zrem(marks, job_id)) is False
+        assert client.zscore(marks, job_id) is None
+        assert [fields["e"] for _, fields in client.xrange(stream_key(job_id))] == ["status"]
+    finally:
+        client.delete(marks, *script_keys(job_id))
+        client.close()

@@ -51,14 +51,22 @@ def run_job(ctx: WorkerContext, job_id: str) -> None:
     if ctx.interrupts.shutting_down:
         # The worker is stopping: the message goes back to the queue, for another worker.
         raise Reject(requeue=True)
-    ctx.broker.zrem(ENQUEUED_KEY, job_id)
+    # The job's enqueue mark (for the sweeper, which looks for queued jobs that lost their
+    # message) goes once the job is no longer queued: with the claim's first write when the
+    # claim holds, else now.
     try:
         claim = _claim(ctx, job_id)
     except lifecycle.Unreadable as exc:
+        _unmark(ctx, job_id)
         log.error("%s", exc, extra={"job_id": job_id})
         Generation(ctx, exc.claim, None).finish(_failure("backend_error", str(exc)))
         return
+    except Exception:
+        # As if the delivery had not come: the sweeper finds the job queued without a mark.
+        _unmark(ctx, job_id)
+        raise
     if claim is None:
+        _unmark(ctx, job_id)
         if not expire_job(ctx, job_id):
             _not_claimable(ctx, job_id)
         return
@@ -66,13 +74,22 @@ def run_job(ctx: WorkerContext, job_id: str) -> None:
         # It left `queued` (a later attempt's claim takes a running job: it had left).
         limits.dequeue(ctx.redis, job_id)
     record_claim(claim, datetime.now(UTC))
-    _count_start(ctx, claim.model)
     spec = ctx.registry.get(claim.model)
     generation = Generation(ctx, claim, spec)
     if spec is None:
+        _unmark(ctx, job_id)
+        _count_start(ctx, claim.model)
         generation.finish(_failure("unknown_model", f"model {claim.model!r} is not served"))
         return
     generation.run(spec)
+
+
+def _unmark(ctx: WorkerContext, job_id: str) -> None:
+    """Best effort: a mark left behind is dropped by the sweeper in time."""
+    try:
+        ctx.broker.zrem(ENQUEUED_KEY, job_id)
+    except Exception:
+        log.warning("could not drop the job's enqueue mark", extra={"job_id": job_id})
 
 
 def _count_start(ctx: WorkerContext, model: str) -> None:
@@ -206,10 +223,23 @@ class Generation:
             log.warning("lease lost, another worker owns the job", extra=self._log())
 
     def _start_events(self) -> None:
+        """`status: running` (after a `reset` if an earlier attempt showed tokens), in one
+        round trip with the job's start count and its enqueue mark's removal: three writes
+        that all stood before the first token."""
         events = [Event.of(StatusData(status=JobStatus.running))]
         if self.emitted:
             events.insert(0, Event.of(ResetData(attempt=self.claim.attempt)))
-        self.publisher.send(events)
+        ctx, job_id, model = self.ctx, str(self.claim.job_id), self.claim.model
+        together = ctx.broker is ctx.redis  # else the mark is in another Redis
+
+        def bookkeeping(pipe: Any) -> None:
+            cache.count_start_in(pipe, model)
+            if together:
+                pipe.zrem(ENQUEUED_KEY, job_id)
+
+        self.publisher.send(events, also=bookkeeping)
+        if not together:
+            _unmark(ctx, job_id)
 
     def _with_retries(self, spec: ModelSpec) -> Outcome:
         settings = self.ctx.settings

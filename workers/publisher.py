@@ -6,7 +6,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +22,10 @@ log = logging.getLogger("inferq.worker")
 UNREACHABLE = (redis_errors.ConnectionError, redis_errors.TimeoutError)
 # Back-off between tries while Redis is unreachable: quick to notice its return, then calmer.
 RETRY_FIRST_S, RETRY_MAX_S = 0.05, 1.0
+
+
+# Commands of the caller's, added to a write's round trip (TokenPublisher.send).
+Also = Callable[[Any], None]
 
 
 class ClaimLost(Exception):
@@ -123,11 +127,13 @@ class TokenPublisher:
         self._last_flush = 0.0
         self.cancelled = False
 
-    def send(self, events: list[Event], *, final: bool = False) -> bool:
+    def send(self, events: list[Event], *, final: bool = False, also: Also | None = None) -> bool:
         """Write events now (pending tokens first); True when the job was asked to cancel.
 
         Raises ClaimLost, having written nothing, once a newer claim has written; raises
-        RedisUnavailable once Redis stayed unreachable for `outage_s`.
+        RedisUnavailable once Redis stayed unreachable for `outage_s`. `also` adds commands
+        of the caller's to the same round trip, best effort: their answers are not read, and
+        a write retried after an outage goes without them.
         """
         text, count = "".join(self._pending), len(self._pending)
         self._pending.clear()
@@ -136,7 +142,7 @@ class TokenPublisher:
         batch += events
         if not batch:
             return self.cancelled
-        flag = self._write(batch, self._ttl if final else 0)
+        flag = self._write(batch, self._ttl if final else 0, also)
         if flag == REFUSED:
             raise ClaimLost
         if count:
@@ -146,15 +152,25 @@ class TokenPublisher:
         self._last_flush = time.monotonic()
         return self.cancelled
 
-    def _write(self, events: list[Event], ttl: int) -> Any:
+    def _write(self, events: list[Event], ttl: int, also: Also | None = None) -> Any:
         try:
-            return self._call(events, ttl)
+            return self._call(events, ttl, also)
         except UNREACHABLE as exc:
             return self._write_after_outage(events, ttl, exc)
 
-    def _call(self, events: list[Event], ttl: int) -> Any:
+    def _call(self, events: list[Event], ttl: int, also: Also | None = None) -> Any:
         args = script_args(events, self._maxlen, ttl, self._fence)
-        return self._script(keys=self._keys, args=args)
+        if also is None:
+            return self._script(keys=self._keys, args=args)
+        pipe = self._script.registered_client.pipeline(transaction=False)
+        also(pipe)
+        pipe.evalsha(self._script.sha, len(self._keys), *self._keys, *args)
+        flag = pipe.execute(raise_on_error=False)[-1]
+        if isinstance(flag, redis_errors.NoScriptError):  # Redis lost its scripts: load, write
+            return self._script(keys=self._keys, args=args)
+        if isinstance(flag, Exception):
+            raise flag
+        return flag
 
     def _write_after_outage(self, events: list[Event], ttl: int, error: Exception) -> Any:
         """Try again until Redis answers, for up to `outage_s`.
