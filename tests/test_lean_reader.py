@@ -209,6 +209,14 @@ class _Canned(BaseHTTPRequestHandler):
             self._refuse(int(self.headers["X-Status"]), self.headers.get("X-Refusal", ""))
             return
         body = self.bodies[self.headers["X-Body"]]
+        if self.headers.get("X-Framing") == "close, stalled":  # the head, then nothing
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.flush()
+            time.sleep(20)
+            return
         if self.headers.get("X-Framing") == "length":
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
@@ -367,6 +375,20 @@ def test_an_abort_fails_a_blocked_read_at_once(sim_url: str) -> None:
     for lean in (False, True):
         headers = {"X-Sim-Error": "stall", "X-Sim-Stall-Ms": "20000"}
         client = InferenceClient(model=sim_url, api_key="-", timeout=60, headers=headers)
+        stream = TextGenerationStream(client, PROMPT, lean=lean)
+        threading.Timer(0.5, stream.abort).start()
+        started = time.monotonic()
+        with pytest.raises(BackendError):
+            list(stream)
+        assert time.monotonic() - started < 5, lean
+
+
+def test_an_abort_fails_a_blocked_read_of_an_answer_up_to_the_close(canned: str) -> None:
+    """The same on an answer delimited by the connection's close, whose socket http.client
+    hands to the response."""
+    for lean in (False, True):
+        headers = {"X-Body": "tgi plain", "X-Framing": "close, stalled"}
+        client = InferenceClient(model=canned, api_key="-", timeout=60, headers=headers)
         stream = TextGenerationStream(client, PROMPT, lean=lean)
         threading.Timer(0.5, stream.abort).start()
         started = time.monotonic()

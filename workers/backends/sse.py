@@ -245,6 +245,9 @@ class LeanConnection:
         self.timeout = timeout
         self._connection: http.client.HTTPConnection | None = None
         self._response: http.client.HTTPResponse | None = None
+        # Kept apart: http.client hands the socket of an answer delimited by the connection's
+        # close to the response, and `connection.sock` is None from then on.
+        self._sock: socket.socket | None = None
         self._aborted = False
         self._lock = threading.Lock()
 
@@ -262,8 +265,11 @@ class LeanConnection:
             self._connection = connection
         try:
             connection.connect()
-            if self._aborted:
-                _shut(connection)
+            with self._lock:
+                self._sock = connection.sock
+                aborted = self._aborted
+            if aborted:
+                _shut(self._sock)
             connection.request("POST", path, body=body, headers=headers)
             response = connection.getresponse()
         except TimeoutError as exc:
@@ -339,19 +345,22 @@ class LeanConnection:
         """Fail a read blocked in another thread: shut the socket down."""
         with self._lock:
             self._aborted = True
-            connection = self._connection
-        if connection is not None:
-            _shut(connection)
+            sock = self._sock
+        _shut(sock)
 
     def close(self) -> None:
+        """Close the connection, which stops the backend's generation (the response holds it
+        alone once the answer is delimited by the close)."""
+        if self._response is not None:
+            self._response.close()
         if self._connection is not None:
             self._connection.close()
 
 
-def _shut(connection: http.client.HTTPConnection) -> None:
-    if connection.sock is not None:
+def _shut(sock: socket.socket | None) -> None:
+    if sock is not None:
         with contextlib.suppress(OSError):
-            connection.sock.shutdown(socket.SHUT_RDWR)
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 def _charset(response: http.client.HTTPResponse) -> str:
