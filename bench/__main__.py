@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from bench.command import RelayOptions, run_command
+from bench.command import RelayOptions, database_url_option, redis_url_option, run_command
 
 
 @click.command()
@@ -37,18 +37,8 @@ from bench.command import RelayOptions, run_command
     show_default=True,
     type=click.Path(file_okay=False, path_type=Path),
 )
-@click.option(
-    "--database-url",
-    envvar="INFERQ_BENCH_DATABASE_URL",
-    help="Postgres admin URL; the run creates (and drops) its own database on that server "
-    "[env INFERQ_BENCH_DATABASE_URL; default: embedded]",
-)
-@click.option(
-    "--redis-url",
-    envvar="INFERQ_BENCH_REDIS_URL",
-    help="Redis URL; nothing is flushed, the run's queues carry its id "
-    "[env INFERQ_BENCH_REDIS_URL; default: embedded]",
-)
+@database_url_option
+@redis_url_option
 def main(
     phases: str,
     smoke: bool,

@@ -33,7 +33,7 @@ from rich.table import Table
 
 from bench import relay
 from bench.cluster import Cluster
-from bench.command import TABLE_WIDTH
+from bench.command import TABLE_WIDTH, database_url_option, redis_url_option
 from bench.config import RelayConfig
 from bench.runner import raise_nofile_limit
 from bench.servers import data_servers
@@ -282,18 +282,8 @@ def _concurrency(ctx: click.Context, param: click.Parameter, text: str) -> tuple
     show_default=True,
     type=click.Path(file_okay=False, path_type=Path),
 )
-@click.option(
-    "--database-url",
-    envvar="INFERQ_BENCH_DATABASE_URL",
-    help="Postgres admin URL; the run creates (and drops) its own database on that server "
-    "[env INFERQ_BENCH_DATABASE_URL; default: embedded]",
-)
-@click.option(
-    "--redis-url",
-    envvar="INFERQ_BENCH_REDIS_URL",
-    help="Redis URL; nothing is flushed, the run's queues carry its id "
-    "[env INFERQ_BENCH_REDIS_URL; default: embedded]",
-)
+@database_url_option
+@redis_url_option
 def main(
     aiperf: str,
     concurrency: tuple[int, ...],

@@ -30,6 +30,21 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
+# The servers a run uses, shared by `inferq bench` and `python -m bench.aiperf_compare`.
+database_url_option = click.option(
+    "--database-url",
+    envvar="INFERQ_BENCH_DATABASE_URL",
+    help="Postgres admin URL; the run creates (and drops) its own database on that server "
+    "[env INFERQ_BENCH_DATABASE_URL; default: embedded]",
+)
+redis_url_option = click.option(
+    "--redis-url",
+    envvar="INFERQ_BENCH_REDIS_URL",
+    help="Redis URL; nothing is flushed, the run's queues carry its id "
+    "[env INFERQ_BENCH_REDIS_URL; default: embedded]",
+)
+
+
 @dataclass(frozen=True)
 class RelayOptions:
     """The relay phase's settings a run may change from the command line (None: as set)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import time
 import uuid
+from typing import Any
 
 from inferq.events import PUBLISH_SCRIPT, Event, script_keys, stream_key
 from inferq.lifecycle import Claim
@@ -33,26 +34,8 @@ def test_the_first_token_of_a_stream_is_written_at_once(databases: Databases) ->
     """Not held back for an interval by the `status` write that just preceded it."""
     client = redis_client(databases.redis_url)
     job_id = str(uuid.uuid4())
-    now = dt.datetime.now(dt.UTC)
-    claim = Claim(
-        uuid.uuid4(),
-        uuid.uuid4(),
-        1,
-        "sim",
-        JobInput(prompt="-"),
-        JobParams(max_tokens=4),
-        now,
-        None,
-    )
-    publisher = TokenPublisher(
-        client.register_script(PUBLISH_SCRIPT),
-        job_id,
-        maxlen=100,
-        ttl=60,
-        pace=FlushPace(base_s=60.0, budget=400, max_s=60.0),  # nothing else is due for a minute
-        flush_max_tokens=16,
-        claim=claim,
-    )
+    # Nothing else is due for a minute.
+    publisher = _publisher(client, job_id, FlushPace(base_s=60.0, budget=400, max_s=60.0), 4)
     try:
         publisher.send([Event.of(StatusData(status=JobStatus.running))])
         publisher.add_token("Once")
@@ -66,6 +49,16 @@ def test_the_first_token_of_a_stream_is_written_at_once(databases: Databases) ->
     finally:
         client.delete(*script_keys(job_id))
         client.close()
+
+
+def _publisher(client: Any, job_id: str, pace: FlushPace, max_tokens: int) -> TokenPublisher:
+    """A first attempt's publisher of the job's events."""
+    request = JobInput(prompt="-"), JobParams(max_tokens=max_tokens)
+    claim = Claim(uuid.uuid4(), uuid.uuid4(), 1, "sim", *request, dt.datetime.now(dt.UTC), None)
+    script = client.register_script(PUBLISH_SCRIPT)
+    return TokenPublisher(
+        script, job_id, maxlen=100, ttl=60, pace=pace, flush_max_tokens=16, claim=claim
+    )
 
 
 class _Recorded:
@@ -83,18 +76,7 @@ def test_a_stream_is_read_once_a_flush_and_to_its_end(databases: Databases) -> N
 
     client = redis_client(databases.redis_url)
     job_id = str(uuid.uuid4())
-    now = dt.datetime.now(dt.UTC)
-    request = JobInput(prompt="-"), JobParams(max_tokens=10)
-    claim = Claim(uuid.uuid4(), uuid.uuid4(), 1, "sim", *request, now, None)
-    publisher = TokenPublisher(
-        client.register_script(PUBLISH_SCRIPT),
-        job_id,
-        maxlen=100,
-        ttl=60,
-        pace=FlushPace(base_s=0.1, budget=400, max_s=0.1),
-        flush_max_tokens=16,
-        claim=claim,
-    )
+    publisher = _publisher(client, job_id, FlushPace(base_s=0.1, budget=400, max_s=0.1), 10)
     histogram = _Recorded()
     pace = ReadPace(histogram, max_tokens=10)
     try:
@@ -127,17 +109,7 @@ def test_a_write_carries_the_callers_commands_in_its_round_trip(databases: Datab
     client = redis_client(databases.redis_url)
     job_id = str(uuid.uuid4())
     marks = f"inferq:test-marks:{job_id}"
-    request = JobInput(prompt="-"), JobParams(max_tokens=4)
-    claim = Claim(uuid.uuid4(), uuid.uuid4(), 1, "sim", *request, dt.datetime.now(dt.UTC), None)
-    publisher = TokenPublisher(
-        client.register_script(PUBLISH_SCRIPT),
-        job_id,
-        maxlen=100,
-        ttl=60,
-        pace=FlushPace(base_s=0.02, budget=400, max_s=0.1),
-        flush_max_tokens=16,
-        claim=claim,
-    )
+    publisher = _publisher(client, job_id, FlushPace(base_s=0.02, budget=400, max_s=0.1), 4)
     try:
         client.zadd(marks, {job_id: 1.0})
         client.script_flush()
