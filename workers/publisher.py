@@ -162,6 +162,8 @@ class TokenPublisher:
         args = script_args(events, self._maxlen, ttl, self._fence)
         if also is None:
             return self._script(keys=self._keys, args=args)
+        # EVALSHA by hand, as api/admission.py sends its scripts: a Script given a pipeline
+        # would ask Redis whether it has the script first, a round trip more every time.
         pipe = self._script.registered_client.pipeline(transaction=False)
         also(pipe)
         pipe.evalsha(self._script.sha, len(self._keys), *self._keys, *args)
