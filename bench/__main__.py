@@ -31,6 +31,13 @@ from bench.command import RelayOptions, database_url_option, redis_url_option, r
     help="tokens of every reply in the relay phase [default: 64]",
 )
 @click.option(
+    "--relay-streams",
+    type=click.Choice(["loop", "threads"]),
+    default=None,
+    help="how the relay phase's worker reads its streams (INFERQ_WORKER_STREAMS) "
+    "[default: the worker's own]",
+)
+@click.option(
     "--out",
     "out_dir",
     default="bench-results",
@@ -44,12 +51,13 @@ def main(
     smoke: bool,
     relay_processes: int | None,
     relay_output_tokens: int | None,
+    relay_streams: str | None,
     out_dir: Path,
     database_url: str | None,
     redis_url: str | None,
 ) -> None:
     """Measure the platform against its backend: stream, submit, fan-out, scale, relay."""
-    relay = RelayOptions(relay_processes, relay_output_tokens)
+    relay = RelayOptions(relay_processes, relay_output_tokens, relay_streams)
     sys.exit(run_command(phases, smoke, out_dir, database_url, redis_url, relay))
 
 

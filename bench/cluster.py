@@ -137,13 +137,18 @@ class Cluster:
         concurrency: int,
         models_file: Path,
         processes: int | None = None,
+        streams: str | None = None,
     ) -> Child:
-        """`inferq worker`; with `processes`, that many nodes (the first named `node`)."""
+        """`inferq worker`; with `processes`, that many nodes (the first named `node`);
+        `streams`: how it reads its streams (the setting `worker_streams`)."""
         args = ["inferq", "worker", "--models", ",".join(models)]
         args += ["--concurrency", str(concurrency), "--name", self.node_name(node)]
         if processes is not None:
             args += ["--processes", str(processes)]
-        return self.spawn(f"worker-{node}", args, self.env(models_file))
+        env = self.env(models_file)
+        if streams is not None:
+            env["INFERQ_WORKER_STREAMS"] = streams
+        return self.spawn(f"worker-{node}", args, env)
 
     def node_name(self, node: str) -> str:
         return f"{node}-{self.run_id}@bench"

@@ -51,12 +51,15 @@ class RelayOptions:
 
     processes: int | None = None
     output_tokens: int | None = None
+    streams: str | None = None
 
     def apply(self, relay: RelayConfig) -> RelayConfig:
         if self.processes is not None:
             relay = replace(relay, processes=self.processes)
         if self.output_tokens is not None:
             relay = replace(relay, output_tokens=self.output_tokens)
+        if self.streams is not None:
+            relay = replace(relay, streams=self.streams)
         return relay
 
 

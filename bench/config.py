@@ -120,6 +120,7 @@ class RelayConfig:
     max_rounds: int
     burst: int  # streams a fresh worker is given at once, then the warm one the same
     processes: int | None = None  # the worker's --processes (None: its default)
+    streams: str | None = None  # the worker's INFERQ_WORKER_STREAMS (None: its default)
     max_concurrent_requests: int = 320
 
     def stream(self, clients: int, itl_ms: float) -> StreamConfig:

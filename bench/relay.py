@@ -128,7 +128,7 @@ def start(cluster: Cluster, config: RelayConfig) -> tuple[RelayPlatform, list[Ch
     processes = config.processes or nodes.default_processes(config.concurrency)
     node = "relay"
     worker = cluster.start_worker(
-        node, [model_of(itl) for itl in itls], config.concurrency, models, processes
+        node, [model_of(itl) for itl in itls], config.concurrency, models, processes, config.streams
     )
     for sim in sims.values():
         wait_http(f"{sim.url}/health", sim.child)

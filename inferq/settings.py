@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     flush_budget_per_second: float = 400.0  # per worker process; more streams flush less often
     flush_interval_max_ms: float = 100.0
     flush_max_tokens: int = 16
+    # How a worker process reads its backend streams: all on one asyncio loop, their flushes
+    # written together ("loop"), or each in its job's thread ("threads").
+    worker_streams: Literal["loop", "threads"] = "loop"
     stream_maxlen: int = 100_000
     stream_ttl_seconds: int = 3600
     sse_ping_seconds: float = 15.0

@@ -73,3 +73,14 @@ __all__ = [
     "redis_client",
     "wait_http",
 ]
+
+
+def start_sim(logs: Path, itl_ms: str, ttft_ms: str = "1") -> tuple[str, Child]:
+    """`inferq sim` on a free port, as a process of its own; its URL."""
+    port = free_port()
+    args = ["-m", "inferq", "sim", "--port", str(port), "--ttft-ms", ttft_ms, "--itl-ms", itl_ms]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INFERQ_")}
+    child = Child.spawn("sim", args, env, logs / f"sim-{itl_ms}.log")
+    url = f"http://127.0.0.1:{port}"
+    wait_http(f"{url}/health", child)
+    return url, child

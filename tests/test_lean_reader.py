@@ -12,23 +12,23 @@ from __future__ import annotations
 import http.client
 import io
 import json
-import os
 import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
+import httpx2
 import pytest
 from huggingface_hub import InferenceClient
 
 from inferq.embedded import free_port
-from inferq.processes import Child, wait_http
+from tests.servers import start_sim
 from workers.backends import sse
 from workers.backends.base import BackendError, GenerationRequest
 from workers.backends.chat import ChatStream, OpenAIChatStream
 from workers.backends.tgi import ClientStream, TextGenerationStream
+from workers.engine import StreamEngine
 
 FAULTS = [
     None,
@@ -52,19 +52,9 @@ CHAT = GenerationRequest(
 )
 
 
-def _sim(logs: Path, itl_ms: str) -> tuple[str, Child]:
-    port = free_port()
-    args = ["-m", "inferq", "sim", "--port", str(port), "--ttft-ms", "1", "--itl-ms", itl_ms]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("INFERQ_")}
-    child = Child.spawn("sim", args, env, logs / f"sim-{itl_ms}.log")
-    url = f"http://127.0.0.1:{port}"
-    wait_http(f"{url}/health", child)
-    return url, child
-
-
 @pytest.fixture(scope="module")
 def sim_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    url, child = _sim(tmp_path_factory.mktemp("lean-reader"), "1")
+    url, child = start_sim(tmp_path_factory.mktemp("lean-reader"), "1")
     yield url
     child.stop()
 
@@ -72,7 +62,7 @@ def sim_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def slow_sim_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """1.5 s between tokens."""
-    url, child = _sim(tmp_path_factory.mktemp("lean-reader-slow"), "1500")
+    url, child = start_sim(tmp_path_factory.mktemp("lean-reader-slow"), "1500")
     yield url
     child.stop()
 
@@ -94,8 +84,66 @@ def _read(stream: ClientStream) -> tuple[Any, ...]:
     )
 
 
+class _Collected:
+    """A sink on the stream loop that only keeps the deltas (workers.engine.Sink)."""
+
+    publisher = None
+    max_tokens = 10_000
+
+    def __init__(self) -> None:
+        self.deltas: list[str] = []
+
+    def took(self, deltas: list[str], now: float) -> None:
+        self.deltas += deltas
+
+
+def _relayed(engine: StreamEngine, make: Any) -> tuple[Any, ...]:
+    """What the worker takes from the stream read on the stream loop, as the generation reads
+    it there (workers/generate.py): its failures mapped by the stream, and what the loop
+    leaves to huggingface_hub read by the stream itself."""
+    stream = make(True)
+    request = stream.lean_request()
+    assert request is not None
+    sink = _Collected()
+    try:
+        try:
+            engine.relay(stream, request, stream.client.timeout, sink).wait()
+            stream.ended()
+        except sse.NotLean:
+            return _read(make(True))
+        except Exception as exc:
+            raise stream.failure(exc) from exc
+    except BackendError as exc:
+        return ("error", sink.deltas, type(exc).__name__, exc.type, exc.message)
+    finally:
+        stream.close()
+    completion = stream.completion
+    return (
+        "done",
+        sink.deltas,
+        completion.finish_reason,
+        completion.input_tokens,
+        completion.output_tokens,
+    )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def engine() -> Iterator[StreamEngine]:
+    global _ENGINE
+    _ENGINE = StreamEngine(None)
+    _ENGINE.start()
+    yield _ENGINE
+    _ENGINE.stop()
+
+
+_ENGINE: StreamEngine
+
+
 def _both(make: Any) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
-    return _read(make(False)), _read(make(True))
+    """huggingface_hub's reading and the lean reader's, which the stream loop's must equal."""
+    reference, lean = _read(make(False)), _read(make(True))
+    assert _relayed(_ENGINE, make) == lean, "the stream loop read it otherwise"
+    return reference, lean
 
 
 @pytest.mark.parametrize("fault", FAULTS)
@@ -386,6 +434,17 @@ def test_an_abort_fails_a_blocked_read_at_once(sim_url: str, canned: str, answer
         with pytest.raises(BackendError):
             list(stream)
         assert time.monotonic() - started < 5, lean
+    # On the stream loop.
+    client = InferenceClient(model=url, api_key="-", timeout=60, headers=headers)
+    stream = TextGenerationStream(client, PROMPT)
+    request = stream.lean_request()
+    assert request is not None
+    relay = _ENGINE.relay(stream, request, 60, _Collected())
+    threading.Timer(0.5, relay.abort).start()
+    started = time.monotonic()
+    with pytest.raises(httpx2.ReadError):
+        relay.wait()
+    assert time.monotonic() - started < 5
 
 
 def test_the_plain_streams_stay_on_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:

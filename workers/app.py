@@ -59,6 +59,7 @@ def _open(sender: Any = None, **_: Any) -> None:
     context.warm(threads)
     context.leases.start()
     context.interrupts.start()
+    context.start_streams()
 
 
 @signals.worker_shutting_down.connect

@@ -20,6 +20,7 @@ from inferq.queue import Enqueuer, make_producer_app
 from inferq.redis_clients import sync_client
 from inferq.registry import Registry, registry_of
 from inferq.settings import Settings
+from workers.engine import StreamEngine
 from workers.interrupts import InterruptWatch
 from workers.leases import LeaseKeeper
 from workers.publisher import FlushPace
@@ -44,6 +45,7 @@ class WorkerContext:
     pace: FlushPace
     name: str
     interrupts: InterruptWatch
+    streams: StreamEngine | None = None  # the token path's loop (workers/engine.py)
 
     @classmethod
     def create(cls, settings: Settings, threads: int = 8) -> WorkerContext:
@@ -114,7 +116,20 @@ class WorkerContext:
         except Exception as exc:
             log.warning("warming the worker's connections up failed: %s", exc)
 
+    def start_streams(self) -> None:
+        """The loop that reads the backend streams, where the settings want one."""
+        if self.settings.worker_streams == "loop" and self.streams is None:
+            self.streams = StreamEngine(
+                self.settings.redis_url,
+                self.pace,
+                flush_max_tokens=self.settings.flush_max_tokens,
+                outage_s=self.settings.redis_outage_seconds,
+            )
+            self.streams.start()
+
     def close(self) -> None:
+        if self.streams is not None:
+            self.streams.stop()
         self.leases.stop()
         self.interrupts.stop()
         self.enqueuer.close()

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from celery.exceptions import Reject
+from huggingface_hub.inference._common import RequestParameters
 from tenacity import (
     RetryCallState,
     Retrying,
@@ -33,9 +34,13 @@ from workers.backends import (
     GenerationRequest,
     RetryableBackendError,
     open_stream,
+    sse,
 )
+from workers.backends.base import BackendStream
 from workers.backends.errors import unexpected
+from workers.backends.tgi import ClientStream
 from workers.context import WorkerContext
+from workers.engine import StreamEngine
 from workers.expiry import expire_job
 from workers.interrupts import Interrupt, Interrupted, Reason
 from workers.observe import record_claim, record_finish
@@ -166,6 +171,7 @@ class Generation:
         self.completion = Completion()  # the current backend call's counts, as it reports them
         self.emitted = claim.attempt > 1  # an earlier attempt may have streamed tokens
         self.interrupt = Interrupt(str(claim.job_id), _run_deadline(claim, settings))
+        self.first_token_at: datetime | None = None  # of the current try, on the stream loop
         self.started = time.monotonic()
 
     def run(self, spec: ModelSpec) -> None:
@@ -277,9 +283,60 @@ class Generation:
             self.emitted = False
 
     def _attempt(self, spec: ModelSpec) -> Outcome:
-        stream = open_stream(
-            spec, request_of(self.claim), self.ctx.settings.backend_timeout_seconds
-        )
+        timeout = self.ctx.settings.backend_timeout_seconds
+        stream = open_stream(spec, request_of(self.claim), timeout)
+        engine = self.ctx.streams
+        if engine is not None and isinstance(stream, ClientStream):
+            request = stream.lean_request()
+            if request is not None:
+                try:
+                    return self._relayed(engine, stream, request)
+                except sse.NotLean:  # huggingface_hub sends it (a redirect, say)
+                    stream = open_stream(spec, request_of(self.claim), timeout)
+        return self._read(stream)
+
+    def _relayed(
+        self, engine: StreamEngine, stream: ClientStream, request: RequestParameters
+    ) -> Outcome:
+        """The attempt on the process's stream loop (workers/engine.py): this thread waits
+        for the stream's end, the loop reads it and writes its tokens."""
+        self.parts = []
+        self.completion = stream.completion
+        self.first_token_at = None
+        sink = _Sink(self, metrics.INTER_TOKEN.labels(self.claim.model))
+        self._stop_if_interrupted()
+        relay = engine.relay(stream, request, self.ctx.settings.backend_timeout_seconds, sink)
+        self.interrupt.attach(relay)
+        try:
+            try:
+                cancelled = relay.wait()
+                if not cancelled:
+                    stream.ended()
+            except (ClaimLost, RedisUnavailable, sse.NotLean):
+                raise
+            except Exception as exc:
+                raise stream.failure(exc) from exc
+            if cancelled:
+                return self._cancelled(self.first_token_at)
+        except BackendError:
+            # An interrupt aborts the backend's stream, which fails it.
+            if self.interrupt.reason is Reason.cancelled:
+                self.publisher.flush()
+                return self._cancelled(self.first_token_at)
+            self._stop_if_interrupted()
+            raise
+        finally:
+            self.interrupt.attach(None)
+            stream.close()
+        return self._succeeded(stream, self.first_token_at)
+
+    def _succeeded(self, stream: BackendStream, first_token_at: datetime | None) -> Outcome:
+        reason = finish_reason_of(stream.completion.finish_reason or "stop")
+        done = Outcome(JobStatus.succeeded, finish_reason=reason, first_token_at=first_token_at)
+        return self._charged(done)
+
+    def _read(self, stream: BackendStream) -> Outcome:
+        """The attempt in this thread: it reads the stream and writes its tokens."""
         parts = self.parts = []
         self.completion = stream.completion
         first_token_at: datetime | None = None
@@ -317,9 +374,7 @@ class Generation:
         finally:
             self.interrupt.attach(None)
             stream.close()
-        reason = finish_reason_of(stream.completion.finish_reason or "stop")
-        done = Outcome(JobStatus.succeeded, finish_reason=reason, first_token_at=first_token_at)
-        return self._charged(done)
+        return self._succeeded(stream, first_token_at)
 
     def _stop_if_interrupted(self) -> None:
         if self.interrupt.reason is Reason.deadline or time.monotonic() > self.interrupt.deadline:
@@ -416,6 +471,37 @@ class Generation:
 
     def _log(self) -> dict[str, Any]:
         return {"job_id": str(self.claim.job_id), "attempt": self.claim.attempt}
+
+
+class _Sink:
+    """A generation's side of its stream on the loop: the deltas read, from the loop's thread
+    (the generation's waits meanwhile)."""
+
+    __slots__ = ("_generation", "_histogram", "_last", "max_tokens", "publisher")
+
+    def __init__(self, generation: Generation, histogram: Any) -> None:
+        self._generation = generation
+        self._histogram = histogram
+        self._last = 0.0
+        self.publisher: TokenPublisher | None = generation.publisher
+        self.max_tokens = generation.claim.params.max_tokens
+
+    def took(self, deltas: list[str], now: float) -> None:
+        generation = self._generation
+        if generation.first_token_at is None:
+            generation.first_token_at = datetime.now(UTC)
+            generation.emitted = True
+        else:  # the inter-token gap, averaged over the tokens of this read
+            gap = (now - self._last) / len(deltas)
+            for _ in deltas:
+                self._histogram.observe(gap)
+        self._last = now
+        generation.parts += deltas
+        generation.publisher.extend(deltas)
+        if not generation.ctx.leases.beat(generation.claim.token, now=now):
+            raise ClaimLost
+        if now > generation.interrupt.deadline:
+            raise FatalBackendError("deadline_exceeded", RUN_DEADLINE_MESSAGE)
 
 
 class ReadPace:

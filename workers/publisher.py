@@ -135,22 +135,63 @@ class TokenPublisher:
         of the caller's to the same round trip, best effort: their answers are not read, and
         a write retried after an outage goes without them.
         """
-        text, count = "".join(self._pending), len(self._pending)
-        self._pending.clear()
-        # `tokens`: so that a poll can tell a running job's token count.
-        batch = [Event.of(TokenData(text=text, tokens=count))] if count else []
+        batch, deltas = self.take()
         batch += events
         if not batch:
             return self.cancelled
         flag = self._write(batch, self._ttl if final else 0, also)
+        self.wrote(flag, deltas)
+        self._shown.record(events)
+        return self.cancelled
+
+    def take(self) -> tuple[list[Event], list[str]]:
+        """The pending tokens as one event (none when none are pending), and the tokens: the
+        buffer is emptied (`restore` puts them back if their write fails)."""
+        deltas, self._pending = self._pending, []
+        if not deltas:
+            return [], deltas
+        # `tokens`: so that a poll can tell a running job's token count.
+        return [Event.of(TokenData(text="".join(deltas), tokens=len(deltas)))], deltas
+
+    def wrote(self, flag: Any, deltas: list[str]) -> bool:
+        """Record a write of `take`'s tokens that Redis answered with `flag`; True when the job
+        was asked to cancel. Raises ClaimLost if the write was refused."""
         if flag == REFUSED:
             raise ClaimLost
-        if count:
-            self._shown.add(text, count)
-        self._shown.record(events)
+        if deltas:
+            self._shown.add("".join(deltas), len(deltas))
         self.cancelled = bool(flag)
         self._last_flush = time.monotonic()
         return self.cancelled
+
+    def restore(self, deltas: list[str]) -> None:
+        """Put back tokens whose write failed, ahead of any read since."""
+        self._pending[:0] = deltas
+
+    def extend(self, deltas: list[str]) -> None:
+        """Buffer deltas; whoever calls this decides when they are written."""
+        self._pending += deltas
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    @property
+    def showed_tokens(self) -> bool:
+        """Whether readers were shown a token since the stream last (re)started."""
+        return bool(self._shown.tokens)
+
+    @property
+    def keys(self) -> list[str]:
+        return self._keys
+
+    def args(self, events: list[Event]) -> list[str | int]:
+        """PUBLISH_SCRIPT's arguments for a write of `events` under this publisher's claim."""
+        return script_args(events, self._maxlen, 0, self._fence)
+
+    def replay(self) -> list[Event]:
+        """Events that show readers the text again from its start (after a failed write)."""
+        return self._shown.replay()
 
     def _write(self, events: list[Event], ttl: int, also: Also | None = None) -> Any:
         try:

@@ -38,22 +38,20 @@ class ChatStream(ClientStream):
             self.request.messages or [], **chat_params(self.request, self.model)
         )
 
-    def _chunks(self) -> Iterator[sse.ChatChunk]:
-        # The request is sent (and a refusal raised) here, before the first event is read.
-        if self.lean:
-            return sse.chat_chunks(self._lines())
-        return map(sse.chat_chunk_of, self._call())
+    parse = staticmethod(sse.chat_chunk)  # type: ignore[assignment]
+    _chunk_of = staticmethod(sse.chat_chunk_of)
 
-    def _deltas(self) -> Iterator[str]:
-        for choices, usage in self._chunks():
-            for content, reason in choices:
-                if content:
-                    yield content
-                if reason:
-                    self.completion.finish_reason = reason
-            if usage is not None:
-                self.completion.input_tokens, self.completion.output_tokens = usage
-        self._check_finished()
+    def take(self, chunk: sse.ChatChunk) -> list[str]:
+        choices, usage = chunk
+        deltas = []
+        for content, reason in choices:
+            if content:
+                deltas.append(content)
+            if reason:
+                self.completion.finish_reason = reason
+        if usage is not None:
+            self.completion.input_tokens, self.completion.output_tokens = usage
+        return deltas
 
 
 def chat_params(request: GenerationRequest, model: str | None) -> dict[str, Any]:
@@ -82,13 +80,19 @@ class OpenAIChatStream(ChatStream):
     character, or holds back text that may start a stop sequence).
     """
 
-    def _deltas(self) -> Iterator[str]:
-        deltas = 0
-        for delta in super()._deltas():
-            deltas += 1
-            yield delta
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._streamed = 0  # deltas
+
+    def take(self, chunk: sse.ChatChunk) -> list[str]:
+        deltas = super().take(chunk)
+        self._streamed += len(deltas)
+        return deltas
+
+    def ended(self) -> None:
+        super().ended()
         if self.completion.output_tokens is None:
-            self.completion.output_tokens = deltas
+            self.completion.output_tokens = self._streamed
         if self.completion.input_tokens is None:
             self.completion.input_tokens = self._prompt_tokens()
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import email.message
 import http.client
 import json
 import os
@@ -65,14 +66,31 @@ class ChatChunk(NamedTuple):
     usage: tuple[int | None, int | None] | None
 
 
-def _data(lines: Iterable[str]) -> Iterator[str]:
+def data_lines(lines: Iterable[str]) -> Iterator[str]:
     """The `data:` lines up to `[DONE]`, as huggingface_hub picks them."""
+    picker = DataLines()
     for line in lines:
-        if not line.startswith("data:"):
-            continue  # blank lines between events, keep-alive comments
-        if line.strip() == DONE:
+        if picker.pick(line):
+            yield line
+        elif picker.done:
             return
-        yield line
+
+
+class DataLines:
+    """`_data` for lines that come in batches: which to parse, and whether `[DONE]` came."""
+
+    __slots__ = ("done",)
+
+    def __init__(self) -> None:
+        self.done = False
+
+    def pick(self, line: str) -> bool:
+        if self.done or not line.startswith("data:"):
+            return False  # blank lines between events, keep-alive comments
+        if line.strip() == DONE:
+            self.done = True
+            return False
+        return True
 
 
 def _object(line: str) -> dict[str, Any] | None:
@@ -87,13 +105,15 @@ def _object(line: str) -> dict[str, Any] | None:
 
 
 def tgi_chunks(lines: Iterable[str]) -> Iterator[TgiChunk]:
-    for line in _data(lines):
-        chunk = _tgi_fast(line)
-        yield (
-            chunk
-            if chunk is not None
-            else tgi_chunk_of(_format_text_generation_stream_output(line, True))
-        )
+    return map(tgi_chunk, data_lines(lines))
+
+
+def tgi_chunk(line: str) -> TgiChunk:
+    """One `data:` line of a TGI stream, as huggingface_hub would read it."""
+    chunk = _tgi_fast(line)
+    if chunk is not None:
+        return chunk
+    return tgi_chunk_of(_format_text_generation_stream_output(line, True))
 
 
 def _tgi_fast(line: str) -> TgiChunk | None:
@@ -135,13 +155,15 @@ def tgi_chunk_of(output: Any) -> TgiChunk:
 
 
 def chat_chunks(lines: Iterable[str]) -> Iterator[ChatChunk]:
-    for line in _data(lines):
-        chunk = _chat_fast(line)
-        yield (
-            chunk
-            if chunk is not None
-            else chat_chunk_of(_format_chat_completion_stream_output(line))
-        )
+    return map(chat_chunk, data_lines(lines))
+
+
+def chat_chunk(line: str) -> ChatChunk:
+    """One `data:` line of a chat completion stream, as huggingface_hub would read it."""
+    chunk = _chat_fast(line)
+    if chunk is not None:
+        return chunk
+    return chat_chunk_of(_format_chat_completion_stream_output(line))
 
 
 def _chat_fast(line: str) -> ChatChunk | None:
@@ -231,6 +253,10 @@ def lean_possible(url: str) -> bool:
     return "http" not in proxies or bool(urllib.request.proxy_bypass(host))
 
 
+def json_body(request: RequestParameters) -> bytes:
+    return json.dumps(request.json).encode()
+
+
 class NotLean(Exception):
     """An answer the lean connection leaves to huggingface_hub (a redirect, say): the caller
     sends the request again through it."""
@@ -256,7 +282,7 @@ class LeanConnection:
         raises for it."""
         parts = urlsplit(self.request.url)
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        body = json.dumps(self.request.json).encode()
+        body = json_body(self.request)
         headers = {k: v for k, v in self.request.headers.items() if k.lower() != "accept-encoding"}
         connection = http.client.HTTPConnection(
             parts.hostname or "", parts.port or 80, timeout=self.timeout
@@ -291,33 +317,13 @@ class LeanConnection:
             self._refused(response)
 
     def _refused(self, response: http.client.HTTPResponse) -> NoReturn:
-        """What huggingface_hub raises for this answer (its `_inner_post`, and for text
-        generation the TGI error mapping of `text_generation`)."""
         if not 400 <= response.status < 600:
             raise NotLean(f"status {response.status}")
         try:
             content = response.read()
         except (OSError, http.client.HTTPException) as exc:
             raise httpx2.ReadError(str(exc)) from exc
-        request = httpx2.Request("POST", self.request.url)
-        answer = httpx2.Response(
-            response.status, headers=response.getheaders(), content=content, request=request
-        )
-        task = self.request.task
-        try:
-            hf_raise_for_status(answer)
-        except HfHubHTTPError as error:
-            if isinstance(error, BadRequestError) and task == "text-generation":
-                raise NotLean("a server that is not TGI") from error
-            if answer.status_code == 422 and task != "unknown":
-                message = str(error.args[0])
-                if len(answer.text) > 0:
-                    message += f"{os.linesep}{answer.text}{os.linesep}"
-                error.args = (message, *error.args[1:])
-            if task == "text-generation":
-                raise_text_generation_error(error)
-            raise
-        raise NotLean(f"status {response.status}")  # pragma: no cover (4xx and 5xx raise)
+        refusal(self.request, response.status, response.getheaders(), content)
 
     def lines(self) -> Iterator[str]:
         """The answer's lines, split as httpx2's `iter_lines` splits them.
@@ -357,6 +363,31 @@ class LeanConnection:
             self._connection.close()
 
 
+def refusal(
+    request: RequestParameters, status: int, headers: list[tuple[str, str]], content: bytes
+) -> NoReturn:
+    """Raise what huggingface_hub raises for an answer of `status` (4xx or 5xx) to `request`:
+    its `_inner_post`, and for text generation the TGI error mapping of `text_generation`."""
+    answer = httpx2.Response(
+        status, headers=headers, content=content, request=httpx2.Request("POST", request.url)
+    )
+    task = request.task
+    try:
+        hf_raise_for_status(answer)
+    except HfHubHTTPError as error:
+        if isinstance(error, BadRequestError) and task == "text-generation":
+            raise NotLean("a server that is not TGI") from error
+        if answer.status_code == 422 and task != "unknown":
+            message = str(error.args[0])
+            if len(answer.text) > 0:
+                message += f"{os.linesep}{answer.text}{os.linesep}"
+            error.args = (message, *error.args[1:])
+        if task == "text-generation":
+            raise_text_generation_error(error)
+        raise
+    raise NotLean(f"status {status}")  # pragma: no cover (4xx and 5xx raise)
+
+
 def _shut(sock: socket.socket | None) -> None:
     if sock is not None:
         with contextlib.suppress(OSError):
@@ -364,8 +395,15 @@ def _shut(sock: socket.socket | None) -> None:
 
 
 def _charset(response: http.client.HTTPResponse) -> str:
-    """httpx2's choice: the charset the answer names, else UTF-8."""
-    charset = response.headers.get_content_charset()
+    return charset_of(response.headers.get("content-type"))
+
+
+def charset_of(content_type: str | None) -> str:
+    """httpx2's choice: the charset the answer's content type names, else UTF-8."""
+    header = email.message.Message()
+    if content_type is not None:
+        header["content-type"] = content_type
+    charset = header.get_content_charset()
     if charset:
         try:
             return codecs.lookup(charset).name
@@ -466,27 +504,46 @@ def _more(read: Callable[[int], bytes]) -> bytes:
 
 
 def _lines(pieces: Iterable[bytes], charset: str) -> Iterator[str]:
-    """Lines as `readline` then `splitlines` made them: cut after each b"\\n", each line
-    decoded on its own (in UTF-8, where a b"\\n" never ends a character, the whole run of
-    lines in one call). A line that ends in no b"\\n" before the body is cut is not given:
-    the cut is (httpx2 does the same)."""
-    decode_each = charset != "utf-8"
-    held: list[bytes] = []  # the pieces of a line not ended yet
+    lines = LineSplitter(charset)
     for piece in pieces:
+        yield from lines.feed(piece)
+    yield from lines.end()
+
+
+class LineSplitter:
+    """Lines as `readline` then `splitlines` made them, from pieces of a body as they come:
+    cut after each b"\n", each line decoded on its own (in UTF-8, where a b"\n" never ends a
+    character, the whole run of lines in one call). A line that ends in no b"\n" before the
+    body is cut is not given: the cut is (httpx2 does the same)."""
+
+    __slots__ = ("_charset", "_each", "_held")
+
+    def __init__(self, charset: str) -> None:
+        self._charset = charset
+        self._each = charset != "utf-8"
+        self._held: list[bytes] = []  # the pieces of a line not ended yet
+
+    def feed(self, piece: bytes) -> list[str]:
         end = piece.rfind(b"\n") + 1
         if not end:
-            held.append(piece)
-            continue
+            self._held.append(piece)
+            return []
         block = piece[:end]
-        if held:
-            block = b"".join([*held, block])
-            held = []
+        if self._held:
+            block = b"".join([*self._held, block])
+            self._held = []
         if end < len(piece):
-            held.append(piece[end:])
-        if decode_each:
-            for line in block.split(b"\n")[:-1]:
-                yield from (line + b"\n").decode(charset, "replace").splitlines()
-        else:
-            yield from block.decode(charset, "replace").splitlines()
-    if held:
-        yield from b"".join(held).decode(charset, "replace").splitlines()
+            self._held.append(piece[end:])
+        if not self._each:
+            return block.decode(self._charset, "replace").splitlines()
+        return [
+            text
+            for line in block.split(b"\n")[:-1]
+            for text in (line + b"\n").decode(self._charset, "replace").splitlines()
+        ]
+
+    def end(self) -> list[str]:
+        """The last line, ended by the body's end."""
+        if not self._held:
+            return []
+        return b"".join(self._held).decode(self._charset, "replace").splitlines()

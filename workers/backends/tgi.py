@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 
 import httpx2
 from huggingface_hub import InferenceClient
+from huggingface_hub.inference._common import RequestParameters
 
 from inferq.registry import ModelSpec
 from workers.backends import sse
@@ -68,6 +69,50 @@ class ClientStream(ABC):
     def _call(self) -> Any:
         """The streaming call on the client, through huggingface_hub."""
 
+    @abstractmethod
+    def parse(self, line: str) -> Any:
+        """One `data:` line of the answer as a chunk, as huggingface_hub would read it."""
+
+    @abstractmethod
+    def take(self, chunk: Any) -> list[str]:
+        """A chunk's deltas; its closing figures go to `completion`."""
+
+    def ended(self) -> None:
+        """After the last chunk: a stream that did not finish fails (to be tried again)."""
+        self._check_finished()
+
+    def lean_request(self) -> RequestParameters | None:
+        """The streaming call's request, when the lean reader may send it (else only
+        huggingface_hub may: HTTPS, a proxy, offline mode, or `lean` off)."""
+        if not self.lean:
+            return None
+        request = sse.built_request(self.client, self._call)
+        return request if sse.lean_possible(request.url) else None
+
+    def failure(self, exc: BaseException) -> BackendError:
+        """Any failure of the call or the read as a BackendError (as `_guard` raises it)."""
+        if isinstance(exc, BackendError):
+            return exc
+        if isinstance(exc, TRANSLATED):
+            return self._failure(translate(exc), exc)
+        return self._failure(unreadable(exc), exc)
+
+    def _deltas(self) -> Iterator[str]:
+        for chunk in self._chunks():
+            yield from self.take(chunk)
+        self.ended()
+
+    def _chunks(self) -> Iterator[Any]:
+        # The request is sent (and a refusal raised) here, before the first event is read.
+        if self.lean:
+            return map(self.parse, sse.data_lines(self._lines()))
+        return map(self._chunk_of, self._call())
+
+    @staticmethod
+    @abstractmethod
+    def _chunk_of(output: Any) -> Any:
+        """huggingface_hub's own output, as `parse` gives it."""
+
     def _lines(self) -> Iterator[str]:
         """The lines of the answer to the call: sent on a lean connection where one behaves
         as huggingface_hub's would, else by huggingface_hub."""
@@ -97,14 +142,12 @@ class ClientStream(ABC):
                 yield delta.replace(NUL, REPLACEMENT) if NUL in delta else delta
         except BackendError:
             raise
-        except TRANSLATED as exc:
-            raise self._failure(translate(exc), exc) from exc
         except Exception as exc:
-            raise self._failure(unreadable(exc), exc) from exc
+            raise self.failure(exc) from exc
         finally:
             self.close()
 
-    def _failure(self, error: BackendError, exc: Exception) -> BackendError:
+    def _failure(self, error: BackendError, exc: BaseException) -> BackendError:
         """The error as tenants see it; the whole exception, address included, goes to the log."""
         url = self.client.model or ""
         log.warning("backend at %s failed (%s): %r", url, error.type, exc)
@@ -184,26 +227,21 @@ class TextGenerationStream(ClientStream):
         self.request = request
 
     def __iter__(self) -> Iterator[str]:
-        return self._guard(self._tokens())
+        return self._guard(self._deltas())
 
     def _call(self) -> Any:
         return self.client.text_generation(self.request.prompt or "", **tgi_params(self.request))
 
-    def _chunks(self) -> Iterator[sse.TgiChunk]:
-        # The request is sent (and a refusal raised) here, before the first event is read.
-        if self.lean:
-            return sse.tgi_chunks(self._lines())
-        return map(sse.tgi_chunk_of, self._call())
+    parse = staticmethod(sse.tgi_chunk)  # type: ignore[assignment]
+    _chunk_of = staticmethod(sse.tgi_chunk_of)
 
-    def _tokens(self) -> Iterator[str]:
-        for text, details in self._chunks():
-            if text is not None:
-                yield text
-            if details is not None:
-                self.completion.finish_reason = details.finish_reason
-                self.completion.output_tokens = details.generated_tokens
-                self.completion.input_tokens = details.input_length
-        self._check_finished()
+    def take(self, chunk: sse.TgiChunk) -> list[str]:
+        text, details = chunk
+        if details is not None:
+            self.completion.finish_reason = details.finish_reason
+            self.completion.output_tokens = details.generated_tokens
+            self.completion.input_tokens = details.input_length
+        return [] if text is None else [text]
 
 
 def tgi_params(request: GenerationRequest) -> dict[str, Any]:

@@ -1,0 +1,179 @@
+"""The worker's stream loop (workers/engine.py) with real publishers on a real Redis: every
+token written once and in order, the first at once, the rest together; a cancel, a lost claim
+and a Redis that lost its scripts, as the generation's thread sees them."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from huggingface_hub import InferenceClient
+
+from inferq.events import (
+    PUBLISH_SCRIPT,
+    EventType,
+    cancel_key,
+    claim_key,
+    from_entries,
+    script_keys,
+    stream_key,
+)
+from inferq.lifecycle import Claim
+from inferq.protocol import JobInput, JobParams, TokenData
+from tests.servers import Databases, redis_client, start_sim
+from workers.backends.base import GenerationRequest
+from workers.backends.tgi import TextGenerationStream
+from workers.engine import StreamEngine
+from workers.publisher import ClaimLost, FlushPace, TokenPublisher
+
+
+@pytest.fixture(scope="module")
+def sim_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """20 ms between tokens."""
+    url, child = start_sim(tmp_path_factory.mktemp("engine"), "20")
+    yield url
+    child.stop()
+
+
+@pytest.fixture
+def client(databases: Databases) -> Iterator[redis.Redis]:
+    client = redis_client(databases.redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def engine(databases: Databases) -> Iterator[StreamEngine]:
+    # A flush every 100 ms: about five tokens of the simulator's each.
+    engine = StreamEngine(
+        databases.redis_url, FlushPace(base_s=0.1, budget=400, max_s=0.1), flush_max_tokens=16
+    )
+    engine.start()
+    yield engine
+    engine.stop()
+
+
+class _Sink:
+    def __init__(self, publisher: TokenPublisher, max_tokens: int) -> None:
+        self.publisher = publisher
+        self.max_tokens = max_tokens
+        self.deltas: list[str] = []
+
+    def took(self, deltas: list[str], now: float) -> None:
+        self.deltas += deltas
+        self.publisher.extend(deltas)
+
+
+def _job(client: redis.Redis, max_tokens: int) -> tuple[str, TokenPublisher]:
+    job_id = str(uuid.uuid4())
+    request = JobInput(prompt="-"), JobParams(max_tokens=max_tokens)
+    claim = Claim(uuid.uuid4(), uuid.uuid4(), 1, "sim", *request, dt.datetime.now(dt.UTC), None)
+    publisher = TokenPublisher(
+        client.register_script(PUBLISH_SCRIPT),
+        job_id,
+        maxlen=1000,
+        ttl=60,
+        pace=FlushPace(base_s=0.05, budget=400, max_s=0.05),
+        flush_max_tokens=16,
+        claim=claim,
+    )
+    return job_id, publisher
+
+
+def _stream(url: str, max_tokens: int, seed: int) -> tuple[TextGenerationStream, Any]:
+    request = GenerationRequest(prompt="tell me", messages=None, max_tokens=max_tokens, seed=seed)
+    stream = TextGenerationStream(InferenceClient(model=url, api_key="-", timeout=30), request)
+    lean = stream.lean_request()
+    assert lean is not None
+    return stream, lean
+
+
+def _tokens(client: redis.Redis, job_id: str) -> list[TokenData]:
+    events = from_entries(client.xrange(stream_key(job_id)))
+    return [event.parse(TokenData) for event in events if event.type is EventType.token]
+
+
+def test_every_token_of_many_streams_is_written_once_in_order_the_first_at_once(
+    engine: StreamEngine, client: redis.Redis, sim_url: str
+) -> None:
+    jobs = [_job(client, 40) for _ in range(8)]
+    sinks: list[_Sink] = []
+    relays = []
+    try:
+        for seed, (_, publisher) in enumerate(jobs):
+            stream, request = _stream(sim_url, 40, seed)
+            sink = _Sink(publisher, 40)
+            sinks.append(sink)
+            relays.append((stream, engine.relay(stream, request, 30, sink)))
+        for stream, relay in relays:
+            assert relay.wait() is False
+            stream.ended()  # the stream said it finished
+            stream.close()
+        for (job_id, publisher), sink in zip(jobs, sinks, strict=True):
+            publisher.send([], final=True)  # what was pending at the end: the thread's
+            written = _tokens(client, job_id)
+            assert "".join(t.text for t in written) == "".join(sink.deltas)
+            assert sum(t.count for t in written) == len(sink.deltas) > 10
+            assert written[0].count == 1  # the first token went alone, at once
+            assert len(written) <= len(sink.deltas) / 2  # the rest went together
+    finally:
+        client.delete(*(key for job_id, _ in jobs for key in script_keys(job_id)))
+
+
+def test_a_cancel_seen_by_a_flush_ends_the_stream_and_closes_it(
+    engine: StreamEngine, client: redis.Redis, sim_url: str
+) -> None:
+    job_id, publisher = _job(client, 500)
+    stream, request = _stream(sim_url, 500, 1)  # 10 s of tokens
+    sink = _Sink(publisher, 500)
+    try:
+        relay = engine.relay(stream, request, 30, sink)
+        threading.Timer(0.5, lambda: client.set(cancel_key(job_id), "1", ex=60)).start()
+        started = time.monotonic()
+        assert relay.wait() is True
+        assert time.monotonic() - started < 3
+        assert publisher.cancelled
+        # Everything read before the flag was seen is written or still pending for the
+        # thread's closing write: nothing is lost, nothing is written twice.
+        publisher.send([], final=True)
+        assert "".join(t.text for t in _tokens(client, job_id)) == "".join(sink.deltas)
+    finally:
+        stream.close()
+        client.delete(*script_keys(job_id))
+
+
+def test_a_write_refused_by_a_newer_claim_ends_the_stream_with_the_claim_lost(
+    engine: StreamEngine, client: redis.Redis, sim_url: str
+) -> None:
+    job_id, publisher = _job(client, 500)
+    client.set(claim_key(job_id), f"9:{uuid.uuid4()}", ex=60)  # a later attempt took over
+    stream, request = _stream(sim_url, 500, 2)
+    try:
+        with pytest.raises(ClaimLost):
+            engine.relay(stream, request, 30, _Sink(publisher, 500)).wait()
+        assert client.xlen(stream_key(job_id)) == 0
+    finally:
+        stream.close()
+        client.delete(*script_keys(job_id))
+
+
+def test_the_loop_loads_the_script_again_when_redis_lost_it(
+    engine: StreamEngine, client: redis.Redis, sim_url: str
+) -> None:
+    job_id, publisher = _job(client, 10)
+    stream, request = _stream(sim_url, 10, 3)
+    sink = _Sink(publisher, 10)
+    try:
+        client.script_flush()
+        assert engine.relay(stream, request, 30, sink).wait() is False
+        publisher.send([], final=True)
+        assert "".join(t.text for t in _tokens(client, job_id)) == "".join(sink.deltas)
+    finally:
+        stream.close()
+        client.delete(*script_keys(job_id))
