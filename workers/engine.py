@@ -200,7 +200,7 @@ class StreamEngine:
     def _flush_soon(self) -> None:
         self._soon_scheduled = False
         soon, self._soon = self._soon, []
-        self._write([r for r in soon if r.flush_due()])
+        self._write([r for r in dict.fromkeys(soon) if r.flush_due()])
 
     def pause(self, reader: _Reader) -> None:
         self._paused.append(reader)
