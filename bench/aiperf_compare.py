@@ -276,6 +276,12 @@ def _concurrency(ctx: click.Context, param: click.Parameter, text: str) -> tuple
     help="the worker's --processes [default: the worker's own]",
 )
 @click.option(
+    "--worker-streams",
+    type=click.Choice(["loop", "threads"]),
+    default=None,
+    help="how the worker reads its streams (INFERQ_WORKER_STREAMS) [default: the worker's own]",
+)
+@click.option(
     "--out",
     "out_dir",
     default="bench-results/aiperf",
@@ -293,6 +299,7 @@ def main(
     ttft_ms: float,
     itl_ms: float,
     worker_processes: int | None,
+    worker_streams: str | None,
     out_dir: Path,
     database_url: str | None,
     redis_url: str | None,
@@ -317,6 +324,7 @@ def main(
         max_rounds=1,
         burst=0,
         processes=worker_processes,
+        streams=worker_streams,
     )
     tokenizer = write_tokenizer(out_dir / "tokenizer")
     load = Load(
