@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 import redis
 from huggingface_hub import InferenceClient
@@ -27,6 +28,7 @@ from inferq.events import (
 from inferq.lifecycle import Claim
 from inferq.protocol import JobInput, JobParams, TokenData
 from tests.servers import Databases, redis_client, start_sim
+from tests.test_metrics import eventually
 from workers.backends.base import GenerationRequest
 from workers.backends.tgi import TextGenerationStream
 from workers.engine import StreamEngine
@@ -43,9 +45,15 @@ def sim_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture
 def client(databases: Databases) -> Iterator[redis.Redis]:
+    """A Redis client; the keys of the jobs made with `_job` are deleted after the test."""
     client = redis_client(databases.redis_url)
+    made.clear()
     yield client
+    client.delete(*(key for job_id in made for key in script_keys(job_id)))
     client.close()
+
+
+made: list[str] = []  # the test's jobs
 
 
 @pytest.fixture
@@ -72,6 +80,7 @@ class _Sink:
 
 def _job(client: redis.Redis, max_tokens: int) -> tuple[str, TokenPublisher]:
     job_id = str(uuid.uuid4())
+    made.append(job_id)
     request = JobInput(prompt="-"), JobParams(max_tokens=max_tokens)
     claim = Claim(uuid.uuid4(), uuid.uuid4(), 1, "sim", *request, dt.datetime.now(dt.UTC), None)
     publisher = TokenPublisher(
@@ -103,27 +112,21 @@ def test_every_token_of_many_streams_is_written_once_in_order_the_first_at_once(
     engine: StreamEngine, client: redis.Redis, sim_url: str
 ) -> None:
     jobs = [_job(client, 40) for _ in range(8)]
-    sinks: list[_Sink] = []
+    sinks = [_Sink(publisher, 40) for _, publisher in jobs]
     relays = []
-    try:
-        for seed, (_, publisher) in enumerate(jobs):
-            stream, request = _stream(sim_url, 40, seed)
-            sink = _Sink(publisher, 40)
-            sinks.append(sink)
-            relays.append((stream, engine.relay(stream, request, 30, sink)))
-        for stream, relay in relays:
-            assert relay.wait() is False
-            stream.ended()  # the stream said it finished
-            stream.close()
-        for (job_id, publisher), sink in zip(jobs, sinks, strict=True):
-            publisher.send([], final=True)  # what was pending at the end: the thread's
-            written = _tokens(client, job_id)
-            assert "".join(t.text for t in written) == "".join(sink.deltas)
-            assert sum(t.count for t in written) == len(sink.deltas) > 10
-            assert written[0].count == 1  # the first token went alone, at once
-            assert len(written) <= len(sink.deltas) / 2  # the rest went together
-    finally:
-        client.delete(*(key for job_id, _ in jobs for key in script_keys(job_id)))
+    for seed, sink in enumerate(sinks):
+        stream, request = _stream(sim_url, 40, seed)
+        relays.append((stream, engine.relay(stream, request, 30, sink)))
+    for stream, relay in relays:
+        assert relay.wait() is False
+        stream.ended()  # the stream said it finished
+    for (job_id, publisher), sink in zip(jobs, sinks, strict=True):
+        publisher.send([], final=True)  # what was pending at the end: the thread's
+        written = _tokens(client, job_id)
+        assert "".join(t.text for t in written) == "".join(sink.deltas)
+        assert sum(t.count for t in written) == len(sink.deltas) > 10
+        assert written[0].count == 1  # the first token went alone, at once
+        assert len(written) <= len(sink.deltas) / 2  # the rest went together
 
 
 def test_a_cancel_seen_by_a_flush_ends_the_stream_and_closes_it(
@@ -132,20 +135,20 @@ def test_a_cancel_seen_by_a_flush_ends_the_stream_and_closes_it(
     job_id, publisher = _job(client, 500)
     stream, request = _stream(sim_url, 500, 1)  # 10 s of tokens
     sink = _Sink(publisher, 500)
-    try:
-        relay = engine.relay(stream, request, 30, sink)
-        threading.Timer(0.5, lambda: client.set(cancel_key(job_id), "1", ex=60)).start()
-        started = time.monotonic()
-        assert relay.wait() is True
-        assert time.monotonic() - started < 3
-        assert publisher.cancelled
-        # Everything read before the flag was seen is written or still pending for the
-        # thread's closing write: nothing is lost, nothing is written twice.
-        publisher.send([], final=True)
-        assert "".join(t.text for t in _tokens(client, job_id)) == "".join(sink.deltas)
-    finally:
-        stream.close()
-        client.delete(*script_keys(job_id))
+    relay = engine.relay(stream, request, 30, sink)
+    threading.Timer(0.5, lambda: client.set(cancel_key(job_id), "1", ex=60)).start()
+    started = time.monotonic()
+    assert relay.wait() is True
+    assert time.monotonic() - started < 3
+    assert publisher.cancelled
+    # The connection is closed: the simulator stops generating (its slot is free).
+    eventually(
+        lambda: httpx.get(f"{sim_url}/sim/state").json()["active"] == 0, "the backend's slot freed"
+    )
+    # Everything read before the flag was seen is written or still pending for the thread's
+    # closing write: nothing is lost, nothing is written twice.
+    publisher.send([], final=True)
+    assert "".join(t.text for t in _tokens(client, job_id)) == "".join(sink.deltas)
 
 
 def test_a_write_refused_by_a_newer_claim_ends_the_stream_with_the_claim_lost(
@@ -154,13 +157,9 @@ def test_a_write_refused_by_a_newer_claim_ends_the_stream_with_the_claim_lost(
     job_id, publisher = _job(client, 500)
     client.set(claim_key(job_id), f"9:{uuid.uuid4()}", ex=60)  # a later attempt took over
     stream, request = _stream(sim_url, 500, 2)
-    try:
-        with pytest.raises(ClaimLost):
-            engine.relay(stream, request, 30, _Sink(publisher, 500)).wait()
-        assert client.xlen(stream_key(job_id)) == 0
-    finally:
-        stream.close()
-        client.delete(*script_keys(job_id))
+    with pytest.raises(ClaimLost):
+        engine.relay(stream, request, 30, _Sink(publisher, 500)).wait()
+    assert client.xlen(stream_key(job_id)) == 0
 
 
 def test_the_loop_loads_the_script_again_when_redis_lost_it(
@@ -169,11 +168,7 @@ def test_the_loop_loads_the_script_again_when_redis_lost_it(
     job_id, publisher = _job(client, 10)
     stream, request = _stream(sim_url, 10, 3)
     sink = _Sink(publisher, 10)
-    try:
-        client.script_flush()
-        assert engine.relay(stream, request, 30, sink).wait() is False
-        publisher.send([], final=True)
-        assert "".join(t.text for t in _tokens(client, job_id)) == "".join(sink.deltas)
-    finally:
-        stream.close()
-        client.delete(*script_keys(job_id))
+    client.script_flush()
+    assert engine.relay(stream, request, 30, sink).wait() is False
+    publisher.send([], final=True)
+    assert "".join(t.text for t in _tokens(client, job_id)) == "".join(sink.deltas)
