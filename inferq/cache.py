@@ -96,9 +96,9 @@ async def lookup(redis: Any, key: str) -> CachedAnswer | None:
         return None
 
 
-def store(redis: Any, key: str, answer: CachedAnswer, ttl_seconds: int) -> None:
-    """One SET with its TTL (a sync client: the worker's)."""
-    redis.set(answer_key(key), answer.model_dump_json(), ex=ttl_seconds)
+def store_in(pipe: Any, key: str, answer: CachedAnswer, ttl_seconds: int) -> None:
+    """One SET with its TTL, added to a pipeline the worker sends."""
+    pipe.set(answer_key(key), answer.model_dump_json(), ex=ttl_seconds)
 
 
 # -- throughput -------------------------------------------------------------------------------

@@ -279,24 +279,24 @@ def settle_args(
     ]
 
 
-def settle(
-    client: redis.Redis,
+def settle_in(
+    pipe: Any,
     job_id: str,
     input_tokens: int | None,
     output_tokens: int | None,
     cost_usd: float | Decimal | None,
 ) -> None:
-    """At a job's end (the worker): give back the tokens and cost its submit reserved and it
-    did not use, and add its cost, whatever the end, to its key's spend today. A job of a
-    key without limits reserved nothing: one read finds no reservation. Settles once."""
-    try:
-        client.register_script(SETTLE_SCRIPT)(
-            keys=[reservation_key(job_id)],
-            args=settle_args(input_tokens, output_tokens, cost_usd),
-        )
-    except redis.RedisError:
-        # The job's end is recorded; its reservation lapses with its window and day.
-        log.warning("could not settle a job's limits reservation", exc_info=True)
+    """At a job's end (the worker), added to a pipeline it sends: give back the tokens and
+    cost its submit reserved and it did not use, and add its cost, whatever the end, to its
+    key's spend today. A job of a key without limits reserved nothing: one read finds no
+    reservation. Settles once. EVAL, not EVALSHA: a pipeline's answers are not read, and the
+    script must run also on a Redis that lost its scripts."""
+    pipe.eval(
+        SETTLE_SCRIPT,
+        1,
+        reservation_key(job_id),
+        *settle_args(input_tokens, output_tokens, cost_usd),
+    )
 
 
 def settle_unused(client: redis.Redis, job_ids: list[str]) -> None:
@@ -315,13 +315,11 @@ def settle_unused(client: redis.Redis, job_ids: list[str]) -> None:
         log.warning("could not settle ended jobs' limits reservations", exc_info=True)
 
 
-def dequeue(client: redis.Redis, job_id: str) -> None:
-    """The job left `queued` (its first claim): its key's queued count drops, once."""
-    try:
-        client.register_script(DEQUEUE_SCRIPT)(keys=[reservation_key(job_id)], args=[])
-    except redis.RedisError:
-        # Its settle (the job's end) lowers the count instead.
-        log.warning("could not count a job out of its key's queue", exc_info=True)
+def dequeue_in(pipe: Any, job_id: str) -> None:
+    """The job left `queued` (its first claim): its key's queued count drops, once; added to
+    a pipeline the worker sends (EVAL, as `settle_in`). Should it be lost, the job's settle
+    lowers the count instead."""
+    pipe.eval(DEQUEUE_SCRIPT, 1, reservation_key(job_id))
 
 
 async def settle_async(client: aioredis.Redis, job_id: str) -> None:

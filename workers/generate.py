@@ -44,7 +44,7 @@ from workers.engine import StreamEngine
 from workers.expiry import expire_job
 from workers.interrupts import Interrupt, Interrupted, Reason
 from workers.observe import record_claim, record_finish
-from workers.publisher import ClaimLost, RedisUnavailable, TokenPublisher
+from workers.publisher import Also, ClaimLost, RedisUnavailable, TokenPublisher
 
 log = logging.getLogger("inferq.worker")
 
@@ -75,9 +75,6 @@ def run_job(ctx: WorkerContext, job_id: str) -> None:
         if not expire_job(ctx, job_id):
             _not_claimable(ctx, job_id)
         return
-    if claim.limited and claim.attempt == 1:
-        # It left `queued` (a later attempt's claim takes a running job: it had left).
-        limits.dequeue(ctx.redis, job_id)
     record_claim(claim, datetime.now(UTC))
     spec = ctx.registry.get(claim.model)
     generation = Generation(ctx, claim, spec)
@@ -230,18 +227,24 @@ class Generation:
 
     def _start_events(self) -> None:
         """`status: running` (after a `reset` if an earlier attempt showed tokens), in one
-        round trip with the job's start count and its enqueue mark's removal: three writes
-        that all stood before the first token."""
+        round trip with the job's start count, its enqueue mark's removal and, for a key with
+        limits, its leaving the key's queued count: writes that all stood before the first
+        token."""
         events = [Event.of(StatusData(status=JobStatus.running))]
         if self.emitted:
             events.insert(0, Event.of(ResetData(attempt=self.claim.attempt)))
-        ctx, job_id, model = self.ctx, str(self.claim.job_id), self.claim.model
+        ctx, claim = self.ctx, self.claim
+        job_id, model = str(claim.job_id), claim.model
         together = ctx.broker is ctx.redis  # else the mark is in another Redis
+        # It left `queued` (a later attempt's claim takes a running job: it had left).
+        dequeue = claim.limited and claim.attempt == 1
 
         def bookkeeping(pipe: Any) -> None:
             cache.count_start_in(pipe, model)
             if together:
                 pipe.zrem(ENQUEUED_KEY, job_id)
+            if dequeue:
+                limits.dequeue_in(pipe, job_id)
 
         self.publisher.send(events, also=bookkeeping)
         if not together:
@@ -424,19 +427,10 @@ class Generation:
         if not recorded:
             log.warning("finish refused: job already ended or taken over", extra=self._log())
             return
-        # Before the closing events: a client that submits again on `done` finds its key's
-        # limits already settled. A key without limits reserved nothing: no round trip.
-        if self.claim.limited:
-            limits.settle(
-                self.ctx.redis,
-                str(self.claim.job_id),
-                outcome.input_tokens,
-                outcome.output_tokens,
-                outcome.cost_usd,
-            )
-        # Before the closing events too: a client that sends the request again on `done` hits.
-        self._store_answer(outcome)
-        self.publisher.send(outcome.closing_events(), final=True)
+        # In the closing write's round trip, before its events: a client that submits again
+        # on `done` finds its key's limits settled (a key without limits reserved nothing:
+        # nothing to settle) and, sending the same request again, hits the cache.
+        self.publisher.send(outcome.closing_events(), final=True, also=self._bookkeeping(outcome))
         record_finish(self.claim, outcome, datetime.now(UTC))
         log.info(
             "job %s %s: %s output tokens",
@@ -454,20 +448,32 @@ class Generation:
             },
         )
 
-    def _store_answer(self, outcome: Outcome) -> None:
-        key = self.claim.params.cache_key
-        if key is None or outcome.status is not JobStatus.succeeded:
-            return
-        answer = cache.CachedAnswer(
-            output=outcome.output,
-            finish_reason=outcome.finish_reason,
-            input_tokens=outcome.input_tokens,
-            output_tokens=outcome.output_tokens,
-        )
-        try:
-            cache.store(self.ctx.redis, key, answer, self.ctx.settings.cache_ttl_seconds)
-        except Exception:  # a missed store costs a later request a backend call, nothing more
-            log.warning("could not store the answer in the cache", extra=self._log())
+    def _bookkeeping(self, outcome: Outcome) -> Also | None:
+        """The job's end in Redis beside its closing events: its limits settled, its answer
+        stored in the response cache (best effort: a missed store costs a later request a
+        backend call, a missed settle lapses with its window and day)."""
+        claim = self.claim
+        settle = claim.limited
+        key = claim.params.cache_key if outcome.status is JobStatus.succeeded else None
+        if not settle and key is None:
+            return None
+        job_id, ttl = str(claim.job_id), self.ctx.settings.cache_ttl_seconds
+
+        def bookkeeping(pipe: Any) -> None:
+            if settle:
+                limits.settle_in(
+                    pipe, job_id, outcome.input_tokens, outcome.output_tokens, outcome.cost_usd
+                )
+            if key is not None:
+                answer = cache.CachedAnswer(
+                    output=outcome.output,
+                    finish_reason=outcome.finish_reason,
+                    input_tokens=outcome.input_tokens,
+                    output_tokens=outcome.output_tokens,
+                )
+                cache.store_in(pipe, key, answer, ttl)
+
+        return bookkeeping
 
     def _log(self) -> dict[str, Any]:
         return {"job_id": str(self.claim.job_id), "attempt": self.claim.attempt}
