@@ -62,6 +62,14 @@ def _open(sender: Any = None, **_: Any) -> None:
     context.start_streams()
 
 
+@signals.worker_ready.connect
+def _ready(**_: Any) -> None:
+    # Logged once logging is set up (worker_init comes before).
+    if app.context is not None:
+        where = "one event loop" if app.context.streams is not None else "their jobs' threads"
+        log.info("backend streams read on %s", where)
+
+
 @signals.worker_shutting_down.connect
 def _shutting_down(**_: Any) -> None:
     # Celery's warm shutdown waits for running tasks however long they take; ours end within

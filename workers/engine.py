@@ -144,9 +144,8 @@ class StreamEngine:
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
         if self._redis_url is not None:
-            self._redis = async_client(self._redis_url, 8, name="inferq-worker-streams")
+            self._redis = async_client(self._redis_url, 32, name="inferq-worker-streams")
             self._sha = self._redis.register_script(PUBLISH_SCRIPT).sha
-        log.info("backend streams read on one event loop (workers/engine.py)")
         self.loop.run_forever()
 
     def call(self, callback: Callable[[], object]) -> None:
