@@ -7,7 +7,14 @@ from pathlib import Path
 
 import click
 
-from bench.command import RelayOptions, database_url_option, redis_url_option, run_command
+from bench.command import (
+    RelayOptions,
+    database_url_option,
+    redis_url_option,
+    run_command,
+    worker_processes_option,
+    worker_streams_option,
+)
 
 
 @click.command()
@@ -18,25 +25,14 @@ from bench.command import RelayOptions, database_url_option, redis_url_option, r
     help="comma-separated phases to run",
 )
 @click.option("--smoke", is_flag=True, help="tiny sizes that finish in seconds")
-@click.option(
-    "--relay-processes",
-    type=click.IntRange(min=1),
-    default=None,
-    help="the relay phase's `inferq worker --processes` [default: the worker's own]",
-)
+@worker_processes_option("--relay-processes")
 @click.option(
     "--relay-output-tokens",
     type=click.IntRange(min=2),
     default=None,
     help="tokens of every reply in the relay phase [default: 64]",
 )
-@click.option(
-    "--relay-streams",
-    type=click.Choice(["loop", "threads"]),
-    default=None,
-    help="how the relay phase's worker reads its streams (INFERQ_WORKER_STREAMS) "
-    "[default: the worker's own]",
-)
+@worker_streams_option("--relay-streams")
 @click.option(
     "--out",
     "out_dir",

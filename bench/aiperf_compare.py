@@ -33,7 +33,13 @@ from rich.table import Table
 
 from bench import relay
 from bench.cluster import Cluster
-from bench.command import TABLE_WIDTH, database_url_option, redis_url_option
+from bench.command import (
+    TABLE_WIDTH,
+    database_url_option,
+    redis_url_option,
+    worker_processes_option,
+    worker_streams_option,
+)
 from bench.config import RelayConfig
 from bench.runner import raise_nofile_limit
 from bench.servers import data_servers
@@ -269,18 +275,8 @@ def _concurrency(ctx: click.Context, param: click.Parameter, text: str) -> tuple
     show_default=True,
     help="the simulator's inter-token latency",
 )
-@click.option(
-    "--worker-processes",
-    type=click.IntRange(min=1),
-    default=None,
-    help="the worker's --processes [default: the worker's own]",
-)
-@click.option(
-    "--worker-streams",
-    type=click.Choice(["loop", "threads"]),
-    default=None,
-    help="how the worker reads its streams (INFERQ_WORKER_STREAMS) [default: the worker's own]",
-)
+@worker_processes_option("--worker-processes")
+@worker_streams_option("--worker-streams")
 @click.option(
     "--out",
     "out_dir",

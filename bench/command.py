@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import click
 from rich.console import Console
@@ -43,6 +45,27 @@ redis_url_option = click.option(
     help="Redis URL; nothing is flushed, the run's queues carry its id "
     "[env INFERQ_BENCH_REDIS_URL; default: embedded]",
 )
+
+
+def worker_processes_option(flag: str) -> Callable[[Any], Any]:
+    """The bench's worker's `--processes`, as `flag`."""
+    return click.option(
+        flag,
+        type=click.IntRange(min=1),
+        default=None,
+        help="the worker's `inferq worker --processes` [default: the worker's own]",
+    )
+
+
+def worker_streams_option(flag: str) -> Callable[[Any], Any]:
+    """How the bench's worker reads its backend streams (INFERQ_WORKER_STREAMS), as `flag`."""
+    return click.option(
+        flag,
+        type=click.Choice(["loop", "threads"]),
+        default=None,
+        help="how the worker reads its backend streams (INFERQ_WORKER_STREAMS) "
+        "[default: the worker's own]",
+    )
 
 
 @dataclass(frozen=True)

@@ -74,6 +74,20 @@ class Platform:
         self.processes.append(process)
         return process
 
+    def worker(self, name: str, models: str, *, concurrency: int = 2, **env: str) -> Child:
+        """`inferq worker` for `models`, as node `NAME@inferq-test`; its log `worker-NAME.log`."""
+        return self.spawn(
+            "worker",
+            "--models",
+            models,
+            "--concurrency",
+            str(concurrency),
+            "--name",
+            f"{name}@inferq-test",
+            name=f"worker-{name}",
+            **env,
+        )
+
     def queue(self, model: str) -> str:
         """The queue the platform's processes use for `model` (prefixed by the database's name)."""
         settings = Settings(database_url=self.database_url, redis_url=self.redis_url)

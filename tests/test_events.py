@@ -15,7 +15,7 @@ from httpx_sse import connect_sse
 
 from inferq.events import stream_key
 from tests.conftest import BOOTSTRAP_KEY, Platform, submit, wait_for
-from tests.servers import Child, redis_client
+from tests.servers import redis_client
 from tests.sse import Transcript, aread, read
 
 
@@ -196,14 +196,14 @@ def test_cancelled_job_is_charged_for_the_tokens_it_produced(
 def test_worker_killed_mid_generation_is_replaced_and_readers_see_reset(
     platform: Platform, http: httpx.Client
 ) -> None:
-    first = _lonely_worker(platform, "doomed")
+    first = platform.worker("doomed", "lonely")
     job = submit(http, model="lonely", prompt="survive a crash", max_tokens=200, seed=21)
     transcript = Transcript()
     reader = threading.Thread(target=read, args=(http, job["id"], transcript))
     reader.start()
     _wait_until(lambda: len(transcript.of_type("token")) >= 5, timeout=30)
     first.kill()
-    heir = _lonely_worker(platform, "heir")
+    heir = platform.worker("heir", "lonely")
     try:
         stored = wait_for(http, job["id"], timeout=60)
         reader.join(timeout=30)
@@ -215,20 +215,6 @@ def test_worker_killed_mid_generation_is_replaced_and_readers_see_reset(
     assert stored["output"] == expected["generated_text"]
     assert transcript.of_type("reset"), "readers must be told the output restarts"
     assert transcript.output() == stored["output"]
-
-
-def _lonely_worker(platform: Platform, name: str) -> Child:
-    """A worker of its own for the `lonely` model, which the session's worker does not serve."""
-    return platform.spawn(
-        "worker",
-        "--models",
-        "lonely",
-        "--concurrency",
-        "2",
-        "--name",
-        f"{name}@inferq-test",
-        name=f"worker-{name}",
-    )
 
 
 def _wait_until(predicate, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]

@@ -41,21 +41,6 @@ def _wait_until(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
         time.sleep(0.05)
 
 
-def _worker(platform: Platform, name: str, models: str, **env: str) -> Child:
-    """A worker of its own, for models the session's worker does not serve."""
-    return platform.spawn(
-        "worker",
-        "--models",
-        models,
-        "--concurrency",
-        "2",
-        "--name",
-        f"{name}@inferq-test",
-        name=f"worker-{name}",
-        **env,
-    )
-
-
 def _stall_next_request(sim: Sim, seconds: float) -> None:
     body = {"mode": "stall", "count": 1, "stall_ms": seconds * 1000}
     httpx.post(f"{sim.url}/sim/faults", json=body, timeout=5).raise_for_status()
@@ -95,7 +80,7 @@ def test_cancel_during_a_retry_back_off_ends_at_once(
 ) -> None:
     sim = platform.sims["slow"]
     # A long back-off: the capped wait between backend tries is then about ten seconds.
-    worker = _worker(platform, "patient", "lonely", INFERQ_BACKEND_RETRY_BASE_SECONDS="60")
+    worker = platform.worker("patient", "lonely", INFERQ_BACKEND_RETRY_BASE_SECONDS="60")
     try:
         requests = sim.state()["total_requests"]
         sim.fault("overloaded", count=2)
@@ -216,7 +201,7 @@ def test_sigterm_hands_running_jobs_to_another_worker_after_the_grace(
     platform: Platform, http: httpx.Client
 ) -> None:
     env = {"INFERQ_SHUTDOWN_GRACE_SECONDS": "1", "INFERQ_LEASE_SECONDS": "300"}
-    leaving = _worker(platform, "leaving", "lonely", **env)
+    leaving = platform.worker("leaving", "lonely", **env)
     heir: Child | None = None
     transcript = Transcript()
     try:
@@ -224,7 +209,7 @@ def test_sigterm_hands_running_jobs_to_another_worker_after_the_grace(
         reader = threading.Thread(target=read, args=(http, job["id"], transcript))
         reader.start()
         _wait_until(lambda: len(transcript.of_type("token")) >= 3, timeout=60)
-        heir = _worker(platform, "heir-of-leaving", "lonely", **env)
+        heir = platform.worker("heir-of-leaving", "lonely", **env)
         leaving.terminate()
         terminated = time.monotonic()
         leaving.popen.wait(timeout=60)

@@ -69,10 +69,7 @@ def apis(platform: Platform, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         process = platform.spawn("api", "--port", str(port), name=name, **env)
         wait_http(f"http://127.0.0.1:{port}/readyz", process)
         urls.append(f"http://127.0.0.1:{port}")
-    platform.spawn(
-        "worker", "--models", "pricey", "--concurrency", "4", "--name", "limits@inferq-test",
-        name="worker-limits", **env,
-    )  # fmt: skip
+    platform.worker("limits", "pricey", concurrency=4, **env)
     yield LimitsApis(urls)
 
 

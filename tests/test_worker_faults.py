@@ -219,15 +219,10 @@ def lonely(platform: Platform) -> Iterator[Lonely]:
     sim = _start_sim("lonely", platform.logs, platform.env, "--ttft-ms", "5", "--itl-ms", "25")
     models = platform.logs / "lonely-models.toml"
     models.write_text(LONELY_MODELS.format(url=sim.url))
-    worker = platform.spawn(
-        "worker",
-        "--models",
+    worker = platform.worker(
         "lonely",
-        "--concurrency",
-        "4",
-        "--name",
-        "lonely@inferq-test",
-        name="worker-lonely",
+        "lonely",
+        concurrency=4,
         INFERQ_MODELS_FILE=str(models),
         INFERQ_LEASE_SECONDS="6",
         INFERQ_STALL_SECONDS="2",

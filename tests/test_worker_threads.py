@@ -19,17 +19,7 @@ from tests.test_metrics import eventually
 @pytest.fixture(scope="module")
 def threaded(platform: Platform) -> Iterator[Child]:
     """The `lonely` model (the slow simulator), served by a worker of its own on threads."""
-    worker = platform.spawn(
-        "worker",
-        "--models",
-        "lonely",
-        "--concurrency",
-        "4",
-        "--name",
-        "threads@inferq-test",
-        name="worker-threads",
-        INFERQ_WORKER_STREAMS="threads",
-    )
+    worker = platform.worker("threads", "lonely", concurrency=4, INFERQ_WORKER_STREAMS="threads")
     yield worker
     worker.stop()
 
