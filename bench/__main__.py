@@ -10,6 +10,7 @@ import click
 from bench.command import (
     RelayOptions,
     database_url_option,
+    out_option,
     redis_url_option,
     run_command,
     worker_processes_option,
@@ -33,13 +34,7 @@ from bench.command import (
     help="tokens of every reply in the relay phase [default: 64]",
 )
 @worker_streams_option("--relay-streams")
-@click.option(
-    "--out",
-    "out_dir",
-    default="bench-results",
-    show_default=True,
-    type=click.Path(file_okay=False, path_type=Path),
-)
+@out_option("bench-results")
 @database_url_option
 @redis_url_option
 def main(

@@ -36,6 +36,7 @@ from bench.cluster import Cluster
 from bench.command import (
     TABLE_WIDTH,
     database_url_option,
+    out_option,
     redis_url_option,
     worker_processes_option,
     worker_streams_option,
@@ -277,13 +278,7 @@ def _concurrency(ctx: click.Context, param: click.Parameter, text: str) -> tuple
 )
 @worker_processes_option("--worker-processes")
 @worker_streams_option("--worker-streams")
-@click.option(
-    "--out",
-    "out_dir",
-    default="bench-results/aiperf",
-    show_default=True,
-    type=click.Path(file_okay=False, path_type=Path),
-)
+@out_option("bench-results/aiperf")
 @database_url_option
 @redis_url_option
 def main(

@@ -47,6 +47,17 @@ redis_url_option = click.option(
 )
 
 
+def out_option(default: str) -> Callable[[Any], Any]:
+    """Where a bench command writes its results."""
+    return click.option(
+        "--out",
+        "out_dir",
+        default=default,
+        show_default=True,
+        type=click.Path(file_okay=False, path_type=Path),
+    )
+
+
 def worker_processes_option(flag: str) -> Callable[[Any], Any]:
     """The bench's worker's `--processes`, as `flag`."""
     return click.option(

@@ -29,6 +29,7 @@ from workers.backends.base import BackendError, GenerationRequest
 from workers.backends.chat import ChatStream, OpenAIChatStream
 from workers.backends.tgi import ClientStream, TextGenerationStream
 from workers.engine import StreamEngine
+from workers.publisher import FlushPace
 
 FAULTS = [
     None,
@@ -130,7 +131,7 @@ def _relayed(engine: StreamEngine, make: Any) -> tuple[Any, ...]:
 @pytest.fixture(scope="module", autouse=True)
 def engine() -> Iterator[StreamEngine]:
     global _ENGINE
-    _ENGINE = StreamEngine(None)
+    _ENGINE = StreamEngine(None, FlushPace(0.02, 400.0, 0.1))  # no flushes: no publisher
     _ENGINE.start()
     yield _ENGINE
     _ENGINE.stop()
@@ -456,10 +457,10 @@ def test_the_plain_streams_stay_on_the_fast_path(monkeypatch: pytest.MonkeyPatch
 
     monkeypatch.setattr(sse, "_format_text_generation_stream_output", refuse)
     monkeypatch.setattr(sse, "_format_chat_completion_stream_output", refuse)
-    tgi = list(sse.tgi_chunks(TGI_BODIES["plain"].splitlines()))
+    tgi = list(map(sse.tgi_chunk, sse.data_lines(TGI_BODIES["plain"].splitlines())))
     assert [c.text for c in tgi] == ["a", " b", None]
     assert tgi[-1].details == sse.Details("length", 3, 5)
-    chat = list(sse.chat_chunks(CHAT_BODIES["plain"].splitlines()))
+    chat = list(map(sse.chat_chunk, sse.data_lines(CHAT_BODIES["plain"].splitlines())))
     assert [c.choices for c in chat][:2] == [
         [sse.Choice("hi", None)],
         [sse.Choice(" there", "stop")],

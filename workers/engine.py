@@ -111,13 +111,13 @@ class StreamEngine:
     def __init__(
         self,
         redis_url: str | None,
-        pace: FlushPace | None = None,
+        pace: FlushPace,
         *,
         flush_max_tokens: int = 16,
         outage_s: float = 30.0,
     ) -> None:
         self._redis_url = redis_url
-        self.pace = pace or FlushPace(0.02, 400.0, 0.1)
+        self.pace = pace
         self.flush_max_tokens = flush_max_tokens
         self.outage_s = outage_s
         self.loop = uvloop.new_event_loop()

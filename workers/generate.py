@@ -322,11 +322,8 @@ class Generation:
             if cancelled:
                 return self._cancelled(self.first_token_at)
         except BackendError:
-            # An interrupt aborts the backend's stream, which fails it.
-            if self.interrupt.reason is Reason.cancelled:
-                self.publisher.flush()
+            if self._cancel_failed_it():
                 return self._cancelled(self.first_token_at)
-            self._stop_if_interrupted()
             raise
         finally:
             self.interrupt.attach(None)
@@ -368,16 +365,23 @@ class Generation:
                 reading = time.monotonic()
             pace.end(time.monotonic())
         except BackendError:
-            # An interrupt aborts the backend's stream, which fails the read it was blocked in.
-            if self.interrupt.reason is Reason.cancelled:
-                self.publisher.flush()
+            if self._cancel_failed_it():
                 return self._cancelled(first_token_at)
-            self._stop_if_interrupted()
             raise
         finally:
             self.interrupt.attach(None)
             stream.close()
         return self._succeeded(stream, first_token_at)
+
+    def _cancel_failed_it(self) -> bool:
+        """After a backend error: an interrupt aborts the backend's stream, which fails it.
+        True when a cancel did (the tokens read are flushed); raises the interrupt when a
+        deadline or a shutdown did; False when the backend failed on its own."""
+        if self.interrupt.reason is Reason.cancelled:
+            self.publisher.flush()
+            return True
+        self._stop_if_interrupted()
+        return False
 
     def _stop_if_interrupted(self) -> None:
         if self.interrupt.reason is Reason.deadline or time.monotonic() > self.interrupt.deadline:

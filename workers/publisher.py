@@ -79,6 +79,11 @@ class Shown:
         self.parts.append(text)
         self.tokens += tokens
 
+    def extend(self, deltas: list[str]) -> None:
+        """Tokens written one delta each (the replay joins them)."""
+        self.parts += deltas
+        self.tokens += len(deltas)
+
     def record(self, events: list[Event]) -> None:
         """Follow the caller's own events (a `reset` starts the text over)."""
         for event in events:
@@ -158,8 +163,7 @@ class TokenPublisher:
         was asked to cancel. Raises ClaimLost if the write was refused."""
         if flag == REFUSED:
             raise ClaimLost
-        if deltas:
-            self._shown.add("".join(deltas), len(deltas))
+        self._shown.extend(deltas)
         self.cancelled = bool(flag)
         self._last_flush = time.monotonic()
         return self.cancelled

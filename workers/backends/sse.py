@@ -104,10 +104,6 @@ def _object(line: str) -> dict[str, Any] | None:
     return payload
 
 
-def tgi_chunks(lines: Iterable[str]) -> Iterator[TgiChunk]:
-    return map(tgi_chunk, data_lines(lines))
-
-
 def tgi_chunk(line: str) -> TgiChunk:
     """One `data:` line of a TGI stream, as huggingface_hub would read it."""
     chunk = _tgi_fast(line)
@@ -152,10 +148,6 @@ def tgi_chunk_of(output: Any) -> TgiChunk:
             getattr(details, "input_length", None),
         ),
     )
-
-
-def chat_chunks(lines: Iterable[str]) -> Iterator[ChatChunk]:
-    return map(chat_chunk, data_lines(lines))
 
 
 def chat_chunk(line: str) -> ChatChunk:
