@@ -12,11 +12,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Protocol
+from typing import Any, Protocol
 
+import psycopg
+from psycopg.rows import namedtuple_row
 from pydantic import ValidationError
 from sqlalchemy import (
     Connection,
+    Engine,
     Interval,
     Table,
     and_,
@@ -28,6 +31,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy import exists as exists_
+from sqlalchemy.engine import Compiled
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from inferq.events import Event
@@ -311,16 +315,24 @@ def claim(
 
     Raises Unreadable for a job whose stored request does not validate (it is claimed)."""
     token = uuid.uuid4()
-    row = conn.execute(
-        _CLAIM,
-        {
-            "job_id": job_id,
-            "max_attempts": max_attempts,
-            "worker": worker,
-            "token": token,
-            "lease": timedelta(seconds=lease_seconds),
-        },
-    ).first()
+    row = conn.execute(_CLAIM, _claim_params(job_id, worker, token, lease_seconds, max_attempts))
+    return _claimed(job_id, token, row.first())
+
+
+def _claim_params(
+    job_id: uuid.UUID, worker: str, token: uuid.UUID, lease_seconds: float, max_attempts: int
+) -> dict[str, object]:
+    return {
+        "job_id": job_id,
+        "max_attempts": max_attempts,
+        "worker": worker,
+        "token": token,
+        "lease": timedelta(seconds=lease_seconds),
+    }
+
+
+def _claimed(job_id: uuid.UUID, token: uuid.UUID, row: Any) -> Claim | None:
+    """The claim a row returned by _CLAIM stands for (None: no row)."""
     if row is None:
         return None
     held = Claim(
@@ -350,23 +362,74 @@ def renew(conn: Connection, tokens: Sequence[uuid.UUID], lease_seconds: float) -
 
 def finish(conn: Connection, claim_: Claim, outcome: Outcome) -> bool:
     """Record the end of a job; False when the claim was lost or the job already ended."""
-    result = conn.execute(
-        _FINISH,
-        {
-            "job_id": claim_.job_id,
-            "token": claim_.token,
-            "status": outcome.status.value,
-            "output": outcome.output,
-            "finish_reason": outcome.finish_reason,
-            "input_tokens": outcome.input_tokens,
-            "output_tokens": outcome.output_tokens,
-            "cost_usd": None if outcome.cost_usd is None else Decimal(str(outcome.cost_usd)),
-            "error_type": outcome.error_type,
-            "error_message": outcome.error_message,
-            "first_token_at": outcome.first_token_at,
-        },
-    )
-    return bool(result.rowcount)
+    return bool(conn.execute(_FINISH, _finish_params(claim_, outcome)).rowcount)
+
+
+def _finish_params(claim_: Claim, outcome: Outcome) -> dict[str, object]:
+    return {
+        "job_id": claim_.job_id,
+        "token": claim_.token,
+        "status": outcome.status.value,
+        "output": outcome.output,
+        "finish_reason": outcome.finish_reason,
+        "input_tokens": outcome.input_tokens,
+        "output_tokens": outcome.output_tokens,
+        "cost_usd": None if outcome.cost_usd is None else Decimal(str(outcome.cost_usd)),
+        "error_type": outcome.error_type,
+        "error_message": outcome.error_message,
+        "first_token_at": outcome.first_token_at,
+    }
+
+
+class Direct:
+    """A job's claim and its finish, the two statements a worker runs for every job, each on
+    a pooled connection of `engine` taken for it alone, in autocommit: one round trip each.
+
+    Each statement is compiled once for the engine's dialect and run straight on the
+    driver's (psycopg's) connection: SQLAlchemy's layer around an execution (a Connection,
+    its events and isolation switch, a result object) cost more of a worker's CPU than the
+    statement itself (docs/performance.md). The pool still pings a connection it hands out,
+    so that one a Postgres restart left dead is replaced before the statement is sent.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._claim = _CLAIM.compile(dialect=engine.dialect)
+        self._finish = _FINISH.compile(dialect=engine.dialect)
+
+    def claim(
+        self, job_id: uuid.UUID, worker: str, lease_seconds: float, max_attempts: int
+    ) -> Claim | None:
+        """As `claim`."""
+        token = uuid.uuid4()
+        params = _claim_params(job_id, worker, token, lease_seconds, max_attempts)
+        row, _ = self._execute(self._claim, params)
+        return _claimed(job_id, token, row)
+
+    def finish(self, claim_: Claim, outcome: Outcome) -> bool:
+        """As `finish`."""
+        _, rows = self._execute(self._finish, _finish_params(claim_, outcome))
+        return bool(rows)
+
+    def _execute(self, compiled: Compiled, params: dict[str, object]) -> tuple[Any, int]:
+        """The statement's first row (None without one) and the rows it changed."""
+        pooled = self.engine.raw_connection()
+        try:
+            driver: psycopg.Connection[Any] = pooled.driver_connection  # type: ignore[assignment]
+            driver.autocommit = True
+            try:
+                with driver.cursor(row_factory=namedtuple_row) as cursor:
+                    cursor.execute(compiled.string, compiled.construct_params(params))
+                    row = cursor.fetchone() if cursor.description else None
+                    changed = cursor.rowcount
+            finally:
+                if driver.broken:
+                    pooled.invalidate()  # not handed out again
+                else:
+                    driver.autocommit = False  # as the pool's other users expect it
+        finally:
+            pooled.close()
+        return row, changed
 
 
 async def cancel_queued(session: AsyncSession, job_id: uuid.UUID) -> Job | None:

@@ -6,7 +6,8 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from datetime import datetime, timedelta
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import psycopg
@@ -15,6 +16,7 @@ from sqlalchemy import Engine, text
 
 from inferq import lifecycle
 from inferq.db import make_sync_engine
+from inferq.models import JobStatus
 from inferq.queue import ENQUEUED_KEY
 from tests.conftest import Platform, Sim, submit, wait_for
 from tests.servers import Child, redis_client
@@ -160,6 +162,51 @@ def test_a_rerun_keeps_the_first_start(
         second = lifecycle.claim(conn, job_id, "w2", 30, 3)
     assert second is not None and second.attempt == 2
     assert second.started_at == first.started_at
+
+
+def test_the_workers_direct_claim_and_finish_match_the_core_statements(
+    platform: Platform, http: httpx.Client, engine: Engine
+) -> None:
+    """The claim and the finish a worker runs on the driver's connection: the same rows and
+    the same refusals as the Core statements, and a connection that Postgres closed is
+    replaced before the next statement, without an error."""
+    direct = lifecycle.Direct(engine)
+    job = submit(http, model="parked", prompt="claimed directly", max_tokens=3, seed=11)
+    job_id = uuid.UUID(job["id"])
+    claim = direct.claim(job_id, "w1", 30, 3)
+    assert claim is not None and claim.attempt == 1 and claim.model == "parked"
+    assert claim.input.prompt == "claimed directly" and claim.params.max_tokens == 3
+    assert claim.params.seed == 11 and claim.started_at is not None and not claim.limited
+    assert direct.claim(job_id, "w2", 30, 3) is None  # leased
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        assert lifecycle.claim(conn, job_id, "w2", 30, 3) is None
+    # Postgres ends the pool's connection (there is one: each statement returned it): the
+    # next checkout finds it dead and opens another before the statement is sent.
+    with engine.connect() as conn:
+        pid = conn.execute(text("SELECT pg_backend_pid()")).scalar()
+        conn.rollback()
+    _sql(platform, "SELECT pg_terminate_backend(%s)", pid)
+    stranger = replace(claim, token=uuid.uuid4())
+    done = lifecycle.Outcome(
+        JobStatus.succeeded,
+        output="abc",
+        finish_reason="length",
+        input_tokens=4,
+        output_tokens=3,
+        cost_usd=0.25,
+        first_token_at=datetime.now(UTC),
+    )
+    assert not direct.finish(stranger, done)  # another worker's claim
+    assert direct.finish(claim, done)
+    assert not direct.finish(claim, done)  # once
+    stored = http.get(f"/v1/jobs/{job['id']}").json()
+    assert stored["status"] == "succeeded" and stored["output"] == "abc"
+    assert stored["usage"] == {"input_tokens": 4, "output_tokens": 3, "cost_usd": 0.25}
+    assert stored["finish_reason"] == "length"
+    with engine.connect() as conn:  # the pool's connection is back out of autocommit
+        assert conn.connection.driver_connection.autocommit is False
+        assert conn.execute(text("SELECT pg_backend_pid()")).scalar() != pid
+        conn.rollback()
 
 
 def test_the_run_budget_spans_every_attempt(platform: Platform, http: httpx.Client) -> None:

@@ -16,6 +16,7 @@ from sqlalchemy.orm import sessionmaker
 
 from inferq.db import make_sync_engine, sync_sessions
 from inferq.events import PUBLISH_SCRIPT
+from inferq.lifecycle import Direct
 from inferq.queue import Enqueuer, make_producer_app
 from inferq.redis_clients import sync_client
 from inferq.registry import Registry, registry_of
@@ -36,6 +37,7 @@ class WorkerContext:
     engine: Engine
     sessions: sessionmaker
     autocommit: Engine  # a single-statement change in one round trip, no BEGIN/COMMIT
+    direct: Direct  # every job's claim and finish, on the driver's connections
     redis: Redis
     broker: Redis  # the broker's Redis (the same client when it is one server)
     publish_script: Any
@@ -72,6 +74,7 @@ class WorkerContext:
             engine=engine,
             sessions=sessions,
             autocommit=autocommit,
+            direct=Direct(engine),
             redis=client,
             publish_script=client.register_script(PUBLISH_SCRIPT),
             registry=registry_of(settings),

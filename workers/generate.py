@@ -103,14 +103,10 @@ def _count_start(ctx: WorkerContext, model: str) -> None:
 
 
 def _claim(ctx: WorkerContext, job_id: str) -> Claim | None:
-    with ctx.autocommit.connect() as conn:
-        return lifecycle.claim(
-            conn,
-            uuid.UUID(job_id),
-            ctx.name,
-            ctx.settings.lease_seconds,
-            ctx.settings.max_attempts,
-        )
+    settings = ctx.settings
+    return ctx.direct.claim(
+        uuid.UUID(job_id), ctx.name, settings.lease_seconds, settings.max_attempts
+    )
 
 
 def _not_claimable(ctx: WorkerContext, job_id: str) -> None:
@@ -426,9 +422,7 @@ class Generation:
     def finish(self, outcome: Outcome) -> None:
         # Tokens not yet flushed go with the closing events, in one write after the row ends
         # (a cancelled job has none: the flush that saw the flag carried them all).
-        with self.ctx.autocommit.connect() as conn:
-            recorded = lifecycle.finish(conn, self.claim, outcome)
-        if not recorded:
+        if not self.ctx.direct.finish(self.claim, outcome):
             log.warning("finish refused: job already ended or taken over", extra=self._log())
             return
         # In the closing write's round trip, before its events: a client that submits again
