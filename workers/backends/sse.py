@@ -397,8 +397,11 @@ def _charset(response: http.client.HTTPResponse) -> str:
     return charset_of(response.headers.get("content-type"))
 
 
+@functools.lru_cache(maxsize=64)
 def charset_of(content_type: str | None) -> str:
-    """httpx2's choice: the charset the answer's content type names, else UTF-8."""
+    """httpx2's choice: the charset the answer's content type names, else UTF-8 (once per
+    header value: a backend sends the same one every time, and parsing it took as long as
+    reading a token)."""
     header = email.message.Message()
     if content_type is not None:
         header["content-type"] = content_type
