@@ -247,7 +247,7 @@ def lean_possible(url: str) -> bool:
 @functools.lru_cache(maxsize=256)
 def _unproxied(host: str) -> bool:
     """No HTTP proxy set for `host`, as the process's environment says (read once per host:
-    reading it walks the whole environment, a quarter of a job's own CPU on the worker)."""
+    reading it walks the whole environment, which every job did)."""
     proxies = urllib.request.getproxies()
     return "http" not in proxies or bool(urllib.request.proxy_bypass(host))
 
@@ -399,9 +399,8 @@ def _charset(response: http.client.HTTPResponse) -> str:
 
 @functools.lru_cache(maxsize=64)
 def charset_of(content_type: str | None) -> str:
-    """httpx2's choice: the charset the answer's content type names, else UTF-8 (once per
-    header value: a backend sends the same one every time, and parsing it took as long as
-    reading a token)."""
+    """httpx2's choice: the charset the answer's content type names, else UTF-8 (parsed once
+    per header value: a backend sends the same one with every answer)."""
     header = email.message.Message()
     if content_type is not None:
         header["content-type"] = content_type
