@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.conftest import BOOTSTRAP_KEY, Platform
+from tests.servers import start_sim
 
 PHASES = ("stream", "submit", "fanout", "scale", "relay")
 
@@ -161,3 +162,23 @@ def test_a_kept_alive_submit_connection_is_replaced_once_idle(platform: Platform
 
     assert uvloop.run(two_submits(max_idle_s=30.0)) == ([202, 202], True)
     assert uvloop.run(two_submits(max_idle_s=0.01)) == ([202, 202], False)
+
+
+def test_the_job_path_runs_every_job_once_and_reports_its_cpu(platform: Platform) -> None:
+    """bench/job_path.py: its jobs all succeed through the worker's own path, counted once."""
+    sim_url, sim = start_sim(platform.logs, itl_ms="0", ttft_ms="0")
+    try:
+        servers = ["--database-url", platform.database_url, "--redis-url", platform.redis_url]
+        sizes = ["--jobs", "40", "--threads", "4", "--repeat", "1"]
+        done = subprocess.run(
+            [sys.executable, "-m", "bench.job_path", sim_url, *servers, *sizes],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=True,
+        )
+    finally:
+        sim.stop()
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    assert figures["jobs"] == figures["succeeded"] == 40
+    assert figures["cpu_s"] > 0 and figures["cpu_ms_per_job"] > 0
