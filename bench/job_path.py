@@ -24,6 +24,7 @@ import click
 import psycopg
 from psycopg.types.json import Jsonb
 
+from bench.cluster import ModelEntry
 from bench.servers import data_servers, libpq_url
 from inferq.settings import Settings
 from workers.context import WorkerContext
@@ -64,9 +65,7 @@ def _succeeded(database_url: str, ids: list[str]) -> int:
 def _run(settings: Settings, jobs: int, threads: int, tokens: int) -> dict[str, object]:
     ids = _queue(settings.database_url, WARM_JOBS + jobs, tokens)
     ctx = WorkerContext.create(settings, threads)
-    ctx.leases.start()
-    ctx.interrupts.start()
-    ctx.start_streams()
+    ctx.start(threads)
     try:
         for job_id in ids[:WARM_JOBS]:
             run_job(ctx, job_id)
@@ -106,7 +105,7 @@ def main(
 ) -> None:
     with data_servers(database_url, redis_url) as servers, tempfile.TemporaryDirectory() as tmp:
         models = Path(tmp) / "models.toml"
-        models.write_text(f'[models.{MODEL}]\nbackend = "tgi"\nurl = "{sim_url}"\n')
+        models.write_text(ModelEntry(MODEL, sim_url, MODEL, tokens).toml())
         settings = Settings(
             database_url=servers.database_url,
             redis_url=servers.redis_url,

@@ -55,11 +55,7 @@ def _open(sender: Any = None, **_: Any) -> None:
     if settings.worker_metrics_port:
         start_http_server(settings.worker_metrics_port, registry=metrics.registry())
     threads = int(getattr(sender, "concurrency", None) or 8)
-    context = app.require_context(threads)
-    context.warm(threads)
-    context.leases.start()
-    context.interrupts.start()
-    context.start_streams()
+    app.require_context(threads).start(threads)
 
 
 @signals.worker_ready.connect

@@ -96,6 +96,14 @@ class WorkerContext:
             ),
         )
 
+    def start(self, threads: int) -> None:
+        """Ready to run jobs on `threads` threads: the pools' connections open, the lease
+        keeper and the cancel watch running, the stream loop (where the settings want one)."""
+        self.warm(threads)
+        self.leases.start()
+        self.interrupts.start()
+        self.start_streams()
+
     def warm(self, threads: int, timeout: float = 10.0) -> None:
         """Open the pools' connections before the first jobs come: a fresh worker given a
         burst of streams would otherwise open them all at once, on its first jobs' time. Best
