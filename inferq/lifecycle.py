@@ -388,8 +388,9 @@ class Direct:
     Each statement is compiled once for the engine's dialect and run straight on the
     driver's (psycopg's) connection: SQLAlchemy's layer around an execution (a Connection,
     its events and isolation switch, a result object) cost more of a worker's CPU than the
-    statement itself (docs/performance.md). The pool still pings a connection it hands out,
-    so that one a Postgres restart left dead is replaced before the statement is sent.
+    statement itself (docs/performance.md). The pool still checks a connection it hands out
+    (`inferq.db`), so that one a Postgres restart left dead is replaced before the statement
+    is sent.
     """
 
     def __init__(self, engine: Engine) -> None:

@@ -35,6 +35,12 @@ def _sql(platform: Platform, statement: str, *params: object) -> None:
         db.execute(statement, params)  # type: ignore[arg-type]
 
 
+def _backend_alive(platform: Platform, pid: object) -> bool:
+    with psycopg.connect(platform.database_url, autocommit=True) as db:
+        row = db.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", [pid]).fetchone()
+    return bool(row and row[0])
+
+
 def _wait_until(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -181,11 +187,12 @@ def test_the_workers_direct_claim_and_finish_match_the_core_statements(
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         assert lifecycle.claim(conn, job_id, "w2", 30, 3) is None
     # Postgres ends the pool's connection (there is one: each statement returned it): the
-    # next checkout finds it dead and opens another before the statement is sent.
+    # next checkout finds its socket closed and opens another before the statement is sent.
     with engine.connect() as conn:
         pid = conn.execute(text("SELECT pg_backend_pid()")).scalar()
         conn.rollback()
     _sql(platform, "SELECT pg_terminate_backend(%s)", pid)
+    _wait_until(lambda: not _backend_alive(platform, pid))
     stranger = replace(claim, token=uuid.uuid4())
     done = lifecycle.Outcome(
         JobStatus.succeeded,
