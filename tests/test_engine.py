@@ -5,6 +5,7 @@ and a Redis that lost its scripts, as the generation's thread sees them."""
 from __future__ import annotations
 
 import datetime as dt
+import socket
 import threading
 import time
 import uuid
@@ -12,12 +13,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import httpx2
 import pytest
 import redis
 from huggingface_hub import InferenceClient
 
 from inferq.events import (
     PUBLISH_SCRIPT,
+    Event,
     EventType,
     cancel_key,
     claim_key,
@@ -26,7 +29,8 @@ from inferq.events import (
     stream_key,
 )
 from inferq.lifecycle import Claim
-from inferq.protocol import JobInput, JobParams, TokenData
+from inferq.models import JobStatus
+from inferq.protocol import JobInput, JobParams, StatusData, TokenData
 from tests.servers import Databases, redis_client, start_sim
 from tests.test_metrics import eventually
 from workers.backends.base import GenerationRequest
@@ -166,9 +170,58 @@ def test_the_loop_loads_the_script_again_when_redis_lost_it(
     engine: StreamEngine, client: redis.Redis, sim_url: str
 ) -> None:
     job_id, publisher = _job(client, 10)
+    marks = f"inferq:test-marks:{job_id}"
+    client.zadd(marks, {job_id: 1.0, "another": 2.0})
+    publisher.lead(_running(), also=lambda pipe: pipe.zrem(marks, job_id))
     stream, request = _stream(sim_url, 10, 3)
     sink = _Sink(publisher, 10)
     client.script_flush()
     assert engine.relay(stream, request, 30, sink).wait() is False
     publisher.send([], final=True)
     assert "".join(t.text for t in _tokens(client, job_id)) == "".join(sink.deltas)
+    assert _types(client, job_id)[:2] == [EventType.status, EventType.token]
+    assert client.zrange(marks, 0, -1) == ["another"]
+    client.delete(marks)
+
+
+def test_a_jobs_start_leads_its_streams_first_write_with_its_commands(
+    engine: StreamEngine, client: redis.Redis, sim_url: str
+) -> None:
+    """The `status` the thread leaves to the loop goes first, once, in the loop's round trip
+    with its commands; a stream that fails before the loop wrote it leaves it to the thread's
+    next write, still first and once."""
+    job_id, publisher = _job(client, 20)
+    counter = f"inferq:test-starts:{job_id}"
+    publisher.lead(_running(), also=lambda pipe: pipe.incr(counter))
+    stream, request = _stream(sim_url, 20, 4)
+    sink = _Sink(publisher, 20)
+    assert engine.relay(stream, request, 30, sink).wait() is False
+    assert not publisher.leading
+    publisher.send([], final=True)
+    types = _types(client, job_id)
+    assert types[0] is EventType.status and types.count(EventType.status) == 1
+    assert set(types[1:]) == {EventType.token}
+    assert "".join(t.text for t in _tokens(client, job_id)) == "".join(sink.deltas)
+    assert client.get(counter) == "1"
+    # A backend that refuses the connection: the stream ends at once, its start written once.
+    failed_id, failing = _job(client, 20)
+    failing.lead(_running(), also=lambda pipe: pipe.incr(counter))
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    stream, request = _stream(f"http://127.0.0.1:{port}", 20, 5)
+    with pytest.raises(httpx2.ConnectError):  # as the lean reader raises it
+        engine.relay(stream, request, 30, _Sink(failing, 20)).wait()
+    failing.send([], final=True)  # the thread's closing write
+    assert _types(client, failed_id) == [EventType.status]
+    assert client.get(counter) == "2"
+    client.delete(counter)
+
+
+def _running() -> list[Event]:
+    return [Event.of(StatusData(status=JobStatus.running))]
+
+
+def _types(client: redis.Redis, job_id: str) -> list[EventType]:
+    return [event.type for event in from_entries(client.xrange(stream_key(job_id)))]

@@ -46,6 +46,7 @@ from workers.publisher import (
     RETRY_FIRST_S,
     RETRY_MAX_S,
     UNREACHABLE,
+    Also,
     ClaimLost,
     FlushPace,
     RedisUnavailable,
@@ -61,6 +62,10 @@ MIN_PAUSE_S = 0.002
 INCOMPLETE = (
     "peer closed connection without sending complete message body (incomplete chunked read)"
 )
+
+
+# A stream's write: the stream, its script arguments, its tokens, the lead's commands.
+Write = tuple["_Reader", list[Any], list[str], Also | None]
 
 
 class Stream(Protocol):
@@ -214,7 +219,7 @@ class StreamEngine:
         batch = [(reader, *reader.batch()) for reader in readers]
         self.loop.create_task(self._send(batch))
 
-    async def _send(self, batch: list[tuple[_Reader, list[Any], list[str]]]) -> None:
+    async def _send(self, batch: list[Write]) -> None:
         """One pipeline: each stream's write under its own claim (PUBLISH_SCRIPT)."""
         try:
             flags = await self._pipeline(batch)
@@ -223,28 +228,35 @@ class StreamEngine:
             self._retry_at = time.monotonic() + delay
             self._delay = min(2 * delay, RETRY_MAX_S)
             log.warning("Redis unreachable, the streams' tokens wait: %s", exc)
-            for reader, _, deltas in batch:
+            for reader, _, deltas, _ in batch:
                 reader.write_failed(deltas, exc)
             self.loop.call_later(delay, self._flush_all)
             return
         except Exception as exc:
-            for reader, _, deltas in batch:
+            for reader, _, deltas, _ in batch:
                 reader.write_failed(deltas, exc, fatal=True)
             return
         self._delay = RETRY_FIRST_S
-        for (reader, _, deltas), flag in zip(batch, flags, strict=True):
+        for (reader, _, deltas, _), flag in zip(batch, flags, strict=True):
             reader.written(flag, deltas)
 
-    async def _pipeline(self, batch: list[tuple[_Reader, list[Any], list[str]]]) -> list[Any]:
+    async def _pipeline(self, batch: list[Write], with_also: bool = True) -> list[Any]:
+        """Each stream's write answered by its flag; a write's `also` commands go before it,
+        their answers unread (best effort, as `TokenPublisher.send` sends them)."""
         pipe = self._redis.pipeline(transaction=False)
-        for reader, args, _ in batch:
+        writes: list[int] = []  # where each stream's write is in the pipeline
+        for reader, args, _, also in batch:
+            if also is not None and with_also:
+                also(pipe)
             keys = reader.publisher_keys()
+            writes.append(len(pipe.command_stack))
             pipe.evalsha(self._sha, len(keys), *keys, *args)
-        flags = await pipe.execute(raise_on_error=False)
+        answers = await pipe.execute(raise_on_error=False)
+        flags = [answers[i] for i in writes]
         if any(isinstance(flag, redis_errors.NoScriptError) for flag in flags):
             self._sha = await self._redis.script_load(PUBLISH_SCRIPT)  # Redis lost its scripts
-            return await self._pipeline(batch)
-        return list(flags)
+            return await self._pipeline(batch, with_also=False)
+        return flags
 
 
 class _Reader(asyncio.Protocol):
@@ -293,6 +305,8 @@ class _Reader(asyncio.Protocol):
 
     def begin(self) -> None:
         self.engine.joined(self)
+        if self.publisher is not None and self.publisher.leading:
+            self.engine.flush_soon(self)  # the job's `status`, while the stream connects
         self._loop.create_task(self._connect())
 
     async def _connect(self) -> None:
@@ -520,22 +534,23 @@ class _Reader(asyncio.Protocol):
             self.publisher is not None
             and not self._writing
             and not self._settled
-            and (self.publisher.pending > 0 or self._replay)
+            and (self.publisher.pending > 0 or self._replay or self.publisher.leading)
         )
 
     def publisher_keys(self) -> list[str]:
         assert self.publisher is not None
         return self.publisher.keys
 
-    def batch(self) -> tuple[list[Any], list[str]]:
-        """This stream's write: its pending tokens (after the whole text, after a failure)."""
+    def batch(self) -> tuple[list[Any], list[str], Also | None]:
+        """This stream's write: its lead events and pending tokens (after the whole text,
+        after a failure), and the lead's commands."""
         publisher = self.publisher
         assert publisher is not None
         self._writing = True
         events, deltas = publisher.take()
         if self._replay:
             events = [*publisher.replay(), *events]
-        return publisher.args(events), deltas
+        return publisher.args(events), deltas, publisher.take_also()
 
     def written(self, flag: Any, deltas: list[str]) -> None:
         self._writing = False
@@ -552,6 +567,10 @@ class _Reader(asyncio.Protocol):
         else:
             if cancelled:
                 self._end(None, cancelled=True)
+            elif publisher.pending and (
+                not publisher.showed_tokens or publisher.pending >= self.engine.flush_max_tokens
+            ):
+                self.engine.flush_soon(self)  # tokens read while this write was out
         self._settle()
 
     def write_failed(self, deltas: list[str], exc: Exception, fatal: bool = False) -> None:

@@ -225,7 +225,9 @@ class Generation:
         """`status: running` (after a `reset` if an earlier attempt showed tokens), in one
         round trip with the job's start count, its enqueue mark's removal and, for a key with
         limits, its leaving the key's queued count: writes that all stood before the first
-        token."""
+        token. With a stream loop they lead the stream's writes: the loop sends them as it
+        opens the stream, beside other streams' writes (this thread does not wait for them);
+        a stream read on this thread sends them before it is read."""
         events = [Event.of(StatusData(status=JobStatus.running))]
         if self.emitted:
             events.insert(0, Event.of(ResetData(attempt=self.claim.attempt)))
@@ -242,7 +244,9 @@ class Generation:
             if dequeue:
                 limits.dequeue_in(pipe, job_id)
 
-        self.publisher.send(events, also=bookkeeping)
+        self.publisher.lead(events, also=bookkeeping)
+        if self.ctx.streams is None:
+            self.publisher.send([])
         if not together:
             _unmark(ctx, job_id)
 
@@ -292,6 +296,8 @@ class Generation:
                     return self._relayed(engine, stream, request)
                 except sse.NotLean:  # huggingface_hub sends it (a redirect, say)
                     stream = open_stream(spec, request_of(self.claim), timeout)
+        if self.publisher.leading:
+            self.publisher.send([])
         return self._read(stream)
 
     def _relayed(

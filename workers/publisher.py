@@ -28,6 +28,17 @@ RETRY_FIRST_S, RETRY_MAX_S = 0.05, 1.0
 Also = Callable[[Any], None]
 
 
+def _both(first: Also | None, second: Also | None) -> Also | None:
+    if first is None or second is None:
+        return first or second
+
+    def both(pipe: Any) -> None:
+        first(pipe)
+        second(pipe)
+
+    return both
+
+
 class ClaimLost(Exception):
     """Another worker took the job over (our lease expired); stop without finishing."""
 
@@ -128,6 +139,8 @@ class TokenPublisher:
         self._max_tokens = flush_max_tokens
         self._outage_s = outage_s
         self._pending: list[str] = []
+        self._lead: list[Event] = []  # for the next write, ahead of its tokens
+        self._lead_also: Also | None = None
         self._shown = Shown(claim.attempt)
         self._last_flush = 0.0
         self.cancelled = False
@@ -144,25 +157,49 @@ class TokenPublisher:
         batch += events
         if not batch:
             return self.cancelled
-        flag = self._write(batch, self._ttl if final else 0, also)
+        flag = self._write(batch, self._ttl if final else 0, _both(self.take_also(), also))
         self.wrote(flag, deltas)
         self._shown.record(events)
         return self.cancelled
 
+    def lead(self, events: list[Event], also: Also | None = None) -> None:
+        """Events to go first in the next write (a job's `status`), and commands of the
+        caller's for that write's round trip: written by the next `send`, or by the stream
+        loop as it opens the stream (workers/engine.py), in the same round trip as other
+        streams' writes."""
+        self._lead = [*self._lead, *events]
+        self._lead_also = _both(self._lead_also, also)
+
+    @property
+    def leading(self) -> bool:
+        """Whether lead events wait for a write."""
+        return bool(self._lead)
+
     def take(self) -> tuple[list[Event], list[str]]:
-        """The pending tokens as one event (none when none are pending), and the tokens: the
-        buffer is emptied (`restore` puts them back if their write fails)."""
+        """The next write's events: the lead events, then the pending tokens as one event
+        (none when none are pending); and the tokens: the buffer is emptied (`restore` puts
+        them back if their write fails, and the lead events stay until a write is answered)."""
         deltas, self._pending = self._pending, []
-        if not deltas:
-            return [], deltas
-        # `tokens`: so that a poll can tell a running job's token count.
-        return [Event.of(TokenData(text="".join(deltas), tokens=len(deltas)))], deltas
+        events = list(self._lead)
+        if deltas:
+            # `tokens`: so that a poll can tell a running job's token count.
+            events.append(Event.of(TokenData(text="".join(deltas), tokens=len(deltas))))
+        return events, deltas
+
+    def take_also(self) -> Also | None:
+        """The lead's commands, for the write `take` makes (once: a write tried again goes
+        without them)."""
+        also, self._lead_also = self._lead_also, None
+        return also
 
     def wrote(self, flag: Any, deltas: list[str]) -> bool:
-        """Record a write of `take`'s tokens that Redis answered with `flag`; True when the job
+        """Record a write of `take`'s events that Redis answered with `flag`; True when the job
         was asked to cancel. Raises ClaimLost if the write was refused."""
         if flag == REFUSED:
             raise ClaimLost
+        if self._lead:
+            self._shown.record(self._lead)
+            self._lead = []
         self._shown.extend(deltas)
         self.cancelled = bool(flag)
         self._last_flush = time.monotonic()
