@@ -1,8 +1,10 @@
 """The token path of a worker process: one asyncio loop reads every backend stream it runs
 and writes their tokens to Redis, in one pipeline for all the streams due at once.
 
-A generation's thread (Celery's) claims its job, writes its start, and hands the stream to
-the loop; it wakes again when the stream has ended, to finish the job. In between, nothing
+A generation's thread (Celery's) claims its job and hands the stream to the loop, with the
+job's start (its `status` event and bookkeeping) to write first: the loop writes it as the
+stream connects, in the same pipeline as other streams' writes. The thread wakes again when
+the stream has ended, to finish the job. In between, nothing
 of the job runs in a thread of its own: where a thread a stream woke up for every read and
 waited on its own Redis round trip for every flush, the loop reads the streams whose data
 came (each read a callback) and writes the flushes of every stream due in one round trip.
