@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -22,6 +21,7 @@ from api.openai.router import router as openai_router
 from api.state import AppState
 from api.stats.router import router as stats_router
 from api.webhooks.router import router as webhooks_router
+from inferq.collector import quiet_collector
 from inferq.logs import configure_logging
 from inferq.settings import Settings, get_settings
 
@@ -98,20 +98,6 @@ def _replay(received: list[Message], receive: Receive) -> Receive:
         return pending.pop(0) if pending else await receive()
 
     return replayed
-
-
-def quiet_collector() -> None:
-    """Keep Python's cyclic garbage collector off the per-event path.
-
-    Everything imported and built at start-up is moved out of the collector's view, and the
-    youngest generation is collected after 50,000 allocations instead of 700: thousands of
-    open streams allocate a little per event, and each full pass over their objects cost
-    more than the events themselves (README, performance). Reference counting still frees
-    almost everything at once; the collector only finds cycles, now less often.
-    """
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 100)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

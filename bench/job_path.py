@@ -26,6 +26,7 @@ from psycopg.types.json import Jsonb
 
 from bench.cluster import ModelEntry
 from bench.servers import data_servers, libpq_url
+from inferq.collector import quiet_collector
 from inferq.settings import Settings
 from workers.context import WorkerContext
 from workers.generate import run_job
@@ -66,6 +67,7 @@ def _run(settings: Settings, jobs: int, threads: int, tokens: int) -> dict[str, 
     ids = _queue(settings.database_url, WARM_JOBS + jobs, tokens)
     ctx = WorkerContext.create(settings, threads)
     ctx.start(threads)
+    quiet_collector()  # as the worker does once started
     try:
         for job_id in ids[:WARM_JOBS]:
             run_job(ctx, job_id)

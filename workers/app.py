@@ -9,6 +9,7 @@ from celery import Celery, signals
 from prometheus_client import start_http_server
 
 from inferq import metrics
+from inferq.collector import quiet_collector
 from inferq.logs import configure_logging
 from inferq.queue import GENERATE_TASK, celery_config
 from inferq.settings import get_settings
@@ -56,6 +57,7 @@ def _open(sender: Any = None, **_: Any) -> None:
         start_http_server(settings.worker_metrics_port, registry=metrics.registry())
     threads = int(getattr(sender, "concurrency", None) or 8)
     app.require_context(threads).start(threads)
+    quiet_collector()
 
 
 @signals.worker_ready.connect
