@@ -37,6 +37,9 @@ class _Sink:
         self.max_tokens = max_tokens
         self.count = 0
 
+    def ending(self) -> None:
+        return None  # the job's end is the caller's
+
     def took(self, deltas: list[str], now: float) -> None:
         self.publisher.extend(deltas)
         self.count += len(deltas)

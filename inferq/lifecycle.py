@@ -7,6 +7,7 @@ job's stream, built from how it ended.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -14,6 +15,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, Protocol
 
+import asyncpg
 import psycopg
 from psycopg.rows import namedtuple_row
 from pydantic import ValidationError
@@ -31,9 +33,11 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy import exists as exists_
-from sqlalchemy.engine import Compiled
+from sqlalchemy.dialects.postgresql import asyncpg as asyncpg_dialect
+from sqlalchemy.engine import Compiled, make_url
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from inferq.db import STATEMENT_TIMEOUT_MS
 from inferq.events import Event
 from inferq.models import ApiKey, Job, JobStatus
 from inferq.protocol import DoneData, ErrorData, JobInput, JobParams, StatusData, Usage
@@ -431,6 +435,57 @@ class Direct:
         finally:
             pooled.close()
         return row, changed
+
+
+async def _nothing_to_reset(_connection: asyncpg.Connection) -> None:
+    """A connection of `LoopFinish` runs one autocommitted statement at a time and leaves no
+    session state: asyncpg's default reset on release (a round trip of `RESET ALL`,
+    `UNLISTEN *` and the like) has nothing to undo. A transaction left open is still rolled
+    back by asyncpg before this is called."""
+
+
+class LoopFinish:
+    """The finish statement on asyncpg, for a worker's stream loop: it ends a job whose
+    stream ended well on the loop that read it, so that the job's thread does not wake up for
+    the statement and for the closing write (workers/engine.py). The same statement as
+    `finish`, compiled once for asyncpg; its connections open as they are first needed.
+    """
+
+    def __init__(self, database_url: str, connections: int) -> None:
+        self._dsn = make_url(database_url).set(drivername="postgresql")
+        self._connections = connections
+        compiled = _FINISH.compile(dialect=asyncpg_dialect.dialect())  # type: ignore[no-untyped-call]
+        self._compiled = compiled
+        self._sql = compiled.string
+        self._names = list(compiled.positiontup or [])
+        self._pool: asyncpg.Pool | None = None
+        self._opening = asyncio.Lock()
+
+    async def finish(self, claim_: Claim, outcome: Outcome) -> bool:
+        """As `finish`."""
+        pool = self._pool or await self._open()
+        params = self._compiled.construct_params(_finish_params(claim_, outcome))
+        status: str = await pool.execute(self._sql, *(params[n] for n in self._names))
+        return status == "UPDATE 1"
+
+    async def _open(self) -> asyncpg.Pool:
+        """The pool, made by the first finish (its connections open as they are needed)."""
+        async with self._opening:
+            if self._pool is None:
+                self._pool = await asyncpg.create_pool(
+                    self._dsn.render_as_string(hide_password=False),
+                    min_size=0,
+                    max_size=self._connections,
+                    server_settings={"statement_timeout": str(STATEMENT_TIMEOUT_MS)},
+                    command_timeout=STATEMENT_TIMEOUT_MS / 1000,
+                    reset=_nothing_to_reset,
+                )
+            return self._pool
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()
 
 
 async def cancel_queued(session: AsyncSession, job_id: uuid.UUID) -> Job | None:

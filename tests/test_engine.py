@@ -77,6 +77,9 @@ class _Sink:
         self.max_tokens = max_tokens
         self.deltas: list[str] = []
 
+    def ending(self) -> None:
+        return None  # the job's end is the caller's
+
     def took(self, deltas: list[str], now: float) -> None:
         self.deltas += deltas
         self.publisher.extend(deltas)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
@@ -12,15 +13,21 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import psycopg
 import pytest
+from huggingface_hub import InferenceClient
 from sqlalchemy import Engine, text
 
 from inferq import lifecycle
 from inferq.db import make_sync_engine
+from inferq.events import PUBLISH_SCRIPT, stream_key
 from inferq.models import JobStatus
 from inferq.queue import ENQUEUED_KEY
 from tests.conftest import Platform, Sim, submit, wait_for
 from tests.servers import Child, redis_client
 from tests.sse import Transcript, read
+from workers.backends.base import GenerationRequest
+from workers.backends.tgi import TextGenerationStream
+from workers.engine import LoopEnd, StreamEngine
+from workers.publisher import FlushPace, TokenPublisher
 
 
 @pytest.fixture
@@ -283,3 +290,121 @@ def test_sigterm_hands_running_jobs_to_another_worker_after_the_grace(
     assert transcript.output() == stored["output"]
     assert exited < 30  # the grace is one second
     assert finished < 150  # not after the five-minute lease
+
+
+class _EndingSink:
+    """A stream's sink whose job ends on the loop: its deltas, then `outcome` with them."""
+
+    def __init__(self, publisher: TokenPublisher, claim: lifecycle.Claim, marks: str) -> None:
+        self.publisher = publisher
+        self.max_tokens = claim.params.max_tokens
+        self.claim = claim
+        self.marks = marks
+        self.deltas: list[str] = []
+
+    def took(self, deltas: list[str], now: float) -> None:
+        self.deltas += deltas
+        self.publisher.extend(deltas)
+
+    def ending(self) -> LoopEnd:
+        outcome = lifecycle.Outcome(
+            JobStatus.succeeded,
+            output="".join(self.deltas),
+            finish_reason="length",
+            input_tokens=2,
+            output_tokens=len(self.deltas),
+            cost_usd=0.5,
+        )
+        job_id, marks = str(self.claim.job_id), self.marks
+        also = lambda pipe: pipe.sadd(marks, job_id)  # noqa: E731
+        return LoopEnd(self.claim, outcome, outcome.closing_events(), also)
+
+
+def _relayed_on_loop(
+    platform: Platform, database_url: str, claim: lifecycle.Claim, marks: str
+) -> tuple[bool | None, _EndingSink]:
+    """The claimed job's stream (8 tokens of the fast simulator) on a stream loop that ends
+    the jobs it can on `database_url`; whether the loop finished it, and the sink."""
+    finishes = lifecycle.LoopFinish(database_url, 2)
+    redis = redis_client(platform.redis_url)
+    publisher = TokenPublisher(
+        redis.register_script(PUBLISH_SCRIPT),
+        str(claim.job_id),
+        maxlen=1000,
+        ttl=60,
+        pace=FlushPace(0.02, 400, 0.1),
+        flush_max_tokens=16,
+        claim=claim,
+    )
+    loop = StreamEngine(platform.redis_url, FlushPace(0.02, 400, 0.1), finishes=finishes)
+    loop.start()
+    try:
+        request = GenerationRequest(prompt="on the loop", messages=None, max_tokens=8, seed=3)
+        client = InferenceClient(model=platform.sims["fast"].url, api_key="-", timeout=30)
+        stream = TextGenerationStream(client, request)
+        lean = stream.lean_request()
+        assert lean is not None
+        sink = _EndingSink(publisher, claim, marks)
+        relay = loop.relay(stream, lean, 30, sink)
+        assert relay.wait() is False
+        return relay.finished, sink
+    finally:
+        loop.stop()
+        redis.close()
+
+
+def test_the_stream_loop_ends_a_job_that_streamed_well_and_leaves_the_rest_to_its_thread(
+    platform: Platform, http: httpx.Client, engine: Engine
+) -> None:
+    """Its row finished under its claim, then its closing events after its last tokens with
+    the caller's commands; a refused finish writes nothing; a Postgres it cannot reach leaves
+    the end to the job's thread."""
+    direct = lifecycle.Direct(engine)
+    marks = f"inferq:test-ended:{uuid.uuid4()}"
+    redis = redis_client(platform.redis_url)
+
+    def claimed(prompt: str) -> lifecycle.Claim:
+        job = submit(http, model="parked", prompt=prompt, max_tokens=8, seed=3)
+        claim = direct.claim(uuid.UUID(job["id"]), "loop", 30, 3)
+        assert claim is not None
+        return claim
+
+    def types(claim: lifecycle.Claim) -> list[str]:
+        return [fields["e"] for _, fields in redis.xrange(stream_key(str(claim.job_id)))]
+
+    try:
+        claim = claimed("ended on the loop")
+        finished, sink = _relayed_on_loop(platform, platform.database_url, claim, marks)
+        assert finished is True
+        stored = http.get(f"/v1/jobs/{claim.job_id}").json()
+        assert stored["status"] == "succeeded" and stored["output"] == "".join(sink.deltas)
+        assert stored["usage"]["output_tokens"] == len(sink.deltas) == 8
+        assert types(claim)[-2:] == ["status", "done"]
+        assert set(types(claim)[:-2]) == {"token"}
+        events = [fields for _, fields in redis.xrange(stream_key(str(claim.job_id)))]
+        assert "".join(_text(e) for e in events if e["e"] == "token") == stored["output"]
+        assert redis.ttl(stream_key(str(claim.job_id))) > 0  # the closing write's
+        assert redis.smembers(marks) == {str(claim.job_id)}
+
+        # Another worker's claim: refused, and nothing closes the stream.
+        taken = claimed("taken over")
+        stranger = replace(taken, token=uuid.uuid4())
+        finished, _ = _relayed_on_loop(platform, platform.database_url, stranger, marks)
+        assert finished is False
+        assert "done" not in types(stranger)
+        assert http.get(f"/v1/jobs/{taken.job_id}").json()["status"] == "running"
+
+        # A Postgres the loop cannot reach: the thread is left to finish.
+        lost = claimed("left to the thread")
+        unreachable = "postgresql://postgres@127.0.0.1:1/none"
+        finished, _ = _relayed_on_loop(platform, unreachable, lost, marks)
+        assert finished is None
+        assert "done" not in types(lost)
+        assert http.get(f"/v1/jobs/{lost.job_id}").json()["status"] == "running"
+    finally:
+        redis.delete(marks)
+        redis.close()
+
+
+def _text(fields: dict[str, str]) -> str:
+    return str(json.loads(fields["d"])["text"])

@@ -16,7 +16,7 @@ from sqlalchemy.orm import sessionmaker
 
 from inferq.db import make_sync_engine, sync_sessions
 from inferq.events import PUBLISH_SCRIPT
-from inferq.lifecycle import Direct
+from inferq.lifecycle import Direct, LoopFinish
 from inferq.queue import Enqueuer, make_producer_app
 from inferq.redis_clients import sync_client
 from inferq.registry import Registry, registry_of
@@ -29,6 +29,8 @@ from workers.publisher import FlushPace
 log = logging.getLogger("inferq.worker")
 # Redis connections opened ahead: one per generation thread, up to this many.
 _MAX_WARM = 64
+# Postgres connections of the stream loop, for the jobs it finishes (each a short statement).
+_LOOP_DB_CONNECTIONS = 4
 
 
 @dataclass
@@ -130,11 +132,15 @@ class WorkerContext:
     def start_streams(self) -> None:
         """The loop that reads the backend streams, where the settings want one."""
         if self.settings.worker_streams == "loop" and self.streams is None:
+            settings = self.settings
             self.streams = StreamEngine(
-                self.settings.redis_url,
+                settings.redis_url,
                 self.pace,
-                flush_max_tokens=self.settings.flush_max_tokens,
-                outage_s=self.settings.redis_outage_seconds,
+                flush_max_tokens=settings.flush_max_tokens,
+                outage_s=settings.redis_outage_seconds,
+                finishes=LoopFinish(
+                    settings.database_url, min(_LOOP_DB_CONNECTIONS, settings.worker_db_connections)
+                ),
             )
             self.streams.start()
 

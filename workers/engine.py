@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol, cast
 from urllib.parse import urlsplit
 
@@ -40,7 +42,8 @@ from huggingface_hub.errors import InferenceTimeoutError
 from huggingface_hub.inference._common import RequestParameters
 from redis import exceptions as redis_errors
 
-from inferq.events import PUBLISH_SCRIPT
+from inferq.events import PUBLISH_SCRIPT, Event
+from inferq.lifecycle import Claim, LoopFinish, Outcome
 from inferq.redis_clients import async_client
 from workers.backends import sse
 from workers.backends.base import NUL, REPLACEMENT
@@ -91,6 +94,22 @@ class Sink(Protocol):
     def took(self, deltas: list[str], now: float) -> None:
         """Deltas just read; raising ends the stream with that failure."""
 
+    def ending(self) -> LoopEnd | None:
+        """On the loop, once the stream ended well (not cancelled): the job's end for the
+        loop to record and write, or None to leave it to the generation's thread. Raising
+        fails the stream (one that did not finish, say)."""
+
+
+@dataclass(frozen=True)
+class LoopEnd:
+    """A job's end as the loop records it (`Sink.ending`): its row's finish under its claim,
+    then its closing events after its last tokens, with `also`'s commands."""
+
+    claim: Claim
+    outcome: Outcome
+    events: list[Event]
+    also: Also | None
+
 
 class Relay:
     """One stream on the loop, as its generation's thread holds it."""
@@ -99,6 +118,9 @@ class Relay:
         self._engine = engine
         self._reader = reader
         self.future: concurrent.futures.Future[bool] = concurrent.futures.Future()
+        # Set by the loop before `wait` returns: whether the loop finished the job (True),
+        # found it ended or taken over (False), or left its end to the thread (None).
+        self.finished: bool | None = None
 
     def abort(self) -> None:
         """Fail the stream at once and close its connection (which frees the backend's slot),
@@ -122,8 +144,10 @@ class StreamEngine:
         *,
         flush_max_tokens: int = 16,
         outage_s: float = 30.0,
+        finishes: LoopFinish | None = None,
     ) -> None:
         self._redis_url = redis_url
+        self.finishes = finishes  # jobs ended on the loop (else by their threads)
         self.pace = pace
         self.flush_max_tokens = flush_max_tokens
         self.outage_s = outage_s
@@ -145,6 +169,10 @@ class StreamEngine:
 
     def stop(self) -> None:
         if self._thread.is_alive():
+            if self.finishes is not None:
+                closing = asyncio.run_coroutine_threadsafe(self.finishes.close(), self.loop)
+                with contextlib.suppress(Exception):
+                    closing.result(5)
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(5)
 
@@ -164,7 +192,7 @@ class StreamEngine:
         """Send `request` and read its answer on the loop (from any thread)."""
         reader = _Reader(self, stream, request, timeout, sink)
         relay = Relay(self, reader)
-        reader.future = relay.future
+        reader.relay = relay
         self.call(reader.begin)
         return relay
 
@@ -278,7 +306,7 @@ class _Reader(asyncio.Protocol):
         self.timeout = timeout
         self.sink = sink
         self.publisher = sink.publisher
-        self.future: concurrent.futures.Future[bool] | None = None
+        self.relay: Relay | None = None
         self._loop = engine.loop
         self._http = httptools.HttpResponseParser(self)
         self._transport: asyncio.Transport | None = None
@@ -298,6 +326,9 @@ class _Reader(asyncio.Protocol):
         self._writing = False
         self._ended: tuple[bool, BaseException | None] | None = None
         self._settled = False
+        self._asked_end = False  # the sink was asked for the job's end (`Sink.ending`)
+        self._in_db = False  # the job's finish is on its way to Postgres
+        self._closing_due = False  # the job's closing write is still to be made
         self._outage_since: float | None = None
         self._replay = False  # a write failed: the next one shows the text again first
         self._first_at = 0.0  # when the first token was read
@@ -536,7 +567,13 @@ class _Reader(asyncio.Protocol):
             self.publisher is not None
             and not self._writing
             and not self._settled
-            and (self.publisher.pending > 0 or self._replay or self.publisher.leading)
+            and not self._in_db  # the tokens left go with the closing events, after it
+            and (
+                self.publisher.pending > 0
+                or self._replay
+                or self.publisher.leading
+                or self._closing_due
+            )
         )
 
     def publisher_keys(self) -> list[str]:
@@ -565,8 +602,9 @@ class _Reader(asyncio.Protocol):
         try:
             cancelled = publisher.wrote(flag, deltas)
         except ClaimLost as exc:
-            self._end(exc)
+            self._fail(exc)
         else:
+            self._closing_due = False
             if cancelled:
                 self._end(None, cancelled=True)
             elif publisher.pending and (
@@ -582,7 +620,7 @@ class _Reader(asyncio.Protocol):
         assert self.publisher is not None
         self.publisher.restore(deltas)
         if fatal:
-            self._end(exc)
+            self._fail(exc)
         else:
             self._replay = True
             if self._outage_since is None:
@@ -593,7 +631,7 @@ class _Reader(asyncio.Protocol):
     def outage_check(self) -> None:
         since = self._outage_since
         if since is not None and time.monotonic() - since > self.engine.outage_s:
-            self._end(RedisUnavailable(f"Redis unreachable for {self.engine.outage_s:.0f} s"))
+            self._fail(RedisUnavailable(f"Redis unreachable for {self.engine.outage_s:.0f} s"))
 
     # The end ----------------------------------------------------------------------------------
 
@@ -627,14 +665,62 @@ class _Reader(asyncio.Protocol):
             self._transport.abort()
         self._settle()
 
+    def _fail(self, failure: BaseException) -> None:
+        """A failure of a write: the stream's end, or, once the job's end was recorded, the
+        end of its closing write (tried no more)."""
+        if self._closing_due:
+            self._closing_due = False
+            self._ended = (False, failure)
+        else:
+            self._end(failure)
+
     def _settle(self) -> None:
-        if self._ended is None or self._writing or self._settled:
+        if self._ended is None or self._writing or self._settled or self._in_db:
             return
+        if self._closing_due:
+            return  # the job's closing write is still to go (or to be tried again)
+        if self._ended == (False, None) and not self._asked_end:
+            self._asked_end = True
+            if self._end_on_loop():
+                return
         self._settled = True
         self.engine.left(self)
         cancelled, failure = self._ended
-        assert self.future is not None
+        assert self.relay is not None
         if failure is None:
-            self.future.set_result(cancelled)
+            self.relay.future.set_result(cancelled)
         else:
-            self.future.set_exception(failure)
+            self.relay.future.set_exception(failure)
+
+    def _end_on_loop(self) -> bool:
+        """A stream that ended well: the job ends here, its row finished, then its closing
+        events written after its last tokens (where the process has a loop finish). True
+        while that is under way."""
+        if self.engine.finishes is None or self.publisher is None:
+            return False
+        try:
+            end = self.sink.ending()
+        except Exception as exc:
+            self._ended = (False, exc)
+            return False
+        if end is None:
+            return False
+        self._in_db = True
+        self._loop.create_task(self._finish(self.engine.finishes, end))
+        return True
+
+    async def _finish(self, finishes: LoopFinish, end: LoopEnd) -> None:
+        assert self.relay is not None and self.publisher is not None
+        try:
+            finished = await finishes.finish(end.claim, end.outcome)
+        except Exception as exc:
+            # Postgres unreachable, say: the thread finishes the job, as it would have.
+            log.warning("finishing the job on the stream loop failed: %s", exc)
+            finished = None
+        self._in_db = False
+        self.relay.finished = finished
+        if finished:
+            self.publisher.close_with(end.events, end.also)
+            self._closing_due = True
+            self.engine.flush_soon(self)
+        self._settle()

@@ -40,7 +40,7 @@ from workers.backends.base import BackendStream
 from workers.backends.errors import unexpected
 from workers.backends.tgi import ClientStream
 from workers.context import WorkerContext
-from workers.engine import StreamEngine
+from workers.engine import LoopEnd, StreamEngine
 from workers.expiry import expire_job
 from workers.interrupts import Interrupt, Interrupted, Reason
 from workers.observe import record_claim, record_finish
@@ -165,6 +165,9 @@ class Generation:
         self.emitted = claim.attempt > 1  # an earlier attempt may have streamed tokens
         self.interrupt = Interrupt(str(claim.job_id), _run_deadline(claim, settings))
         self.first_token_at: datetime | None = None  # of the current try, on the stream loop
+        # Whether the stream loop ended the job (True), found it ended or taken over (False),
+        # or left its end to this thread (None).
+        self.finished_on_loop: bool | None = None
         self.started = time.monotonic()
 
     def run(self, spec: ModelSpec) -> None:
@@ -308,13 +311,16 @@ class Generation:
         self.parts = []
         self.completion = stream.completion
         self.first_token_at = None
-        sink = _Sink(self, metrics.INTER_TOKEN.labels(self.claim.model))
+        sink = _Sink(self, metrics.INTER_TOKEN.labels(self.claim.model), stream)
         self._stop_if_interrupted()
         relay = engine.relay(stream, request, self.ctx.settings.backend_timeout_seconds, sink)
         self.interrupt.attach(relay)
         try:
             try:
                 cancelled = relay.wait()
+                if relay.finished is not None and sink.end is not None:
+                    self.finished_on_loop = relay.finished  # the job's end is recorded
+                    return sink.end.outcome
                 if not cancelled:
                     stream.ended()
             except (ClaimLost, RedisUnavailable, sse.NotLean):
@@ -427,14 +433,22 @@ class Generation:
 
     def finish(self, outcome: Outcome) -> None:
         # Tokens not yet flushed go with the closing events, in one write after the row ends
-        # (a cancelled job has none: the flush that saw the flag carried them all).
-        if not self.ctx.direct.finish(self.claim, outcome):
+        # (a cancelled job has none: the flush that saw the flag carried them all). A stream
+        # that ended well on the stream loop was ended there, the same way (`_Sink.ending`).
+        finished = self.finished_on_loop
+        if finished is None:
+            finished = self.ctx.direct.finish(self.claim, outcome)
+            if finished:
+                # In the closing write's round trip, before its events: a client that submits
+                # again on `done` finds its key's limits settled (a key without limits
+                # reserved nothing: nothing to settle) and, sending the same request again,
+                # hits the cache.
+                self.publisher.send(
+                    outcome.closing_events(), final=True, also=self._bookkeeping(outcome)
+                )
+        if not finished:
             log.warning("finish refused: job already ended or taken over", extra=self._log())
             return
-        # In the closing write's round trip, before its events: a client that submits again
-        # on `done` finds its key's limits settled (a key without limits reserved nothing:
-        # nothing to settle) and, sending the same request again, hits the cache.
-        self.publisher.send(outcome.closing_events(), final=True, also=self._bookkeeping(outcome))
         record_finish(self.claim, outcome, datetime.now(UTC))
         log.info(
             "job %s %s: %s output tokens",
@@ -487,14 +501,26 @@ class _Sink:
     """A generation's side of its stream on the loop: the deltas read, from the loop's thread
     (the generation's waits meanwhile)."""
 
-    __slots__ = ("_generation", "_histogram", "_last", "max_tokens", "publisher")
+    __slots__ = ("_generation", "_histogram", "_last", "_stream", "end", "max_tokens", "publisher")
 
-    def __init__(self, generation: Generation, histogram: Any) -> None:
+    def __init__(self, generation: Generation, histogram: Any, stream: ClientStream) -> None:
         self._generation = generation
         self._histogram = histogram
+        self._stream = stream
         self._last = 0.0
         self.publisher: TokenPublisher | None = generation.publisher
         self.max_tokens = generation.claim.params.max_tokens
+        self.end: LoopEnd | None = None
+
+    def ending(self) -> LoopEnd | None:
+        """The job's end, succeeded, for the loop to record: as the thread would after the
+        stream (`Generation._succeeded`, then `finish`)."""
+        generation = self._generation
+        self._stream.ended()  # a stream that did not finish fails, to be tried again
+        outcome = generation._succeeded(self._stream, generation.first_token_at)
+        also = generation._bookkeeping(outcome)
+        self.end = LoopEnd(generation.claim, outcome, outcome.closing_events(), also)
+        return self.end
 
     def took(self, deltas: list[str], now: float) -> None:
         generation = self._generation

@@ -141,6 +141,8 @@ class TokenPublisher:
         self._pending: list[str] = []
         self._lead: list[Event] = []  # for the next write, ahead of its tokens
         self._lead_also: Also | None = None
+        self._closing: list[Event] = []  # the job's last events, after its last tokens
+        self._write_ttl = 0
         self._shown = Shown(claim.attempt)
         self._last_flush = 0.0
         self.cancelled = False
@@ -175,6 +177,18 @@ class TokenPublisher:
         """Whether lead events wait for a write."""
         return bool(self._lead)
 
+    def close_with(self, events: list[Event], also: Also | None = None) -> None:
+        """The job's closing events, for the stream loop's last write of it: after the pending
+        tokens, with the stream's time to live (as `send(events, final=True, also=also)`)."""
+        self._closing = list(events)
+        self._lead_also = _both(self._lead_also, also)
+        self._write_ttl = self._ttl
+
+    @property
+    def closing(self) -> bool:
+        """Whether closing events wait for a write."""
+        return bool(self._closing)
+
     def take(self) -> tuple[list[Event], list[str]]:
         """The next write's events: the lead events, then the pending tokens as one event
         (none when none are pending); and the tokens: the buffer is emptied (`restore` puts
@@ -184,6 +198,7 @@ class TokenPublisher:
         if deltas:
             # `tokens`: so that a poll can tell a running job's token count.
             events.append(Event.of(TokenData(text="".join(deltas), tokens=len(deltas))))
+        events += self._closing
         return events, deltas
 
     def take_also(self) -> Also | None:
@@ -201,6 +216,7 @@ class TokenPublisher:
             self._shown.record(self._lead)
             self._lead = []
         self._shown.extend(deltas)
+        self._closing = []
         self.cancelled = bool(flag)
         self._last_flush = time.monotonic()
         return self.cancelled
@@ -227,8 +243,9 @@ class TokenPublisher:
         return self._keys
 
     def args(self, events: list[Event]) -> list[str | int]:
-        """PUBLISH_SCRIPT's arguments for a write of `events` under this publisher's claim."""
-        return script_args(events, self._maxlen, 0, self._fence)
+        """PUBLISH_SCRIPT's arguments for a write of `events` under this publisher's claim
+        (with the stream's time to live once it carries the closing events)."""
+        return script_args(events, self._maxlen, self._write_ttl, self._fence)
 
     def replay(self) -> list[Event]:
         """Events that show readers the text again from its start (after a failed write)."""
