@@ -33,6 +33,15 @@ _MAX_WARM = 64
 _LOOP_DB_CONNECTIONS = 4
 
 
+def _loop_connections(settings: Settings) -> int:
+    """The stream loop's share of the process's Postgres connections: a quarter, up to
+    `_LOOP_DB_CONNECTIONS`; none (the jobs' threads finish them) without a loop or with
+    fewer than 4 connections in all."""
+    if settings.worker_streams != "loop":
+        return 0
+    return min(_LOOP_DB_CONNECTIONS, settings.worker_db_connections // 4)
+
+
 @dataclass
 class WorkerContext:
     settings: Settings
@@ -59,7 +68,7 @@ class WorkerContext:
         a claim and a finish, so a bounded pool serves many threads and keeps a large worker
         within the server's `max_connections` (a thread waits briefly for a connection).
         """
-        db_connections = min(threads, settings.worker_db_connections)
+        db_connections = min(threads, settings.worker_db_connections - _loop_connections(settings))
         engine = make_sync_engine(
             settings.database_url,
             pool_size=max(2, db_connections // 2),
@@ -133,14 +142,13 @@ class WorkerContext:
         """The loop that reads the backend streams, where the settings want one."""
         if self.settings.worker_streams == "loop" and self.streams is None:
             settings = self.settings
+            connections = _loop_connections(settings)
             self.streams = StreamEngine(
                 settings.redis_url,
                 self.pace,
                 flush_max_tokens=settings.flush_max_tokens,
                 outage_s=settings.redis_outage_seconds,
-                finishes=LoopFinish(
-                    settings.database_url, min(_LOOP_DB_CONNECTIONS, settings.worker_db_connections)
-                ),
+                finishes=LoopFinish(settings.database_url, connections) if connections else None,
             )
             self.streams.start()
 
