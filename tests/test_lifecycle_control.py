@@ -14,6 +14,7 @@ import httpx
 import psycopg
 import pytest
 from huggingface_hub import InferenceClient
+from redis import exceptions as redis_errors
 from sqlalchemy import Engine, text
 
 from inferq import lifecycle
@@ -295,11 +296,18 @@ def test_sigterm_hands_running_jobs_to_another_worker_after_the_grace(
 class _EndingSink:
     """A stream's sink whose job ends on the loop: its deltas, then `outcome` with them."""
 
-    def __init__(self, publisher: TokenPublisher, claim: lifecycle.Claim, marks: str) -> None:
+    def __init__(
+        self,
+        publisher: TokenPublisher,
+        claim: lifecycle.Claim,
+        marks: str,
+        before_end: Callable[[], object] | None = None,
+    ) -> None:
         self.publisher = publisher
         self.max_tokens = claim.params.max_tokens
         self.claim = claim
         self.marks = marks
+        self.before_end = before_end
         self.deltas: list[str] = []
 
     def took(self, deltas: list[str], now: float) -> None:
@@ -307,6 +315,8 @@ class _EndingSink:
         self.publisher.extend(deltas)
 
     def ending(self) -> LoopEnd:
+        if self.before_end is not None:
+            self.before_end()
         outcome = lifecycle.Outcome(
             JobStatus.succeeded,
             output="".join(self.deltas),
@@ -321,7 +331,11 @@ class _EndingSink:
 
 
 def _relayed_on_loop(
-    platform: Platform, database_url: str, claim: lifecycle.Claim, marks: str
+    platform: Platform,
+    database_url: str,
+    claim: lifecycle.Claim,
+    marks: str,
+    before_end: Callable[[], object] | None = None,
 ) -> tuple[bool | None, _EndingSink]:
     """The claimed job's stream (8 tokens of the fast simulator) on a stream loop that ends
     the jobs it can on `database_url`; whether the loop finished it, and the sink."""
@@ -344,9 +358,13 @@ def _relayed_on_loop(
         stream = TextGenerationStream(client, request)
         lean = stream.lean_request()
         assert lean is not None
-        sink = _EndingSink(publisher, claim, marks)
+        sink = _EndingSink(publisher, claim, marks, before_end)
         relay = loop.relay(stream, lean, 30, sink)
-        assert relay.wait() is False
+        try:
+            assert relay.wait() is False
+        except redis_errors.ResponseError:
+            assert relay.finished  # the job ended, then its closing write failed
+            raise
         return relay.finished, sink
     finally:
         loop.stop()
@@ -401,6 +419,20 @@ def test_the_stream_loop_ends_a_job_that_streamed_well_and_leaves_the_rest_to_it
         assert finished is None
         assert "done" not in types(lost)
         assert http.get(f"/v1/jobs/{lost.job_id}").json()["status"] == "running"
+
+        # A closing write that Redis refuses (the stream's key taken by a value of another
+        # type): the job has ended; the thread is told of the failure, not of a stream to
+        # run again.
+        spoilt = claimed("closing refused")
+        key = stream_key(str(spoilt.job_id))
+
+        def spoil() -> None:
+            redis.delete(key)
+            redis.set(key, "not a stream", ex=60)
+
+        with pytest.raises(redis_errors.ResponseError):
+            _relayed_on_loop(platform, platform.database_url, spoilt, marks, spoil)
+        assert http.get(f"/v1/jobs/{spoilt.job_id}").json()["status"] == "succeeded"
     finally:
         redis.delete(marks)
         redis.close()

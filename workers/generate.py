@@ -326,6 +326,8 @@ class Generation:
             except (ClaimLost, RedisUnavailable, sse.NotLean):
                 raise
             except Exception as exc:
+                if relay.finished:
+                    raise  # the job ended; its closing write failed, as `finish` raises it
                 raise stream.failure(exc) from exc
             if cancelled:
                 return self._cancelled(self.first_token_at)
