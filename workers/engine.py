@@ -69,7 +69,7 @@ INCOMPLETE = (
 )
 
 
-# A stream's write: the stream, its script arguments, its tokens, the lead's commands.
+# A stream's write: the stream, its script arguments, its tokens, its commands (`also`).
 Write = tuple["_Reader", list[Any], list[str], Also | None]
 
 
@@ -128,9 +128,10 @@ class Relay:
         self._engine.call(self._reader.abort)
 
     def wait(self) -> bool:
-        """Block until the stream has ended: True when a flush found the job asked to cancel
-        (the connection is closed); raises the stream's failure as the lean reader raises it,
-        or ClaimLost, RedisUnavailable, or what the sink raised."""
+        """Block until the stream has ended (and, for one that ended well, until the loop has
+        ended the job or left it to the thread: `finished`): True when a flush found the job
+        asked to cancel (the connection is closed); raises the stream's failure as the lean
+        reader raises it, or ClaimLost, RedisUnavailable, or what the sink raised."""
         return self.future.result()
 
 
@@ -582,7 +583,7 @@ class _Reader(asyncio.Protocol):
 
     def batch(self) -> tuple[list[Any], list[str], Also | None]:
         """This stream's write: its lead events and pending tokens (after the whole text,
-        after a failure), and the lead's commands."""
+        after a failure), and the commands that go with them."""
         publisher = self.publisher
         assert publisher is not None
         self._writing = True

@@ -140,7 +140,7 @@ class TokenPublisher:
         self._outage_s = outage_s
         self._pending: list[str] = []
         self._lead: list[Event] = []  # for the next write, ahead of its tokens
-        self._lead_also: Also | None = None
+        self._also: Also | None = None  # commands for the next write (the lead's, the end's)
         self._closing: list[Event] = []  # the job's last events, after its last tokens
         self._write_ttl = 0
         self._shown = Shown(claim.attempt)
@@ -170,7 +170,7 @@ class TokenPublisher:
         loop as it opens the stream (workers/engine.py), in the same round trip as other
         streams' writes."""
         self._lead = [*self._lead, *events]
-        self._lead_also = _both(self._lead_also, also)
+        self._also = _both(self._also, also)
 
     @property
     def leading(self) -> bool:
@@ -181,13 +181,8 @@ class TokenPublisher:
         """The job's closing events, for the stream loop's last write of it: after the pending
         tokens, with the stream's time to live (as `send(events, final=True, also=also)`)."""
         self._closing = list(events)
-        self._lead_also = _both(self._lead_also, also)
+        self._also = _both(self._also, also)
         self._write_ttl = self._ttl
-
-    @property
-    def closing(self) -> bool:
-        """Whether closing events wait for a write."""
-        return bool(self._closing)
 
     def take(self) -> tuple[list[Event], list[str]]:
         """The next write's events: the lead events, then the pending tokens as one event
@@ -202,9 +197,9 @@ class TokenPublisher:
         return events, deltas
 
     def take_also(self) -> Also | None:
-        """The lead's commands, for the write `take` makes (once: a write tried again goes
-        without them)."""
-        also, self._lead_also = self._lead_also, None
+        """The next write's commands (the lead's, the end's), for the write `take` makes
+        (once: a write tried again goes without them)."""
+        also, self._also = self._also, None
         return also
 
     def wrote(self, flag: Any, deltas: list[str]) -> bool:
