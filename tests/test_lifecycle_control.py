@@ -327,7 +327,7 @@ class _EndingSink:
         )
         job_id, marks = str(self.claim.job_id), self.marks
         also = lambda pipe: pipe.sadd(marks, job_id)  # noqa: E731
-        return LoopEnd(self.claim, outcome, outcome.closing_events(), also)
+        return LoopEnd(self.claim, outcome, also)
 
 
 def _relayed_on_loop(

@@ -42,7 +42,7 @@ from huggingface_hub.errors import InferenceTimeoutError
 from huggingface_hub.inference._common import RequestParameters
 from redis import exceptions as redis_errors
 
-from inferq.events import PUBLISH_SCRIPT, Event
+from inferq.events import PUBLISH_SCRIPT
 from inferq.lifecycle import Claim, LoopFinish, Outcome
 from inferq.redis_clients import async_client
 from workers.backends import sse
@@ -103,11 +103,10 @@ class Sink(Protocol):
 @dataclass(frozen=True)
 class LoopEnd:
     """A job's end as the loop records it (`Sink.ending`): its row's finish under its claim,
-    then its closing events after its last tokens, with `also`'s commands."""
+    then the outcome's closing events after its last tokens, with `also`'s commands."""
 
     claim: Claim
     outcome: Outcome
-    events: list[Event]
     also: Also | None
 
 
@@ -721,7 +720,7 @@ class _Reader(asyncio.Protocol):
         self._in_db = False
         self.relay.finished = finished
         if finished:
-            self.publisher.close_with(end.events, end.also)
+            self.publisher.close_with(end.outcome.closing_events(), end.also)
             self._closing_due = True
             self.engine.flush_soon(self)
         self._settle()

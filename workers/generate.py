@@ -318,8 +318,9 @@ class Generation:
         try:
             try:
                 cancelled = relay.wait()
-                if relay.finished is not None and sink.end is not None:
-                    self.finished_on_loop = relay.finished  # the job's end is recorded
+                if relay.finished is not None:  # the loop took the job's end (`_Sink.ending`)
+                    assert sink.end is not None
+                    self.finished_on_loop = relay.finished
                     return sink.end.outcome
                 if not cancelled:
                     stream.ended()
@@ -521,7 +522,7 @@ class _Sink:
         self._stream.ended()  # a stream that did not finish fails, to be tried again
         outcome = generation._succeeded(self._stream, generation.first_token_at)
         also = generation._bookkeeping(outcome)
-        self.end = LoopEnd(generation.claim, outcome, outcome.closing_events(), also)
+        self.end = LoopEnd(generation.claim, outcome, also)
         return self.end
 
     def took(self, deltas: list[str], now: float) -> None:
