@@ -75,10 +75,12 @@ __all__ = [
 ]
 
 
-def start_sim(logs: Path, itl_ms: str, ttft_ms: str = "1") -> tuple[str, Child]:
-    """`inferq sim` on a free port, as a process of its own; its URL."""
+def start_sim(logs: Path, itl_ms: str, ttft_ms: str = "1", *flags: str) -> tuple[str, Child]:
+    """`inferq sim` on a free port, as a process of its own (`flags`: more of its options);
+    its URL."""
     port = free_port()
     args = ["-m", "inferq", "sim", "--port", str(port), "--ttft-ms", ttft_ms, "--itl-ms", itl_ms]
+    args += flags
     env = {k: v for k, v in os.environ.items() if not k.startswith("INFERQ_")}
     child = Child.spawn("sim", args, env, logs / f"sim-{itl_ms}.log")
     url = f"http://127.0.0.1:{port}"

@@ -136,6 +136,49 @@ def test_every_token_of_many_streams_is_written_once_in_order_the_first_at_once(
         assert len(written) <= len(sink.deltas) / 2  # the rest went together
 
 
+class _Ticks(_Sink):
+    """A sink that keeps, for each read, which of the loop's flush ticks was next."""
+
+    def __init__(self, publisher: TokenPublisher, max_tokens: int, engine: StreamEngine) -> None:
+        super().__init__(publisher, max_tokens)
+        self.engine = engine
+        self.reads: list[tuple[int, float]] = []  # (deltas, the next tick)
+
+    def took(self, deltas: list[str], now: float) -> None:
+        self.reads.append((len(deltas), self.engine.next_tick))
+        super().took(deltas, now)
+
+
+def test_a_stream_whose_end_comes_before_the_tick_is_not_held_until_the_tick(
+    databases: Databases, client: redis.Redis, tmp_path: Any
+) -> None:
+    """A read's tokens are paced together: a stream that learns at a tick that its end comes
+    before the next reads its last tokens as they come, and ends before the next tick."""
+    url, sim = start_sim(tmp_path, "20", "1", "--fixed-output-tokens", "40")
+    # A tick every 0.6 s: the first comes some 30 tokens into the 40 (a token every 20 ms,
+    # 0.8 s in all); buffers large enough that only the pace decides.
+    engine = StreamEngine(
+        databases.redis_url, FlushPace(base_s=0.6, budget=400, max_s=0.6), flush_max_tokens=64
+    )
+    engine.start()
+    try:
+        _, publisher = _job(client, 40)
+        sink = _Ticks(publisher, 40, engine)
+        stream, request = _stream(url, 40, 7)
+        assert engine.relay(stream, request, 30, sink).wait() is False
+        stream.ended()
+    finally:
+        engine.stop()
+        sim.stop()
+    assert sum(count for count, _ in sink.reads) == 40
+    ticks = list(dict.fromkeys(tick for _, tick in sink.reads))
+    # Before the first tick: the first token, then a pause; at the tick, what came meanwhile
+    # in one read; then the rest as it comes, all before the second tick.
+    assert len(ticks) == 2
+    at_the_tick = [count for count, tick in sink.reads if tick == ticks[1]]
+    assert at_the_tick[0] > 15 and len(at_the_tick) >= 4 and max(at_the_tick[1:]) <= 3
+
+
 def test_a_cancel_seen_by_a_flush_ends_the_stream_and_closes_it(
     engine: StreamEngine, client: redis.Redis, sim_url: str
 ) -> None:

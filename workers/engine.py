@@ -161,6 +161,7 @@ class StreamEngine:
         self._soon_scheduled = False
         self._tick: asyncio.TimerHandle | None = None
         self.next_tick = 0.0  # when (time.monotonic()) the next flush tick comes
+        self.tick_flushing = False  # between a tick and its flush (READ_GRACE_S)
         self._retry_at = 0.0  # after a failed write: no write before this (time.monotonic())
         self._delay = RETRY_FIRST_S
 
@@ -217,11 +218,13 @@ class StreamEngine:
         paused, self._paused = self._paused, []
         for reader in paused:
             reader.resume()
+        self.tick_flushing = True
         self.loop.call_later(READ_GRACE_S, self._flush_all)
         if self._readers:
             self._schedule_tick()
 
     def _flush_all(self) -> None:
+        self.tick_flushing = False
         self._write([r for r in self._readers if r.flush_due()])
 
     def flush_soon(self, reader: _Reader) -> None:
@@ -418,10 +421,13 @@ class _Reader(asyncio.Protocol):
             if self._refusal is not None:
                 self._refusal += pieces
             else:
-                for piece in pieces:
-                    self._lines_in(self._lines.feed(piece), now)
-                    if self._ended is not None:
-                        return
+                # The read's events at once: one pace for all the tokens it brought, counted
+                # in full (a stream paced on its read's first event would pause though its
+                # end is due before the tick, and its `done` would wait for the tick).
+                block = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+                self._lines_in(self._lines.feed(block), now)
+                if self._ended is not None:
+                    return
         if self._complete:
             self._whole()
 
@@ -505,24 +511,31 @@ class _Reader(asyncio.Protocol):
             self._end(exc)
 
     def _lines_in(self, lines: list[str], now: float) -> None:
-        """The answer's new lines: their deltas to the sink, then the flush and the pace."""
+        """The answer's new lines: their deltas to the sink, then the flush and the pace. The
+        deltas read before a line that fails still reach the sink first, as they would from
+        huggingface_hub's iterator."""
         parse, take, data = self.stream.parse, self.stream.take, self._data
         deltas: list[str] = []
+        failure: Exception | None = None
         try:
             for line in lines:
                 if data.pick(line):
                     deltas += take(parse(line))
                 elif data.done:
                     break
-            if deltas:
+        except Exception as exc:
+            failure = exc
+        if deltas:
+            try:
                 for i, delta in enumerate(deltas):
                     if NUL in delta:
                         deltas[i] = delta.replace(NUL, REPLACEMENT)
                 self.sink.took(deltas, now)
-        except Exception as exc:
-            self._end(exc)
-            return
-        if data.done:
+            except Exception as exc:
+                failure = exc
+        if failure is not None:
+            self._end(failure)
+        elif data.done:
             self._end(None)
         elif deltas:
             self._paced(len(deltas), now)
@@ -547,7 +560,9 @@ class _Reader(asyncio.Protocol):
         # buffer would fill before the tick.
         if wait < MIN_PAUSE_S or (left - 1) * gap < wait:
             return
-        if gap and publisher.pending + wait / gap >= self.engine.flush_max_tokens:
+        # The tokens pending now go in the tick's flush, due in a moment.
+        pending = 0 if self.engine.tick_flushing else publisher.pending
+        if gap and pending + wait / gap >= self.engine.flush_max_tokens:
             return
         if self._transport is not None and not self._paused:
             self._paused = True
