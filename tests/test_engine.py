@@ -153,7 +153,7 @@ def test_a_stream_whose_end_comes_before_the_tick_is_not_held_until_the_tick(
     databases: Databases, client: redis.Redis, tmp_path: Any
 ) -> None:
     """A read's tokens are paced together: a stream that learns at a tick that its end comes
-    before the next reads its last tokens as they come, and ends before the next tick."""
+    before the next one pauses only until its end is due, and ends before the next tick."""
     url, sim = start_sim(tmp_path, "20", "1", "--fixed-output-tokens", "40")
     # A tick every 0.6 s: the first comes some 30 tokens into the 40 (a token every 20 ms,
     # 0.8 s in all); buffers large enough that only the pace decides.
@@ -173,10 +173,12 @@ def test_a_stream_whose_end_comes_before_the_tick_is_not_held_until_the_tick(
     assert sum(count for count, _ in sink.reads) == 40
     ticks = list(dict.fromkeys(tick for _, tick in sink.reads))
     # Before the first tick: the first token, then a pause; at the tick, what came meanwhile
-    # in one read; then the rest as it comes, all before the second tick.
+    # in one read; then the rest near its end, in a few reads (not one a token), all before
+    # the second tick.
     assert len(ticks) == 2
     at_the_tick = [count for count, tick in sink.reads if tick == ticks[1]]
-    assert at_the_tick[0] > 15 and len(at_the_tick) >= 4 and max(at_the_tick[1:]) <= 3
+    assert at_the_tick[0] > 15
+    assert 1 <= len(at_the_tick[1:]) <= 4 and sum(at_the_tick[1:]) > 5
 
 
 def test_a_cancel_seen_by_a_flush_ends_the_stream_and_closes_it(

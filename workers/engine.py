@@ -325,6 +325,7 @@ class _Reader(asyncio.Protocol):
         self._received = False  # any byte of the answer
         self._timer: asyncio.TimerHandle | None = None
         self._paused = False
+        self._wake: asyncio.TimerHandle | None = None  # a pause's end before the tick
         self._aborted = False
         self._writing = False
         self._ended: tuple[bool, BaseException | None] | None = None
@@ -541,7 +542,8 @@ class _Reader(asyncio.Protocol):
             self._paced(len(deltas), now)
 
     def _paced(self, count: int, now: float) -> None:
-        """After a read of `count` tokens: flush now, or pause until the next tick?"""
+        """After a read of `count` tokens: flush now, or pause until the next tick, or until
+        just before the stream's end when that comes first?"""
         publisher = self.publisher
         if publisher is None:
             return
@@ -554,13 +556,14 @@ class _Reader(asyncio.Protocol):
         if self._tokens < 2:
             return  # no pace known yet: read on
         gap = (now - self._first_at) / (self._tokens - 1)
-        wait = self.engine.next_tick - now
-        left = self.sink.max_tokens - self._tokens
-        # Read on where the end is near (its `done` must not wait for the tick), or where the
-        # buffer would fill before the tick.
-        if wait < MIN_PAUSE_S or (left - 1) * gap < wait:
-            return
-        # The tokens pending now go in the tick's flush, due in a moment.
+        # When the next to last token should come, at the pace so far (the stream's `done`
+        # must not wait for the tick; a token early, as the pace read on a late read is slow).
+        end = self._first_at + (self.sink.max_tokens - 2) * gap - now
+        wait = min(self.engine.next_tick - now, end)
+        if wait < MIN_PAUSE_S:
+            return  # read on
+        # Read on where the buffer would fill meanwhile (the tokens pending now go in the
+        # tick's flush, due in a moment).
         pending = 0 if self.engine.tick_flushing else publisher.pending
         if gap and pending + wait / gap >= self.engine.flush_max_tokens:
             return
@@ -568,8 +571,13 @@ class _Reader(asyncio.Protocol):
             self._paused = True
             self._transport.pause_reading()
             self.engine.pause(self)
+            if end < self.engine.next_tick - now:
+                self._wake = self._loop.call_later(end, self.resume)
 
     def resume(self) -> None:
+        if self._wake is not None:
+            self._wake.cancel()
+            self._wake = None
         if self._paused:
             self._paused = False
             if self._transport is not None and self._ended is None:
@@ -676,6 +684,9 @@ class _Reader(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._wake is not None:
+            self._wake.cancel()
+            self._wake = None
         if self._transport is not None:
             self._transport.abort()
         self._settle()
