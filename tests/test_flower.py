@@ -1,4 +1,4 @@
-"""Flower shows queue health: its HTTP API finds the running worker."""
+"""Flower shows queue health: its HTTP API finds the running worker and follows its tasks."""
 
 from __future__ import annotations
 
@@ -44,10 +44,13 @@ def _check_a_task_names_its_model_and_tenant(platform: Platform, url: str) -> No
         job = http.post("/v1/jobs", json={"model": "sim", "prompt": "hi", "max_tokens": 2}).json()
     deadline = time.monotonic() + 30
     task: dict = {}
-    while not task.get("args") and time.monotonic() < deadline:
+    # The worker's task events (received, started, succeeded) reach Flower, sent together.
+    while task.get("state") != "SUCCESS" and time.monotonic() < deadline:
         response = httpx.get(f"{url}/api/task/info/{job['id']}", auth=("ops", "secret"), timeout=30)
         task = response.json() if response.status_code == 200 else {}
         time.sleep(0.5)
+    assert task.get("state") == "SUCCESS", task
+    assert task["received"] and task["started"] and task["succeeded"], task
     assert "model=sim" in task.get("args", "") and "tenant=flower-tenant" in task["args"], task
 
 
