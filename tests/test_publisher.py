@@ -86,6 +86,10 @@ def test_a_stream_is_read_once_a_flush_and_to_its_end(databases: Databases) -> N
         # No pace known yet: read on, token by token, until a flush tells the pace.
         publisher.add_token("b", t + 0.01)
         assert pace.read(t + 0.01, 2, publisher) == 0.0
+        # The flush below comes at least 20 ms after the first token: a pace of 10 ms a token
+        # or more, however quickly this test runs (at less than a third of a millisecond a
+        # token, the stream would read on instead of pausing).
+        time.sleep(0.02)
         flushed_at = time.monotonic() + 1.0  # a flush later than every reading above
         publisher.add_token("c", flushed_at)
         assert publisher.last_flush >= flushed_at - 1.0
