@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
-from cachetools import LRUCache
+from cachetools import LRUCache, TTLCache
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
 from api.admission import Admissions
@@ -17,6 +17,7 @@ from api.jobs.batcher import SubmitBatcher
 from api.jobs.enqueue import JobQueue
 from inferq.db import async_sessions, make_async_engine
 from inferq.events import PUBLISH_SCRIPT
+from inferq.models import Job
 from inferq.queue import Enqueuer, make_producer_app
 from inferq.redis_clients import async_client
 from inferq.registry import Registry, registry_of
@@ -25,6 +26,9 @@ from inferq.tokens import TokenCounter
 
 # The API's connections carry this name in Redis's CLIENT LIST.
 API_CLIENT = "inferq-api"
+# How long this process remembers a job it accepted as it was then (queued): its events are
+# most often read next, before the worker has written any.
+FRESH_JOB_SECONDS = 10.0
 
 
 @dataclass
@@ -43,6 +47,9 @@ class AppState:
     batcher: SubmitBatcher
     admissions: Admissions
     job_tenants: LRUCache[uuid.UUID, str] = field(default_factory=lambda: LRUCache(100_000))
+    fresh_jobs: TTLCache[uuid.UUID, Job] = field(
+        default_factory=lambda: TTLCache(10_000, FRESH_JOB_SECONDS)
+    )
     tokens: TokenCounter = field(default_factory=TokenCounter)  # backends' tokenizers
 
     @classmethod

@@ -285,8 +285,10 @@ async def submit_job(
     await session.commit()
     if created.cached:
         await _publish_answer(state, created.job)
-    elif not created.replayed and not created.enqueued:
-        await state.queue.put([created.job])
+    elif not created.replayed:
+        if not created.enqueued:
+            await state.queue.put([created.job])
+        _remember_fresh(state, created.job)
     if not created.replayed:
         JOBS_SUBMITTED.labels(created.job.model).inc()
     return created
@@ -322,13 +324,22 @@ async def get_job(session: AsyncSession, key: Principal, job_id: uuid.UUID) -> J
     return job
 
 
+def _remember_fresh(state: AppState, job: Job) -> None:
+    """A job this process just accepted: its tenant, and its status for a moment (what its
+    events open with until the worker writes its own)."""
+    state.job_tenants[job.id] = job.tenant
+    state.fresh_jobs[job.id] = Job(id=job.id, tenant=job.tenant, status=job.status, attempts=0)
+
+
 async def job_if_unseen(
     state: AppState, session: AsyncSession, key: Principal, job_id: uuid.UUID
 ) -> Job | None:
-    """404 unless the job is this tenant's; the job row only if this process had to read it.
+    """404 unless the job is this tenant's; the job row if this process had to read it, the
+    job as this process accepted it if that was a moment ago, else None.
 
     A job's tenant never changes, so each process remembers it: the thousandth reader of a
-    job's events costs no query.
+    job's events costs no query, and neither does the first, on the process that accepted
+    the job, as its submitter most often reads them next.
     """
     tenant = state.job_tenants.get(job_id)
     if tenant is None:
@@ -337,7 +348,7 @@ async def job_if_unseen(
         return job
     if tenant != key.tenant:
         raise NotFound(f"no job {job_id}")
-    return None
+    return state.fresh_jobs.get(job_id)
 
 
 # A poll counts at most this many jobs before a queued one (ix_jobs_queued_position): deeper
