@@ -559,7 +559,8 @@ class _Reader(asyncio.Protocol):
         # When the next to last token should come, at the pace so far (the stream's `done`
         # must not wait for the tick; a token early, as the pace read on a late read is slow).
         end = self._first_at + (self.sink.max_tokens - 2) * gap - now
-        wait = min(self.engine.next_tick - now, end)
+        tick = self.engine.next_tick - now
+        wait = min(tick, end)
         if wait < MIN_PAUSE_S:
             return  # read on
         # Read on where the buffer would fill meanwhile (the tokens pending now go in the
@@ -571,7 +572,7 @@ class _Reader(asyncio.Protocol):
             self._paused = True
             self._transport.pause_reading()
             self.engine.pause(self)
-            if end < self.engine.next_tick - now:
+            if end < tick:
                 self._wake = self._loop.call_later(end, self.resume)
 
     def resume(self) -> None:
