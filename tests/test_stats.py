@@ -8,6 +8,7 @@ are moved two days back so that days group and the daily rollup has a closed day
 
 from __future__ import annotations
 
+import functools
 import math
 import uuid
 from collections import defaultdict
@@ -29,8 +30,18 @@ from inferq.stats_table import print_stats
 from tests.conftest import Platform, submit, wait_for
 from workers.stats import Rollup
 
-TODAY = datetime.now(UTC).date()
-RANGE = {"from": str(TODAY - timedelta(days=3)), "to": str(TODAY)}
+
+@functools.cache
+def today() -> date:
+    """The UTC day of the module's jobs: read when its first test starts, not when the tests
+    are collected (minutes before, perhaps on the day before)."""
+    return datetime.now(UTC).date()
+
+
+def stats_range() -> dict[str, str]:
+    return {"from": str(today() - timedelta(days=3)), "to": str(today())}
+
+
 TIMINGS = ("queue_ms", "ttft_ms", "duration_ms", "tokens_per_second")
 
 
@@ -74,7 +85,7 @@ def _run(platform: Platform, tenant: Tenant, key: str, runs: list[dict[str, Any]
         ids = [submit(http, **body)["id"] for body in runs]
         for job_id in ids:
             job = wait_for(http, job_id, timeout=60)
-            tenant.jobs.append({**job, "key": tenant.keys[key][0], "day": TODAY})
+            tenant.jobs.append({**job, "key": tenant.keys[key][0], "day": today()})
 
 
 def _run_jobs(platform: Platform, a: Tenant, b: Tenant) -> None:
@@ -123,7 +134,7 @@ def _cancel_one(platform: Platform, a: Tenant) -> None:
         wait_for(http, job_id, statuses={"running"})
         http.post(f"/v1/jobs/{job_id}/cancel").raise_for_status()
         job = wait_for(http, job_id)
-        a.jobs.append({**job, "key": a.keys["a1"][0], "day": TODAY})
+        a.jobs.append({**job, "key": a.keys["a1"][0], "day": today()})
 
 
 def _move_back(platform: Platform, job: dict[str, Any], days: int) -> None:
@@ -140,7 +151,7 @@ def _move_back(platform: Platform, job: dict[str, Any], days: int) -> None:
         days,
         job["id"],
     )
-    job["day"] = TODAY - timedelta(days=days)
+    job["day"] = today() - timedelta(days=days)
 
 
 def _judge_job(platform: Platform, judged: dict[str, Any], tenant: Tenant) -> None:
@@ -291,7 +302,7 @@ def _group_of(row: dict[str, Any], group_by: list[str]) -> tuple[Any, ...]:
 
 
 def _stats(http: httpx.Client, **params: str) -> list[dict[str, Any]]:
-    response = http.get("/v1/stats", params={**RANGE, **params})
+    response = http.get("/v1/stats", params={**stats_range(), **params})
     assert response.status_code == 200, response.text
     return list(response.json()["data"])
 
@@ -323,7 +334,7 @@ def test_the_jobs_ran_every_way(ran: Ran) -> None:
     statuses = {job["status"] for job in ran.a.jobs}
     assert statuses == {"succeeded", "failed", "cancelled", "expired"}
     assert any(job["cached"] for job in ran.a.jobs)
-    assert {job["day"] for job in ran.a.jobs} == {TODAY, TODAY - timedelta(days=2)}
+    assert {job["day"] for job in ran.a.jobs} == {today(), today() - timedelta(days=2)}
 
 
 def test_a_tenant_sees_only_its_own_jobs(platform: Platform, ran: Ran) -> None:
@@ -353,7 +364,7 @@ def test_the_rollup_answers_as_the_jobs_do_and_follows_late_feedback(
     platform: Platform, ran: Ran
 ) -> None:
     engine = make_sync_engine(platform.database_url, pool_size=1)
-    moved = next(job for job in ran.a.jobs if job["day"] != TODAY)
+    moved = next(job for job in ran.a.jobs if job["day"] != today())
     try:
         with ran.a.client(platform, "a1") as http:
             live = _stats(http, group_by="day,model,user")
@@ -398,7 +409,7 @@ def test_a_day_that_cannot_be_rolled_up_does_not_hold_up_the_others(
 ) -> None:
     suffix = uuid.uuid4().hex[:8]
     first, second = f"roll-a-{suffix}", f"roll-b-{suffix}"  # rolled up in this order
-    day = TODAY - timedelta(days=2)
+    day = today() - timedelta(days=2)
     jobs = {tenant: _closed_job(platform, tenant, day) for tenant in (first, second)}
     url = make_url(platform.database_url).set(drivername="postgresql+psycopg")
     # A lock wait over 300 ms fails the statement, as a statement timeout would.
@@ -423,7 +434,7 @@ def test_beats_first_rollup_reaches_days_that_closed_while_it_was_down(
     platform: Platform,
 ) -> None:
     tenant = f"roll-back-{uuid.uuid4().hex[:8]}"
-    _closed_job(platform, tenant, TODAY - timedelta(days=20))
+    _closed_job(platform, tenant, today() - timedelta(days=20))
     ctx = SimpleNamespace(engine=make_sync_engine(platform.database_url, pool_size=1))
     try:
         rollup = Rollup(ctx)  # type: ignore[arg-type]
@@ -439,7 +450,7 @@ def test_one_day_grouped_by_user_is_what_each_user_did_that_day(
     platform: Platform, ran: Ran
 ) -> None:
     """ "What did each user cost that day": a one-day range, grouped by user."""
-    day = TODAY - timedelta(days=2)
+    day = today() - timedelta(days=2)
     jobs = [job for job in ran.a.jobs if job["day"] == day]
     with ran.a.client(platform, "a1") as http:
         rows = http.get(
@@ -522,7 +533,9 @@ def test_the_cli_table_has_one_column_per_group_field(
     platform: Platform, ran: Ran, capsys: pytest.CaptureFixture[str]
 ) -> None:
     key = ran.a.keys["a1"][1]
-    code = print_stats(platform.api_url, key, RANGE["from"], RANGE["to"], "model,model", False)
+    code = print_stats(
+        platform.api_url, key, stats_range()["from"], stats_range()["to"], "model,model", False
+    )
     assert code == 0
     header, *lines = capsys.readouterr().out.splitlines()
     assert header.split()[:2] == ["model", "jobs"]
