@@ -576,13 +576,17 @@ class _Reader(asyncio.Protocol):
                 self._wake = self._loop.call_later(end, self.resume)
 
     def resume(self) -> None:
-        if self._wake is not None:
-            self._wake.cancel()
-            self._wake = None
+        self._unwake()
         if self._paused:
             self._paused = False
             if self._transport is not None and self._ended is None:
                 self._transport.resume_reading()
+
+    def _unwake(self) -> None:
+        """Drop the timer that would end a pause before the tick."""
+        if self._wake is not None:
+            self._wake.cancel()
+            self._wake = None
 
     # Writes -----------------------------------------------------------------------------------
 
@@ -685,9 +689,7 @@ class _Reader(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._wake is not None:
-            self._wake.cancel()
-            self._wake = None
+        self._unwake()
         if self._transport is not None:
             self._transport.abort()
         self._settle()

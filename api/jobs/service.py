@@ -231,9 +231,7 @@ async def _insert_answered(
         # One autocommit round trip, no ORM: a hit costs little more than its Redis GET.
         async with state.autocommit.connect() as conn:
             await conn.execute(insert(Job), [row])
-        job = Job(**values, attempts=0)
-        state.job_tenants[job.id] = job.tenant  # its events are read next: no query for them
-        return Created(job, replayed=False, cached=True)
+        return Created(Job(**values, attempts=0), replayed=False, cached=True)
     created = await _insert(session, None, key, body, values, idempotency_key, digest)
     return replace(created, cached=not created.replayed)
 
@@ -285,11 +283,10 @@ async def submit_job(
     await session.commit()
     if created.cached:
         await _publish_answer(state, created.job)
-    elif not created.replayed:
-        if not created.enqueued:
-            await state.queue.put([created.job])
-        _remember_fresh(state, created.job)
+    elif not created.replayed and not created.enqueued:
+        await state.queue.put([created.job])
     if not created.replayed:
+        _remember(state, created)
         JOBS_SUBMITTED.labels(created.job.model).inc()
     return created
 
@@ -324,11 +321,14 @@ async def get_job(session: AsyncSession, key: Principal, job_id: uuid.UUID) -> J
     return job
 
 
-def _remember_fresh(state: AppState, job: Job) -> None:
-    """A job this process just accepted: its tenant, and its status for a moment (what its
-    events open with until the worker writes its own)."""
+def _remember(state: AppState, created: Created) -> None:
+    """A job this process just accepted, whose events are most often read next: its tenant,
+    and, unless the cache answered it (its stream is written), its status for a moment (what
+    its events open with until the worker writes its own)."""
+    job = created.job
     state.job_tenants[job.id] = job.tenant
-    state.fresh_jobs[job.id] = Job(id=job.id, tenant=job.tenant, status=job.status, attempts=0)
+    if not created.cached:
+        state.fresh_jobs[job.id] = Job(id=job.id, tenant=job.tenant, status=job.status, attempts=0)
 
 
 async def job_if_unseen(
