@@ -30,3 +30,18 @@ def configure_logging(level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+
+
+# Celery's line for each task received and each task that succeeded: a worker's job lines
+# (started, and how it ended) say the same with the job's fields.
+PER_TASK_LOGGERS = ("celery.worker.strategy", "celery.app.trace")
+
+
+def configure_worker_logging(level: str = "INFO") -> None:
+    """As `configure_logging`, with Celery's per-task lines left out below DEBUG (and with
+    them its INFO line for a task retried). A task rejected or that raised is still logged,
+    at WARNING or ERROR."""
+    configure_logging(level)
+    held = logging.WARNING if logging.getLevelName(level) != logging.DEBUG else logging.NOTSET
+    for name in PER_TASK_LOGGERS:
+        logging.getLogger(name).setLevel(held)

@@ -21,9 +21,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 from httpx_sse import connect_sse
+from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+from inferq.metrics import LATENCY_BUCKETS, observe_times
 from inferq.migrate import upgrade
 from inferq.processes import Child
 from inferq.registry import queue_name
@@ -300,3 +302,31 @@ def test_metrics_files_of_one_host_are_shared(stack: Stack) -> None:
         assert api == worker and api
     else:
         assert api is None and worker
+
+
+@pytest.mark.parametrize("amount", [0.0, 0.004, 0.01, 0.2, 7.0, 1e6])
+@pytest.mark.parametrize("times", [0, 1, 13])
+def test_a_value_observed_many_times_at_once_is_recorded_as_observed_one_by_one(
+    amount: float, times: int
+) -> None:
+    one_by_one, at_once = (
+        Histogram("gap_seconds", "gap", ["model"], buckets=LATENCY_BUCKETS, registry=registry)
+        for registry in (CollectorRegistry(), CollectorRegistry())
+    )
+    child = one_by_one.labels("m")
+    for _ in range(times):
+        child.observe(amount)
+    observe_times(at_once.labels("m"), amount, times)
+
+    def samples(histogram: Histogram) -> dict[tuple[str, str], float]:
+        (family,) = histogram.collect()
+        return {  # `_created` is when the metric was made: not an observation's
+            (s.name, s.labels.get("le", "")): s.value
+            for s in family.samples
+            if not s.name.endswith("_created")
+        }
+
+    # the sum up to the rounding of one product against as many additions
+    assert samples(at_once) == pytest.approx(samples(one_by_one), rel=1e-12)
+    with pytest.raises(ValueError):  # as `observe` refuses the metric that has labels
+        observe_times(at_once, amount, times or 1)

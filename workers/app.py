@@ -5,13 +5,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from celery import Celery, bootsteps, signals
-from kombu.common import ignore_errors
+from celery import Celery, signals
 from prometheus_client import start_http_server
 
 from inferq import metrics
 from inferq.collector import quiet_collector
-from inferq.logs import configure_logging
+from inferq.logs import configure_worker_logging
 from inferq.queue import GENERATE_TASK, celery_config
 from inferq.settings import get_settings
 from workers.context import WorkerContext
@@ -20,14 +19,10 @@ from workers.judge import start_judge
 from workers.retention import start_retention
 from workers.stats import start_rollup
 from workers.sweeper import start_sweeper
+from workers.task_events import TaskEventsTogether
 from workers.webhooks import start_dispatcher
 
 log = logging.getLogger("inferq.worker")
-
-# Task events (what Flower shows: received, started, succeeded) wait this long in the
-# worker's buffer, to go out together; past EVENTS_BUFFER of them they go at once.
-EVENTS_FLUSH_S = 0.25
-EVENTS_BUFFER = 1000
 
 
 class InferqCelery(Celery):
@@ -37,46 +32,6 @@ class InferqCelery(Celery):
         if self.context is None:
             self.context = WorkerContext.create(get_settings(), threads)
         return self.context
-
-
-class TaskEventsTogether(bootsteps.StartStopStep):
-    """The worker's task events sent every EVENTS_FLUSH_S, together.
-
-    Celery buffers them, but flushes its buffer on the consumer's next turn: about once a
-    task, a publish of its own (kombu's, then Redis's) for two or three events. Here the
-    first event buffered schedules the flush a moment later; those buffered meanwhile go in
-    the same message (`task.multi`, which Flower reads as it reads one event). The buffer is
-    flushed too when the consumer stops, before its event dispatcher closes.
-    """
-
-    requires = ("celery.worker.consumer.events:Events",)
-
-    def __init__(self, parent: Any, **kwargs: Any) -> None:
-        super().__init__(parent, **kwargs)
-        self._due = False  # a flush is scheduled (two at once would only flush twice)
-
-    def start(self, c: Any) -> None:
-        dispatcher, hub = c.event_dispatcher, c.hub
-        if dispatcher is None or hub is None or not dispatcher.buffer_group:
-            return  # no buffer: Celery sends each event at once
-        dispatcher.buffer_limit = EVENTS_BUFFER
-        self._due = False
-
-        def flush() -> None:
-            self._due = False
-            if c.event_dispatcher is dispatcher:
-                dispatcher.flush()
-
-        def buffered() -> None:  # from any thread
-            if not self._due:
-                self._due = True
-                hub.call_soon(lambda: hub.call_later(EVENTS_FLUSH_S, flush))
-
-        dispatcher.on_send_buffered = buffered
-
-    def stop(self, c: Any) -> None:
-        if c.event_dispatcher is not None:
-            ignore_errors(c, c.event_dispatcher.flush)  # as Celery's own step closes it
 
 
 app = InferqCelery("inferq")
@@ -94,7 +49,7 @@ if get_settings().broker.startswith("redis://"):
 def _logging(**_: Any) -> None:
     # Connected, this replaces Celery's own set-up, which would hold every logger at the
     # command line's --loglevel and drop the job lines the workers log at INFO.
-    configure_logging(get_settings().log_level)
+    configure_worker_logging(get_settings().log_level)
 
 
 @signals.worker_init.connect

@@ -531,9 +531,7 @@ class _Sink:
             generation.first_token_at = datetime.now(UTC)
             generation.emitted = True
         else:  # the inter-token gap, averaged over the tokens of this read
-            gap = (now - self._last) / len(deltas)
-            for _ in deltas:
-                self._histogram.observe(gap)
+            metrics.observe_times(self._histogram, (now - self._last) / len(deltas), len(deltas))
         self._last = now
         generation.parts += deltas
         generation.publisher.extend(deltas)
@@ -596,8 +594,7 @@ class ReadPace:
     def _observe(self, now: float) -> None:
         assert self._mark is not None
         self._gap = (now - self._mark) / self._unread
-        for _ in range(self._unread):
-            self._histogram.observe(self._gap)
+        metrics.observe_times(self._histogram, self._gap, self._unread)
         self._mark, self._unread = now, 0
 
 

@@ -21,6 +21,17 @@ Giving up that restore loses nothing:
 - with the threads pool the tasks behind those messages go on running through the reconnect,
   so putting their messages back would only queue duplicates (which the claim skips).
 
+Its QoS also keeps kombu's record of the messages a worker took at less cost. kombu writes
+a message into its `unacked` hash and that hash's index in a MULTI/EXEC transaction, and
+takes each acknowledged one off both at once, a round trip of the consumer's own for every
+task. Here the first write is the same two commands without the transaction (they go in
+one write, and whoever reads them, kombu's restore and the sweeper, looks only at messages
+delivered long before); and in a worker (where Celery runs an event loop) the
+acknowledgements of ACKS_FLUSH_S go in one round trip, those still pending when the
+channel closes before it closes. One the worker could not send (killed, or the broker
+away) leaves its message to come back after the visibility timeout, like one acknowledged
+as the broker went away: the job behind it has ended, so its claim skips it.
+
 Celery selects it with `broker_transport` (inferq.queue.celery_config); the broker URL stays
 `redis://`.
 """
@@ -28,10 +39,14 @@ Celery selects it with `broker_transport` (inferq.queue.celery_config); the brok
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 from urllib.parse import quote
 
+from kombu.asynchronous import get_event_loop
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
+from kombu.utils.json import dumps
 from kombu.utils.url import as_url
 from redis import exceptions as redis_errors
 
@@ -41,8 +56,60 @@ log = logging.getLogger("inferq.worker")
 # data, is a ConnectionError too).
 UNREACHABLE = (redis_errors.ConnectionError, redis_errors.TimeoutError)
 
+# Acknowledgements wait this long to go together; past ACKS_BATCH of them they go at once.
+ACKS_FLUSH_S = 0.25
+ACKS_BATCH = 500
+
 
 class QoS(kombu_redis.QoS):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._acks: list[str] = []  # acknowledged, still in the unacked hash
+
+    def append(self, message: Any, delivery_tag: str) -> None:
+        """As kombu's (the message into the unacked hash and its index), without the
+        MULTI and EXEC around the two: both go in one write, and whoever reads them (kombu's
+        restore, the sweeper) looks only at messages delivered long before."""
+        delivery = message.delivery_info
+        entry = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
+        with self.channel.conn_or_acquire() as client:
+            pipe = client.pipeline(transaction=False)
+            pipe.zadd(self.unacked_index_key, {delivery_tag: time.time()})
+            pipe.hset(self.unacked_key, delivery_tag, entry).execute()
+        virtual.QoS.append(self, message, delivery_tag)
+
+    def ack(self, delivery_tag: str) -> None:
+        hub = get_event_loop()
+        if hub is None:  # no event loop (beat, Flower, a plain consumer): at once, as kombu
+            super().ack(delivery_tag)
+            return
+        virtual.QoS.ack(self, delivery_tag)  # off the prefetch count now
+        self._acks.append(delivery_tag)
+        if len(self._acks) >= ACKS_BATCH:
+            self.flush_acks()
+        elif len(self._acks) == 1:
+            hub.call_later(ACKS_FLUSH_S, self.flush_acks)
+
+    def flush_acks(self) -> None:
+        """Take the acknowledged messages off the unacked hash and its index, together."""
+        tags, self._acks = self._acks, []
+        if not tags:
+            return
+        try:
+            with self.pipe_or_acquire() as pipe:
+                pipe.zrem(self.unacked_index_key, *tags).hdel(self.unacked_key, *tags).execute()
+        except UNREACHABLE as exc:
+            log.warning(
+                "broker unreachable: %d acknowledged messages left in its unacked hash, to come"
+                " back after the visibility timeout and be skipped (%s)",
+                len(tags),
+                exc,
+            )
+
+    def restore_unacked_once(self, stderr: Any = None) -> Any:
+        self.flush_acks()
+        return super().restore_unacked_once(stderr)
+
     def restore_unacked(self, client: Any = None) -> None:
         try:
             super().restore_unacked(client)

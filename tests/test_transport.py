@@ -1,0 +1,103 @@
+"""The workers' broker transport keeps kombu's record of the messages a worker took (the
+unacked hash and its index), acknowledges them together, and loses none."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import redis
+from kombu import Connection
+from kombu.asynchronous import Hub, get_event_loop, set_event_loop
+
+from inferq.queue import UNACKED_KEY
+from tests.servers import Databases
+from workers import transport
+from workers.sweeper import UNACKED_INDEX_KEY
+
+TRANSPORT = "workers.transport:Transport"
+
+
+@pytest.fixture
+def client(databases: Databases) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(databases.redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def hub() -> Iterator[Hub]:
+    """An event loop, as a Celery worker runs one (and sets it as kombu's current)."""
+    before = get_event_loop()
+    hub = Hub()
+    set_event_loop(hub)
+    yield hub
+    set_event_loop(before)
+    hub.close()
+
+
+def _taken(connection: Connection, count: int) -> tuple[str, list]:
+    """`count` messages published to a fresh queue and taken as a worker takes them: each in
+    the unacked hash until acknowledged."""
+    queue = f"inferq.test-acks-{uuid.uuid4().hex[:8]}"
+    channel = connection.default_channel
+    declare = [connection.SimpleQueue(queue).queue]
+    with connection.Producer() as producer:
+        for i in range(count):
+            producer.publish({"n": i}, routing_key=queue, declare=declare)
+    messages = [channel.basic_get(queue) for _ in range(count)]
+    assert all(message is not None for message in messages)
+    return queue, messages
+
+
+def _held(client: redis.Redis, messages: list) -> int:
+    """How many of the messages are in the unacked hash, and in its index as well."""
+    held = [bool(client.hexists(UNACKED_KEY, m.delivery_tag)) for m in messages]
+    indexed = [client.zscore(UNACKED_INDEX_KEY, m.delivery_tag) is not None for m in messages]
+    assert held == indexed
+    return sum(held)
+
+
+def test_a_workers_acknowledgements_go_together(
+    databases: Databases, client: redis.Redis, hub: Hub
+) -> None:
+    with Connection(databases.redis_url, transport=TRANSPORT) as connection:
+        queue, messages = _taken(connection, 3)
+        assert _held(client, messages) == 3
+        for message in messages:
+            message.ack()
+        assert _held(client, messages) == 3  # acknowledged, not yet sent
+        assert connection.default_channel.qos.can_consume()  # but off the prefetch count
+        time.sleep(transport.ACKS_FLUSH_S + 0.05)
+        hub.fire_timers(propagate=(Exception,))
+        assert _held(client, messages) == 0  # one round trip for the three
+        assert client.llen(queue) == 0
+
+
+def test_acknowledgements_still_pending_go_before_the_channel_closes(
+    databases: Databases, client: redis.Redis, hub: Hub
+) -> None:
+    connection = Connection(databases.redis_url, transport=TRANSPORT)
+    queue, messages = _taken(connection, 3)
+    messages[0].ack()
+    messages[1].ack()
+    connection.close()  # the third goes back to its queue, the other two are done with
+    try:
+        assert _held(client, messages) == 0
+        assert client.llen(queue) == 1
+    finally:
+        client.delete(queue)
+
+
+def test_without_an_event_loop_a_message_is_acknowledged_at_once(
+    databases: Databases, client: redis.Redis
+) -> None:
+    assert get_event_loop() is None
+    with Connection(databases.redis_url, transport=TRANSPORT) as connection:
+        _, messages = _taken(connection, 2)
+        messages[0].ack()
+        assert _held(client, messages) == 1
+        messages[1].ack()
+        assert _held(client, messages) == 0
