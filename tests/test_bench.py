@@ -182,3 +182,22 @@ def test_the_job_path_runs_every_job_once_and_reports_its_cpu(platform: Platform
     figures = json.loads(done.stdout.strip().splitlines()[-1])
     assert figures["jobs"] == figures["succeeded"] == 40
     assert figures["cpu_s"] > 0 and figures["cpu_ms_per_job"] > 0
+
+
+def test_the_consumer_bench_runs_every_task_and_reports_its_cpu(platform: Platform) -> None:
+    """bench/consumer.py: a Celery worker set up as the platform's takes and acknowledges
+    every message (the run ends only when none is left queued or unacknowledged)."""
+    sizes = ["--tasks", "100", "--repeat", "1", "--concurrency", "8"]
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.consumer", "--redis-url", platform.redis_url, *sizes],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    assert figures["tasks"] == 100
+    assert figures["cpu_ms_per_task"] > 0
+    # BRPOP and the two commands that record the message, at least (other processes share
+    # the server, so no upper bound)
+    assert figures["redis_commands_per_task"] >= 2.5
