@@ -7,6 +7,8 @@ import time
 import uuid
 from typing import Any
 
+from prometheus_client import CollectorRegistry, Histogram
+
 from inferq.events import PUBLISH_SCRIPT, Event, script_keys, stream_key
 from inferq.lifecycle import Claim
 from inferq.models import JobStatus
@@ -62,13 +64,15 @@ def _publisher(client: Any, job_id: str, pace: FlushPace, max_tokens: int) -> To
 
 
 class _Recorded:
-    """A histogram that keeps what it was given."""
+    """An inter-token histogram of its own: how many gaps it was given, and their sum."""
 
     def __init__(self) -> None:
-        self.values: list[float] = []
+        self.histogram = Histogram("gap_seconds", "gap", registry=CollectorRegistry())
 
-    def observe(self, value: float) -> None:
-        self.values.append(value)
+    def observed(self) -> tuple[int, float]:
+        (family,) = self.histogram.collect()
+        value = {sample.name: sample.value for sample in family.samples}
+        return int(value["gap_seconds_count"]), value["gap_seconds_sum"]
 
 
 def test_a_stream_is_read_once_a_flush_and_to_its_end(databases: Databases) -> None:
@@ -77,8 +81,8 @@ def test_a_stream_is_read_once_a_flush_and_to_its_end(databases: Databases) -> N
     client = redis_client(databases.redis_url)
     job_id = str(uuid.uuid4())
     publisher = _publisher(client, job_id, FlushPace(base_s=0.1, budget=400, max_s=0.1), 10)
-    histogram = _Recorded()
-    pace = ReadPace(histogram, max_tokens=10)
+    recorded = _Recorded()
+    pace = ReadPace(recorded.histogram, max_tokens=10)
     try:
         t = time.monotonic()
         publisher.add_token("a", t)  # the first token is flushed at once
@@ -94,14 +98,15 @@ def test_a_stream_is_read_once_a_flush_and_to_its_end(databases: Databases) -> N
         publisher.add_token("c", flushed_at)
         assert publisher.last_flush >= flushed_at - 1.0
         pause = pace.read(publisher.last_flush, 3, publisher)
-        assert histogram.values  # the gaps so far, averaged
+        count, total = recorded.observed()
+        assert count == 2  # the gaps so far, averaged: the two tokens after the first
         # Paused until the next flush, or until the last token is due, whichever is first.
-        gap = histogram.values[-1]
+        gap = total / count
         assert 0 < pause <= min(0.1, 6 * gap) + 1e-9
         # Near the end the stream is read on, so that its end is seen at once.
         assert pace.read(publisher.last_flush + 0.001, 9, publisher) == 0.0
         pace.end(publisher.last_flush + 0.002)
-        assert len(histogram.values) == 3  # one gap a token after the first
+        assert recorded.observed()[0] == 3  # one gap a token after the first
     finally:
         client.delete(*script_keys(job_id))
         client.close()
