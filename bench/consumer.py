@@ -28,7 +28,7 @@ from celery import Celery, signals
 from inferq.embedded import EmbeddedRedis
 from inferq.logs import configure_worker_logging
 from inferq.processes import Child
-from inferq.queue import UNACKED_KEY, Enqueue, Enqueuer, celery_config
+from inferq.queue import ENQUEUED_KEY, UNACKED_KEY, Enqueue, Enqueuer, celery_config
 from inferq.settings import Settings
 from workers.task_events import TaskEventsTogether
 
@@ -86,6 +86,7 @@ def _run(client: redis.Redis, enqueuer: Enqueuer, queue: str, pid: int, tasks: i
     cpu_s, wall_s = _cpu_s(pid) - cpu, time.perf_counter() - started
     # Less this loop's own: its LLEN and HVALS every 50 ms, the enqueue, INFO.
     sent = _commands(client) - commands - tasks - 2 * round(wall_s / 0.05) - 3
+    client.zrem(ENQUEUED_KEY, *(item.job_id for item in items))  # no job behind these
     return {
         "tasks": tasks,
         "cpu_s": round(cpu_s, 3),
@@ -123,7 +124,8 @@ def main(redis_url: str | None, tasks: int, concurrency: int, repeat: int) -> No
         finally:
             worker.stop()
             enqueuer.close()
-            client.delete(queue)
+            # The queue, and kombu's record of its binding (the worker declared it).
+            client.delete(queue, *client.keys(f"_kombu.binding*.{queue}"))
             client.close()
 
 
