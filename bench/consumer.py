@@ -5,7 +5,7 @@ A Celery worker set up as the platform's (`inferq.queue.celery_config`, the work
 transport, task events step and logging, the command line `inferq worker` runs; its log
 lines go nowhere) is given a task that does nothing, and `--tasks` messages for it, queued
 as the API queues a job's. One JSON line
-a run: the worker's CPU seconds (user and system, read from /proc) from the first message to
+a run: the worker's CPU seconds (user and system) from the first message to
 the last one acknowledged, over the tasks; and the Redis commands the server ran meanwhile,
 over the tasks. Redis as `inferq bench` takes it (an embedded one without the URL).
 """
@@ -25,6 +25,7 @@ import click
 import redis
 from celery import Celery, signals
 
+from bench.cluster import cpu_seconds
 from inferq.embedded import EmbeddedRedis
 from inferq.logs import configure_worker_logging
 from inferq.processes import Child
@@ -60,8 +61,10 @@ app = make_app(Settings(redis_url=os.environ.get("INFERQ_REDIS_URL", "redis://12
 
 
 def _cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    seconds = cpu_seconds(pid)
+    if seconds is None:
+        raise SystemExit("the worker exited")
+    return seconds
 
 
 def _commands(client: redis.Redis) -> int:
