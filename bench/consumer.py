@@ -29,8 +29,16 @@ from bench.cluster import cpu_seconds
 from inferq.embedded import EmbeddedRedis
 from inferq.logs import configure_worker_logging
 from inferq.processes import Child
-from inferq.queue import ENQUEUED_KEY, UNACKED_KEY, Enqueue, Enqueuer, celery_config
+from inferq.queue import (
+    ENQUEUED_KEY,
+    UNACKED_KEY,
+    Enqueue,
+    Enqueuer,
+    celery_config,
+    make_producer_app,
+)
 from inferq.settings import Settings
+from workers.nodes import celery_args
 from workers.task_events import TaskEventsTogether
 
 NOOP_TASK = "inferq.generate"  # the name the messages carry, as the API's do
@@ -75,7 +83,7 @@ def _commands(client: redis.Redis) -> int:
 def _drained(client: redis.Redis, queue: str, timeout_s: float = 600) -> None:
     """Until the queue is empty and no message of it waits for its acknowledgement."""
     deadline = time.monotonic() + timeout_s
-    while client.llen(queue) or any(queue in str(v) for v in client.hvals(UNACKED_KEY)):
+    while client.llen(queue) or any(queue in v for v in client.hvals(UNACKED_KEY)):
         if time.monotonic() > deadline:
             raise SystemExit("the worker did not drain the queue in time")
         time.sleep(0.05)
@@ -114,11 +122,10 @@ def main(redis_url: str | None, tasks: int, concurrency: int, repeat: int) -> No
         queue = f"inferq.consumer-bench-{uuid.uuid4().hex[:8]}"
         env = {**os.environ, "INFERQ_REDIS_URL": redis_url}
         # As `inferq worker` runs Celery, on this module's app.
-        args = ["-m", "celery", "-A", "bench.consumer:app", "worker", "-P", "threads"]
-        args += ["-c", str(concurrency), "-Q", queue, "-E", "--without-mingle"]
-        worker = Child.spawn("consumer-bench", [*args, "--loglevel", "WARNING"], env, DEVNULL)
-        client = redis.Redis.from_url(redis_url)
-        enqueuer = Enqueuer(make_app(Settings(redis_url=redis_url)))
+        args = ["-m", "celery", "-A", "bench.consumer:app", *celery_args(queue, concurrency)]
+        worker = Child.spawn("consumer-bench", args, env, DEVNULL)
+        client = redis.Redis.from_url(redis_url, decode_responses=True)
+        enqueuer = Enqueuer(make_producer_app(Settings(redis_url=redis_url)))
         try:
             time.sleep(3)  # the worker connects
             _run(client, enqueuer, queue, worker.pid, WARM_TASKS)

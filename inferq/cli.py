@@ -136,21 +136,9 @@ def worker(models: str, concurrency: int, name: str | None, processes: int | Non
             f"not in the models file: {', '.join(unknown)}", param_hint="--models"
         )
     queues = ",".join(registry.get(m).queue for m in names)  # type: ignore[union-attr]
-    args = [
-        "worker",
-        "-P",
-        "threads",
-        "-c",
-        str(concurrency),
-        "-Q",
-        queues,
-        "-E",
-        "--without-mingle",
-        "--loglevel",
-        "WARNING",
-    ]
     from workers import nodes
 
+    args = nodes.celery_args(queues, concurrency)
     count = processes or nodes.default_processes(concurrency)
     if count == 1:
         if name:

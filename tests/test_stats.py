@@ -533,9 +533,8 @@ def test_the_cli_table_has_one_column_per_group_field(
     platform: Platform, ran: Ran, capsys: pytest.CaptureFixture[str]
 ) -> None:
     key = ran.a.keys["a1"][1]
-    code = print_stats(
-        platform.api_url, key, stats_range()["from"], stats_range()["to"], "model,model", False
-    )
+    span = stats_range()
+    code = print_stats(platform.api_url, key, span["from"], span["to"], "model,model", False)
     assert code == 0
     header, *lines = capsys.readouterr().out.splitlines()
     assert header.split()[:2] == ["model", "jobs"]

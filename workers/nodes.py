@@ -27,6 +27,24 @@ from types import FrameType
 STREAMS_PER_PROCESS = 32
 
 
+def celery_args(queues: str, concurrency: int) -> list[str]:
+    """`celery worker`'s arguments for one node of `inferq worker` (and of bench.consumer,
+    which must run the same)."""
+    return [
+        "worker",
+        "-P",
+        "threads",
+        "-c",
+        str(concurrency),
+        "-Q",
+        queues,
+        "-E",
+        "--without-mingle",
+        "--loglevel",
+        "WARNING",
+    ]
+
+
 def default_processes(concurrency: int) -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return max(1, min(cores or 1, math.ceil(concurrency / STREAMS_PER_PROCESS)))
