@@ -36,14 +36,19 @@ def claim_key(job_id: str) -> str:
 
 # PUBLISH_SCRIPT's answer to a write it refused: the writer's claim is not the job's anymore.
 REFUSED = -1
+# Its answer to a writer that wrote before and finds its claim gone from Redis: Redis lost
+# the stream since (restarted empty, failed over to a replica that was behind). Nothing was
+# written; the writer writes again, showing readers the whole text after a `reset`.
+LOST = -2
 # How long a claim key outlives its first write: longer than any attempt runs.
 CLAIM_TTL_SECONDS = 24 * 3600
 
 # One round trip per flush: check the writer's claim, XADD each event, PUBLISH it with its
 # stream id, optionally set the stream's TTL, and answer whether the job's cancel flag is set.
 # KEYS: stream, channel, cancel flag, claim.
-# ARGV: maxlen, ttl (0 = none), claim ("attempt:token", or "" = unfenced), claim TTL, then
-# (type, data) pairs.
+# ARGV: maxlen, ttl (0 = none), claim ("attempt:token", or "" = unfenced), claim TTL,
+# continuing ("1": the writer wrote under this claim before, and this write does not start
+# the text over), then (type, data) pairs.
 #
 # Fencing: a worker's writes carry its claim, and the claim key holds the newest claim that
 # wrote. A write whose attempt is older than that one's is refused (REFUSED, nothing written),
@@ -51,6 +56,12 @@ CLAIM_TTL_SECONDS = 24 * 3600
 # `reset`. A newer attempt takes the key over with its first write (the one right after its
 # claim), so the key needs no write of its own. Unfenced writes are the API's and the
 # sweeper's terminal events, written once the job's row has ended: they close the key.
+#
+# Loss: a continuing writer must find its own claim in the key. Missing (or an older one),
+# Redis lost what the writer wrote before, and readers who resume after an event that is
+# gone would miss tokens without a word; the script answers LOST and writes nothing. The
+# writer's connection may not have failed at all (an idle pooled connection reconnects
+# without an error), so only Redis itself can tell.
 PUBLISH_SCRIPT = """
 local claim = ARGV[3]
 if claim == '' then
@@ -63,10 +74,11 @@ else
       local attempt = tonumber(string.match(claim, '^(%d+):'))
       if held_attempt == nil or held_attempt >= attempt then return -1 end
     end
+    if ARGV[5] == '1' then return -2 end
     redis.call('SET', KEYS[4], claim, 'EX', ARGV[4])
   end
 end
-for i = 5, #ARGV, 2 do
+for i = 6, #ARGV, 2 do
   local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*',
                         'e', ARGV[i], 'd', ARGV[i + 1])
   redis.call('PUBLISH', KEYS[2], id .. '\\n' .. ARGV[i] .. '\\n' .. ARGV[i + 1])
@@ -117,10 +129,14 @@ def from_entries(entries: Any) -> list[Event]:
     return [Event.from_entry(str(entry_id), fields) for entry_id, fields in entries or []]
 
 
-def script_args(events: list[Event], maxlen: int, ttl: int, claim: str = "") -> list[str | int]:
+def script_args(
+    events: list[Event], maxlen: int, ttl: int, claim: str = "", continuing: bool = False
+) -> list[str | int]:
     """PUBLISH_SCRIPT's ARGV. `claim` is the writer's `fence(...)`; empty, the write is
-    unfenced, which only the terminal events of a job whose row has ended may be."""
-    args: list[str | int] = [maxlen, ttl, claim, CLAIM_TTL_SECONDS]
+    unfenced, which only the terminal events of a job whose row has ended may be.
+    `continuing`: the writer wrote under `claim` before and does not start the text over
+    here, so that its claim missing from Redis means the stream was lost (LOST)."""
+    args: list[str | int] = [maxlen, ttl, claim, CLAIM_TTL_SECONDS, int(continuing)]
     for event in events:
         args += [event.type.value, event.data]
     return args

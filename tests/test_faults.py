@@ -31,6 +31,7 @@ from typing import Any
 import httpx
 import pytest
 import redis
+from huggingface_hub import InferenceClient
 
 from inferq.embedded import free_port
 from inferq.events import PUBLISH_SCRIPT, Event, EventType, progress, stream_key
@@ -56,6 +57,10 @@ from tests.faults import (
     wait_terminal,
     write_summary,
 )
+from tests.servers import start_sim
+from workers.backends.base import GenerationRequest
+from workers.backends.tgi import TextGenerationStream
+from workers.engine import StreamEngine
 from workers.publisher import ClaimLost, FlushPace, RedisUnavailable, TokenPublisher
 
 pytestmark = pytest.mark.timeout(300)
@@ -452,6 +457,82 @@ def test_a_stream_outlives_redis_restarting_empty_and_ends_equal_to_the_text(
     with pytest.raises(ClaimLost):
         _publisher(client, job_id, _claim(attempt=1), outage_s=1).add_token("stale")
     client.close()
+
+
+def test_a_stream_lost_while_its_writer_was_idle_is_written_again_from_its_start(
+    lone_redis: Redis,
+) -> None:
+    """Redis restarts empty between two writes: the writer's pooled connection reconnects
+    without an error, so only the claim missing from Redis tells that the stream is gone. A
+    reader resuming after an event that went with it must still end with the whole text."""
+    client = sync_client(lone_redis.url, 4)
+    job_id = str(uuid.uuid4())
+    publisher = _publisher(client, job_id, _claim(attempt=1), outage_s=30)
+    publisher.send([Event.of(StatusData(status=JobStatus.running))])
+    for text in ("Once ", "upon "):
+        publisher.add_token(text)
+    seen = client.xrange(stream_key(job_id))[-2][0]  # a reader saw up to "Once "
+    lone_redis.kill()
+    lone_redis.start()
+    publisher.add_token("a ")  # no error on the way: the connection is simply new
+    publisher.add_token("time")
+    publisher.send(Outcome(JobStatus.succeeded, finish_reason="length").closing_events())
+
+    resumed = [Event.from_entry(i, f) for i, f in client.xrange(stream_key(job_id), min=seen)]
+    assert [e.type for e in resumed[:2]] == [EventType.reset, EventType.token]
+    assert progress(resumed).text == "Once upon a time"
+    assert progress(resumed).tokens == 4
+    client.close()
+
+
+def test_the_stream_loop_writes_a_stream_lost_mid_relay_again_from_its_start(
+    lone_redis: Redis, tmp_path: Path
+) -> None:
+    """The same on the worker's stream loop: Redis loses every stream's keys while a relay
+    runs (no connection fails); the next write starts the text over."""
+    url, sim = start_sim(tmp_path, "10")
+    client = sync_client(lone_redis.url, 4)
+    engine = StreamEngine(lone_redis.url, FlushPace(0.02, 400, 0.02), flush_max_tokens=4)
+    engine.start()
+    try:
+        job_id = str(uuid.uuid4())
+        publisher = _publisher(client, job_id, _claim(attempt=1), outage_s=30)
+        publisher.lead([Event.of(StatusData(status=JobStatus.running))])
+        sink = _FlushingSink(publisher, client, after=20)
+        request = GenerationRequest(prompt="tell", messages=None, max_tokens=60, seed=4)
+        stream = TextGenerationStream(InferenceClient(model=url, api_key="-"), request)
+        lean = stream.lean_request()
+        assert lean is not None
+        assert engine.relay(stream, lean, 30, sink).wait() is False
+        publisher.send(Outcome(JobStatus.succeeded, finish_reason="length").closing_events())
+    finally:
+        engine.stop()
+        sim.stop()
+    events = [Event.from_entry(i, f) for i, f in client.xrange(stream_key(job_id))]
+    assert sink.flushed and EventType.reset in [e.type for e in events]
+    assert progress(events).text == "".join(sink.deltas)
+    assert progress(events).tokens == len(sink.deltas) > sink.after
+    client.close()
+
+
+class _FlushingSink:
+    """Relays into a publisher; empties Redis once `after` tokens were read."""
+
+    def __init__(self, publisher: TokenPublisher, client: redis.Redis, after: int) -> None:
+        self.publisher, self.client, self.after = publisher, client, after
+        self.max_tokens = 60
+        self.deltas: list[str] = []
+        self.flushed = False
+
+    def ending(self) -> None:
+        return None
+
+    def took(self, deltas: list[str], now: float) -> None:
+        self.deltas += deltas
+        self.publisher.extend(deltas)
+        if not self.flushed and len(self.deltas) >= self.after and self.publisher.showed_tokens:
+            self.client.flushdb()  # as a failover to a replica that was behind
+            self.flushed = True
 
 
 def test_a_publisher_gives_up_on_a_redis_that_stays_away(lone_redis: Redis) -> None:

@@ -55,6 +55,7 @@ from workers.publisher import (
     ClaimLost,
     FlushPace,
     RedisUnavailable,
+    StreamLost,
     TokenPublisher,
 )
 
@@ -334,7 +335,6 @@ class _Reader(asyncio.Protocol):
         self._in_db = False  # the job's finish is on its way to Postgres
         self._closing_due = False  # the job's closing write is still to be made
         self._outage_since: float | None = None
-        self._replay = False  # a write failed: the next one shows the text again first
         self._first_at = 0.0  # when the first token was read
         self._tokens = 0
 
@@ -598,7 +598,7 @@ class _Reader(asyncio.Protocol):
             and not self._in_db  # the tokens left go with the closing events, after it
             and (
                 self.publisher.pending > 0
-                or self._replay
+                or self.publisher.replaying
                 or self.publisher.leading
                 or self._closing_due
             )
@@ -610,13 +610,11 @@ class _Reader(asyncio.Protocol):
 
     def batch(self) -> tuple[list[Any], list[str], Also | None]:
         """This stream's write: its lead events and pending tokens (after the whole text,
-        after a failure), and the commands that go with them."""
+        after a failure or a lost stream), and the commands that go with them."""
         publisher = self.publisher
         assert publisher is not None
         self._writing = True
         events, deltas = publisher.take()
-        if self._replay:
-            events = [*publisher.replay(), *events]
         return publisher.args(events), deltas, publisher.take_also()
 
     def written(self, flag: Any, deltas: list[str]) -> None:
@@ -626,11 +624,13 @@ class _Reader(asyncio.Protocol):
         if isinstance(flag, Exception):
             self.write_failed(deltas, flag, fatal=True)
             return
-        self._replay, self._outage_since = False, None
+        self._outage_since = None
         try:
             cancelled = publisher.wrote(flag, deltas)
         except ClaimLost as exc:
             self._fail(exc)
+        except StreamLost:
+            self.engine.flush_soon(self)  # the whole text again, then what this write held
         else:
             self._closing_due = False
             if cancelled:
@@ -646,11 +646,10 @@ class _Reader(asyncio.Protocol):
         whole text (`TokenPublisher._write_after_outage` does the same)."""
         self._writing = False
         assert self.publisher is not None
-        self.publisher.restore(deltas)
+        self.publisher.failed(deltas)
         if fatal:
             self._fail(exc)
         else:
-            self._replay = True
             if self._outage_since is None:
                 self._outage_since = time.monotonic()
             self.outage_check()

@@ -12,7 +12,7 @@ from typing import Any
 
 from redis import exceptions as redis_errors
 
-from inferq.events import REFUSED, Event, EventType, fence, script_args, script_keys
+from inferq.events import LOST, REFUSED, Event, EventType, fence, script_args, script_keys
 from inferq.lifecycle import Claim
 from inferq.protocol import ResetData, TokenData
 
@@ -41,6 +41,11 @@ def _both(first: Also | None, second: Also | None) -> Also | None:
 
 class ClaimLost(Exception):
     """Another worker took the job over (our lease expired); stop without finishing."""
+
+
+class StreamLost(Exception):
+    """Redis lost the stream since this writer's last write (PUBLISH_SCRIPT answered LOST):
+    nothing was written, and the next write shows readers the whole text again first."""
 
 
 class RedisUnavailable(Exception):
@@ -144,6 +149,10 @@ class TokenPublisher:
         self._closing: list[Event] = []  # the job's last events, after its last tokens
         self._write_ttl = 0
         self._shown = Shown(claim.attempt)
+        self._wrote = False  # a write under this claim was answered
+        # The next write shows readers the whole text again first: the last one failed (it
+        # may have gone through all the same), or Redis lost the stream.
+        self._replaying = False
         self._last_flush = 0.0
         self.cancelled = False
 
@@ -155,14 +164,20 @@ class TokenPublisher:
         of the caller's to the same round trip, best effort: their answers are not read, and
         a write retried after an outage goes without them.
         """
-        batch, deltas = self.take()
-        batch += events
-        if not batch:
+        also = _both(self.take_also(), also)
+        while True:
+            batch, deltas = self.take()
+            batch += events
+            if not batch:
+                return self.cancelled
+            flag = self._write(batch, self._ttl if final else 0, also)
+            also = None
+            try:
+                self.wrote(flag, deltas)
+            except StreamLost:
+                continue  # once: the write again starts the text over, which cannot be LOST
+            self._shown.record(events)
             return self.cancelled
-        flag = self._write(batch, self._ttl if final else 0, _both(self.take_also(), also))
-        self.wrote(flag, deltas)
-        self._shown.record(events)
-        return self.cancelled
 
     def lead(self, events: list[Event], also: Also | None = None) -> None:
         """Events to go first in the next write (a job's `status`), and commands of the
@@ -185,11 +200,13 @@ class TokenPublisher:
         self._write_ttl = self._ttl
 
     def take(self) -> tuple[list[Event], list[str]]:
-        """The next write's events: the lead events, then the pending tokens as one event
-        (none when none are pending); and the tokens: the buffer is emptied (`restore` puts
-        them back if their write fails, and the lead events stay until a write is answered)."""
+        """The next write's events: the whole text again after a `reset` if a write failed
+        or the stream was lost, the lead events, then the pending tokens as one event (none
+        when none are pending); and the tokens: the buffer is emptied (`failed` puts them
+        back if their write fails, and the lead events stay until a write is answered)."""
         deltas, self._pending = self._pending, []
-        events = list(self._lead)
+        events = self._shown.replay() if self._replaying else []
+        events += self._lead
         if deltas:
             # `tokens`: so that a poll can tell a running job's token count.
             events.append(Event.of(TokenData(text="".join(deltas), tokens=len(deltas))))
@@ -204,9 +221,18 @@ class TokenPublisher:
 
     def wrote(self, flag: Any, deltas: list[str]) -> bool:
         """Record a write of `take`'s events that Redis answered with `flag`; True when the job
-        was asked to cancel. Raises ClaimLost if the write was refused."""
+        was asked to cancel. Raises ClaimLost if the write was refused, and StreamLost, the
+        write to be made again, if Redis lost the stream since the last write."""
         if flag == REFUSED:
             raise ClaimLost
+        if flag == LOST:
+            log.warning(
+                "Redis lost the job's stream; writing the whole text again",
+                extra={"job_id": self._job_id},
+            )
+            self.failed(deltas)
+            raise StreamLost
+        self._wrote, self._replaying = True, False
         if self._lead:
             self._shown.record(self._lead)
             self._lead = []
@@ -216,9 +242,17 @@ class TokenPublisher:
         self._last_flush = time.monotonic()
         return self.cancelled
 
-    def restore(self, deltas: list[str]) -> None:
-        """Put back tokens whose write failed, ahead of any read since."""
+    def failed(self, deltas: list[str]) -> None:
+        """A write of `take`'s did not happen, or may have: its tokens go back, ahead of any
+        read since, and the next write shows the whole text again first, so that a write
+        that went through unanswered is not read twice."""
         self._pending[:0] = deltas
+        self._replaying = True
+
+    @property
+    def replaying(self) -> bool:
+        """Whether the next write starts the text over (so it is due even without tokens)."""
+        return self._replaying
 
     def extend(self, deltas: list[str]) -> None:
         """Buffer deltas; whoever calls this decides when they are written."""
@@ -240,20 +274,22 @@ class TokenPublisher:
     def args(self, events: list[Event]) -> list[str | int]:
         """PUBLISH_SCRIPT's arguments for a write of `events` under this publisher's claim
         (with the stream's time to live once it carries the closing events)."""
-        return script_args(events, self._maxlen, self._write_ttl, self._fence)
+        return script_args(events, self._maxlen, self._write_ttl, self._fence, self._continuing)
 
-    def replay(self) -> list[Event]:
-        """Events that show readers the text again from its start (after a failed write)."""
-        return self._shown.replay()
+    @property
+    def _continuing(self) -> bool:
+        return self._wrote and not self._replaying
 
     def _write(self, events: list[Event], ttl: int, also: Also | None = None) -> Any:
         try:
-            return self._call(events, ttl, also)
+            return self._call(events, ttl, also, self._continuing)
         except UNREACHABLE as exc:
             return self._write_after_outage(events, ttl, exc)
 
-    def _call(self, events: list[Event], ttl: int, also: Also | None = None) -> Any:
-        args = script_args(events, self._maxlen, ttl, self._fence)
+    def _call(
+        self, events: list[Event], ttl: int, also: Also | None = None, continuing: bool = False
+    ) -> Any:
+        args = script_args(events, self._maxlen, ttl, self._fence, continuing)
         if also is None:
             return self._script(keys=self._keys, args=args)
         # EVALSHA by hand, as api/admission.py sends its scripts: a Script given a pipeline
@@ -283,13 +319,15 @@ class TokenPublisher:
             error,
             extra={"job_id": self._job_id},
         )
+        if not self._replaying:
+            events = [*self._shown.replay(), *events]
         deadline = time.monotonic() + self._outage_s
         delay = RETRY_FIRST_S
         while time.monotonic() < deadline:
             time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
             delay = min(2 * delay, RETRY_MAX_S)
             try:
-                return self._call([*self._shown.replay(), *events], ttl)
+                return self._call(events, ttl)
             except UNREACHABLE as exc:
                 error = exc
         raise RedisUnavailable(f"Redis unreachable for {self._outage_s:.0f} s") from error
