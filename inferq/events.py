@@ -6,6 +6,7 @@ The payloads themselves are the models of `inferq.protocol`.
 from __future__ import annotations
 
 import builtins
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -86,6 +87,9 @@ end
 if tonumber(ARGV[2]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
 return redis.call('EXISTS', KEYS[3])
 """
+
+# Its SHA1, as EVALSHA names it.
+PUBLISH_SHA = hashlib.sha1(PUBLISH_SCRIPT.encode()).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)

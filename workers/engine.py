@@ -42,9 +42,8 @@ from huggingface_hub.errors import InferenceTimeoutError
 from huggingface_hub.inference._common import RequestParameters
 from redis import exceptions as redis_errors
 
-from inferq.events import PUBLISH_SCRIPT
+from inferq.events import PUBLISH_SCRIPT, PUBLISH_SHA
 from inferq.lifecycle import Claim, LoopFinish, Outcome
-from inferq.redis_clients import async_client
 from workers.backends import sse
 from workers.backends.base import NUL, REPLACEMENT
 from workers.publisher import (
@@ -58,6 +57,7 @@ from workers.publisher import (
     StreamLost,
     TokenPublisher,
 )
+from workers.resp import RespLink, pack, recorded
 
 log = logging.getLogger("inferq.worker")
 
@@ -154,8 +154,7 @@ class StreamEngine:
         self.outage_s = outage_s
         self.loop = uvloop.new_event_loop()
         self._thread = threading.Thread(target=self._run, name="inferq-streams", daemon=True)
-        self._redis: Any = None
-        self._sha = ""
+        self._redis: RespLink | None = None
         self._readers: set[_Reader] = set()
         self._paused: list[_Reader] = []
         self._soon: list[_Reader] = []
@@ -171,8 +170,12 @@ class StreamEngine:
 
     def stop(self) -> None:
         if self._thread.is_alive():
-            if self.finishes is not None:
-                closing = asyncio.run_coroutine_threadsafe(self.finishes.close(), self.loop)
+            closings = [
+                asyncio.run_coroutine_threadsafe(closing.close(), self.loop)
+                for closing in (self.finishes, self._redis)
+                if closing is not None
+            ]
+            for closing in closings:
                 with contextlib.suppress(Exception):
                     closing.result(5)
             self.loop.call_soon_threadsafe(self.loop.stop)
@@ -181,8 +184,7 @@ class StreamEngine:
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
         if self._redis_url is not None:
-            self._redis = async_client(self._redis_url, 32, name="inferq-worker-streams")
-            self._sha = self._redis.register_script(PUBLISH_SCRIPT).sha
+            self._redis = RespLink(self._redis_url, name="inferq-worker-streams")
         self.loop.run_forever()
 
     def call(self, callback: Callable[[], object]) -> None:
@@ -277,18 +279,20 @@ class StreamEngine:
     async def _pipeline(self, batch: list[Write], with_also: bool = True) -> list[Any]:
         """Each stream's write answered by its flag; a write's `also` commands go before it,
         their answers unread (best effort, as `TokenPublisher.send` sends them)."""
-        pipe = self._redis.pipeline(transaction=False)
-        writes: list[int] = []  # where each stream's write is in the pipeline
+        assert self._redis is not None
+        commands: list[bytes] = []
+        writes: list[int] = []  # where each stream's write is among the commands
         for reader, args, _, also in batch:
             if also is not None and with_also:
-                also(pipe)
+                commands += recorded(also)
             keys = reader.publisher_keys()
-            writes.append(len(pipe.command_stack))
-            pipe.evalsha(self._sha, len(keys), *keys, *args)
-        answers = await pipe.execute(raise_on_error=False)
+            writes.append(len(commands))
+            commands.append(pack(("EVALSHA", PUBLISH_SHA, len(keys), *keys, *args)))
+        answers = await self._redis.execute(b"".join(commands), len(commands))
         flags = [answers[i] for i in writes]
         if any(isinstance(flag, redis_errors.NoScriptError) for flag in flags):
-            self._sha = await self._redis.script_load(PUBLISH_SCRIPT)  # Redis lost its scripts
+            # Redis lost its scripts (restarted, or flushed them): load it, write again.
+            await self._redis.execute(pack(("SCRIPT", "LOAD", PUBLISH_SCRIPT)), 1)
             return await self._pipeline(batch, with_also=False)
         return flags
 

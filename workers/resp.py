@@ -1,0 +1,242 @@
+"""A lean Redis connection for the worker's stream loop: packed commands in, replies out.
+
+The stream loop's writes are all alike: many EVALSHAs of the publish script, now and then a
+few bookkeeping commands before one, pipelined, their answers read in order. Through
+redis-py's asyncio pipeline each write cost about 30 µs of the loop's CPU and each round
+trip about 100 µs more (command stacks, per-reply reads with their timeouts, a pool to take
+the connection from); here the commands are packed by hiredis straight to bytes, written in
+one call, and hiredis parses the replies as they arrive, about a tenth of that
+(docs/performance.md). One connection carries every write of the loop: writes from
+different tasks are pipelined on it, and Redis answers them in the order they were sent.
+
+redis-py still reads the URL (`parse_url`), so every Redis URL the platform takes works here
+too: `redis://`, `rediss://` (TLS, with the same `ssl_*` options) and `unix://`, with a
+username, password and database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ssl
+import time
+from collections.abc import Callable
+from typing import Any, cast
+
+import hiredis
+import redis.commands.core
+from redis import exceptions as redis_errors
+from redis.asyncio.connection import SSLConnection, parse_url
+
+# hiredis's stubs type its argument as a one-item tuple; it takes any number of items.
+pack = cast(Callable[[tuple[Any, ...]], bytes], hiredis.pack_command)
+
+# A command waiting for its reply longer than this fails its connection (as redis-py's
+# socket timeout would): the writes are tried again on a new one.
+REPLY_TIMEOUT_S = 30.0
+CONNECT_TIMEOUT_S = 10.0
+
+
+class Recorder(redis.commands.core.CoreCommands):  # type: ignore[misc]
+    """Takes redis-py's command methods (`zrem`, `incr`, `eval`, `set(ex=…)`…) as a pipeline
+    does, and keeps each command's arguments, for a caller's commands in a packed write."""
+
+    _event_dispatcher: Any = None  # redis-py's, for commands this one never runs
+
+    def __init__(self) -> None:
+        self.commands: list[tuple[Any, ...]] = []
+
+    def execute_command(self, *args: Any, **options: Any) -> None:
+        self.commands.append(args)
+
+
+def recorded(commands: Callable[[Any], None]) -> list[bytes]:
+    """What `commands(pipe)` adds to a pipeline, packed, one item a command."""
+    recorder = Recorder()
+    commands(recorder)
+    return [pack(args) for args in recorder.commands]
+
+
+class RespProtocol(asyncio.Protocol):
+    """One connection: each `execute` writes packed commands and waits for their replies.
+
+    Replies are plain values: ints, str (UTF-8), lists, None; an error reply is a
+    ResponseError (NoScriptError for NOSCRIPT) in its place, not raised. A lost connection
+    fails every write still waiting with redis's ConnectionError (TimeoutError past
+    REPLY_TIMEOUT_S), which the stream loop handles as the outage it is.
+    """
+
+    def __init__(self) -> None:
+        self._parser = hiredis.Reader(encoding="utf-8", replyError=redis_errors.ResponseError)
+        self._transport: asyncio.Transport | None = None
+        self._waiting: collections.deque[tuple[asyncio.Future[list[Any]], int, float]] = (
+            collections.deque()
+        )
+        self._replies: list[Any] = []
+        self._watch: asyncio.TimerHandle | None = None
+        self._failure: Exception | None = None
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def execute(self, packed: bytes, count: int) -> asyncio.Future[list[Any]]:
+        """Write `count` packed commands; a future of their `count` replies, in order."""
+        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        if self.closed or self._transport is None:
+            future.set_exception(redis_errors.ConnectionError("the Redis connection is closed"))
+            return future
+        self._waiting.append((future, count, time.monotonic()))
+        self._transport.write(packed)
+        if self._watch is None:
+            self._arm()
+        return future
+
+    def data_received(self, data: bytes) -> None:
+        parser = self._parser
+        parser.feed(data)
+        while True:
+            reply = parser.gets()
+            if reply is False:
+                return
+            if isinstance(reply, redis_errors.ResponseError) and str(reply).startswith("NOSCRIPT"):
+                reply = redis_errors.NoScriptError(str(reply))
+            self._replies.append(reply)
+            future, count, _ = self._waiting[0]
+            if len(self._replies) == count:
+                self._waiting.popleft()
+                replies, self._replies = self._replies, []
+                if not future.done():
+                    future.set_result(replies)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+        failure = self._failure or redis_errors.ConnectionError(
+            f"the Redis connection was lost: {exc}" if exc else "Redis closed the connection"
+        )
+        while self._waiting:
+            future, _, _ = self._waiting.popleft()
+            if not future.done():
+                future.set_exception(failure)
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    def _arm(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._watch = loop.call_later(1.0, self._check)
+
+    def _check(self) -> None:
+        """Once a second while replies are awaited: a reply overdue fails the connection."""
+        self._watch = None
+        if not self._waiting:
+            return
+        if time.monotonic() - self._waiting[0][2] > REPLY_TIMEOUT_S:
+            self._failure = redis_errors.TimeoutError(
+                f"no reply from Redis in {REPLY_TIMEOUT_S:.0f} s"
+            )
+            if self._transport is not None:
+                self._transport.abort()
+            return
+        self._arm()
+
+
+class RespLink:
+    """The loop's connection to Redis, made when first needed and again after it is lost."""
+
+    def __init__(self, url: str, name: str | None = None) -> None:
+        self._options: dict[str, Any] = dict(parse_url(url))
+        self._name = name
+        self._protocol: RespProtocol | None = None
+        self._connecting: asyncio.Future[RespProtocol] | None = None
+
+    async def execute(self, packed: bytes, count: int) -> list[Any]:
+        """Write `count` packed commands in one write; their replies, in order."""
+        protocol = self._protocol
+        if protocol is None or protocol.closed:
+            protocol = await self._connection()
+        return await protocol.execute(packed, count)
+
+    async def close(self) -> None:
+        if self._protocol is not None:
+            self._protocol.close()
+            self._protocol = None
+
+    async def _connection(self) -> RespProtocol:
+        """The connection, once set up; callers that come meanwhile wait for the same one."""
+        if self._connecting is None:
+            self._connecting = asyncio.ensure_future(self._connect())
+        connecting = self._connecting
+        try:
+            protocol = await asyncio.shield(connecting)
+        finally:
+            if self._connecting is connecting and connecting.done():
+                self._connecting = None
+        self._protocol = protocol
+        return protocol
+
+    async def _connect(self) -> RespProtocol:
+        options, loop = self._options, asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                if "path" in options:
+                    _, protocol = await loop.create_unix_connection(RespProtocol, options["path"])
+                else:
+                    context = _tls(options)
+                    host = options.get("host", "localhost")
+                    _, protocol = await loop.create_connection(
+                        RespProtocol,
+                        host,
+                        options.get("port", 6379),
+                        ssl=context,
+                        server_hostname=host if context is not None else None,
+                    )
+                await self._handshake(protocol)
+        except (OSError, TimeoutError) as exc:
+            raise redis_errors.ConnectionError(f"cannot connect to Redis: {exc}") from exc
+        return protocol
+
+    async def _handshake(self, protocol: RespProtocol) -> None:
+        """AUTH, SELECT and CLIENT SETNAME, as the URL and the name ask."""
+        options = self._options
+        commands: list[tuple[Any, ...]] = []
+        if options.get("password"):
+            username = options.get("username")
+            auth = (username, options["password"]) if username else (options["password"],)
+            commands.append(("AUTH", *auth))
+        if int(options.get("db") or 0):
+            commands.append(("SELECT", int(options["db"])))
+        if self._name:
+            commands.append(("CLIENT", "SETNAME", self._name))
+        if not commands:
+            return
+        replies = await protocol.execute(b"".join(pack(c) for c in commands), len(commands))
+        for command, reply in zip(commands, replies, strict=True):
+            if isinstance(reply, redis_errors.ResponseError):
+                protocol.close()
+                kind = redis_errors.AuthenticationError if command[0] == "AUTH" else None
+                raise (kind or redis_errors.ConnectionError)(f"{command[0]}: {reply}")
+
+
+def _tls(options: dict[str, Any]) -> ssl.SSLContext | None:
+    """The TLS context of a `rediss://` URL, from its `ssl_*` options as redis-py reads them."""
+    connection_class = options.get("connection_class")
+    if connection_class is None or not issubclass(connection_class, SSLConnection):
+        return None
+    context = ssl.create_default_context(cafile=options.get("ssl_ca_certs"))
+    required = str(options.get("ssl_cert_reqs", "required")).lower()
+    if required in ("none", str(ssl.CERT_NONE)):
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    elif required in ("optional", str(ssl.CERT_OPTIONAL)):
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_OPTIONAL
+    elif str(options.get("ssl_check_hostname", "true")).lower() in ("false", "0", "no"):
+        context.check_hostname = False
+    if options.get("ssl_certfile"):
+        context.load_cert_chain(options["ssl_certfile"], options.get("ssl_keyfile"))
+    return context
