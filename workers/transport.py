@@ -50,6 +50,8 @@ from kombu.utils.json import dumps
 from kombu.utils.url import as_url
 from redis import exceptions as redis_errors
 
+from workers.resp import pack
+
 log = logging.getLogger("inferq.worker")
 
 # The errors of a broker that cannot be reached (BusyLoadingError, a Redis still loading its
@@ -72,10 +74,21 @@ class QoS(kombu_redis.QoS):
         restore, the sweeper) looks only at messages delivered long before."""
         delivery = message.delivery_info
         entry = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
-        with self.channel.conn_or_acquire() as client:
-            pipe = client.pipeline(transaction=False)
-            pipe.zadd(self.unacked_index_key, {delivery_tag: time.time()})
-            pipe.hset(self.unacked_key, delivery_tag, entry).execute()
+        # Packed by hiredis and sent on a pooled connection: a redis-py client and pipeline
+        # built for every message cost more than the round trip itself.
+        commands = pack(("ZADD", self.unacked_index_key, time.time(), delivery_tag))
+        commands += pack(("HSET", self.unacked_key, delivery_tag, entry))
+        pool = self.channel.pool
+        connection = pool.get_connection()
+        try:
+            connection.send_packed_command([commands], check_health=False)
+            connection.read_response()
+            connection.read_response()
+        except BaseException:
+            connection.disconnect()  # a reply may be left unread: the next user starts clean
+            raise
+        finally:
+            pool.release(connection)
         virtual.QoS.append(self, message, delivery_tag)
 
     def ack(self, delivery_tag: str) -> None:
