@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import redis
+
 from tests.conftest import BOOTSTRAP_KEY, Platform
 from tests.servers import start_sim
 
@@ -201,3 +203,22 @@ def test_the_consumer_bench_runs_every_task_and_reports_its_cpu(platform: Platfo
     # BRPOP and the two commands that record the message, at least (other processes share
     # the server, so no upper bound)
     assert figures["redis_commands_per_task"] >= 2.5
+
+
+def test_the_redis_write_bench_writes_both_ways_and_cleans_up(platform: Platform) -> None:
+    """bench/redis_write.py: a stream's write through redis-py and through the loop's lean
+    connection, alone and in a pipeline; its keys are gone afterwards."""
+    sizes = ["--streams", "8", "--writes", "40", "--repeat", "1"]
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.redis_write", "--redis-url", platform.redis_url, *sizes],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    rows = [json.loads(line) for line in done.stdout.strip().splitlines()]
+    assert [row["shape"] for row in rows] == ["alone", "8 in a pipeline"]
+    assert all(row["redis_py_cpu_us_per_write"] > 0 < row["lean_cpu_us_per_write"] for row in rows)
+    client = redis.Redis.from_url(platform.redis_url)
+    assert client.keys("inferq:job:bench-redis-write-*") == []
+    client.close()

@@ -1,0 +1,99 @@
+"""`python -m bench.redis_write`: what a stream write costs the worker's loop in CPU, through
+redis-py's asyncio pipeline (how the loop wrote before) and through its lean connection
+(workers/resp.py), on the same Redis, the same script and the same arguments.
+
+Two shapes, as the loop writes: one stream's write alone in its round trip (a job's
+`status`, its first token, its end), and `--streams` streams' writes in one pipeline (a flush
+tick). One JSON line a shape and a round: the loop's CPU per write, each way. The keys are
+the bench's own and deleted afterwards. Redis as `inferq bench` takes it (an embedded one
+without the URL).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import click
+import uvloop
+
+from inferq.embedded import EmbeddedRedis
+from inferq.events import PUBLISH_SCRIPT, PUBLISH_SHA, Event, fence, script_args, script_keys
+from inferq.protocol import TokenData
+from inferq.redis_clients import async_client
+from workers.resp import RespLink, pack
+
+Write = Callable[[list[list[str]]], Awaitable[Any]]
+
+
+def _args(continuing: bool) -> list[str | int]:
+    token = Event.of(TokenData(text=" a few tokens of text", tokens=4))
+    return script_args([token], 1000, 0, fence(1, str(uuid.uuid4())), continuing)
+
+
+async def _cpu_per_write(write: Write, streams: list[list[str]], rounds: int) -> float:
+    await write(streams)  # the connection made, the script loaded
+    started = time.process_time()
+    for _ in range(rounds):
+        await write(streams)
+    return (time.process_time() - started) / (rounds * len(streams)) * 1e6
+
+
+async def _measure(redis_url: str, streams: int, writes: int, repeat: int) -> None:
+    client = async_client(redis_url, 4)
+    link = RespLink(redis_url)
+    await client.script_load(PUBLISH_SCRIPT)
+    args = _args(continuing=False)
+    jobs = [f"bench-redis-write-{uuid.uuid4()}" for _ in range(streams)]
+    every = [script_keys(job) for job in jobs]
+
+    async def redis_py(keys_of: list[list[str]]) -> Any:
+        pipe = client.pipeline(transaction=False)
+        for keys in keys_of:
+            pipe.evalsha(PUBLISH_SHA, len(keys), *keys, *args)
+        return await pipe.execute(raise_on_error=False)
+
+    async def lean(keys_of: list[list[str]]) -> Any:
+        packed = [pack(("EVALSHA", PUBLISH_SHA, len(keys), *keys, *args)) for keys in keys_of]
+        return await link.execute(b"".join(packed), len(packed))
+
+    try:
+        for _ in range(repeat):
+            for shape, keys_of, rounds in (
+                ("alone", every[:1], writes),
+                (f"{streams} in a pipeline", every, max(1, writes // streams)),
+            ):
+                figures: dict[str, object] = {"shape": shape}
+                for name, write in (("redis_py", redis_py), ("lean", lean)):
+                    cpu_us = await _cpu_per_write(write, keys_of, rounds)
+                    figures[f"{name}_cpu_us_per_write"] = round(cpu_us, 1)
+                click.echo(json.dumps(figures))
+    finally:
+        await client.delete(*(key for keys in every for key in keys))
+        await client.aclose()
+        await link.close()
+
+
+@click.command()
+@click.option("--redis-url", default=None, help="Redis URL (else an embedded one)")
+@click.option("--streams", default=64, show_default=True, help="writes in a tick's pipeline")
+@click.option("--writes", default=4000, show_default=True, help="writes a shape and a way")
+@click.option("--repeat", default=2, show_default=True)
+def main(redis_url: str | None, streams: int, writes: int, repeat: int) -> None:
+    with contextlib.ExitStack() as stack:
+        if not redis_url:
+            scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="inferq-bench-"))
+            server = EmbeddedRedis.start(Path(scratch))
+            stack.callback(server.stop)
+            redis_url = server.url
+        uvloop.run(_measure(redis_url, streams, writes, repeat))
+
+
+if __name__ == "__main__":
+    main()
