@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -26,7 +25,7 @@ import redis
 from celery import Celery, signals
 
 from bench.cluster import cpu_seconds
-from inferq.embedded import EmbeddedRedis
+from bench.servers import redis_or_embedded
 from inferq.logs import configure_worker_logging
 from inferq.processes import Child
 from inferq.queue import (
@@ -114,11 +113,7 @@ def _run(client: redis.Redis, enqueuer: Enqueuer, queue: str, pid: int, tasks: i
 @click.option("--repeat", default=2, show_default=True)
 def main(redis_url: str | None, tasks: int, concurrency: int, repeat: int) -> None:
     with contextlib.ExitStack() as stack:
-        if not redis_url:
-            scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="inferq-bench-"))
-            server = EmbeddedRedis.start(Path(scratch))
-            stack.callback(server.stop)
-            redis_url = server.url
+        redis_url = stack.enter_context(redis_or_embedded(redis_url))
         queue = f"inferq.consumer-bench-{uuid.uuid4().hex[:8]}"
         env = {**os.environ, "INFERQ_REDIS_URL": redis_url}
         # As `inferq worker` runs Celery, on this module's app.

@@ -11,19 +11,16 @@ without the URL).
 
 from __future__ import annotations
 
-import contextlib
 import json
-import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import click
 import uvloop
 
-from inferq.embedded import EmbeddedRedis
+from bench.servers import redis_or_embedded
 from inferq.events import PUBLISH_SCRIPT, PUBLISH_SHA, Event, fence, script_args, script_keys
 from inferq.protocol import TokenData
 from inferq.redis_clients import async_client
@@ -86,13 +83,8 @@ async def _measure(redis_url: str, streams: int, writes: int, repeat: int) -> No
 @click.option("--writes", default=4000, show_default=True, help="writes a shape and a way")
 @click.option("--repeat", default=2, show_default=True)
 def main(redis_url: str | None, streams: int, writes: int, repeat: int) -> None:
-    with contextlib.ExitStack() as stack:
-        if not redis_url:
-            scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="inferq-bench-"))
-            server = EmbeddedRedis.start(Path(scratch))
-            stack.callback(server.stop)
-            redis_url = server.url
-        uvloop.run(_measure(redis_url, streams, writes, repeat))
+    with redis_or_embedded(redis_url) as url:
+        uvloop.run(_measure(url, streams, writes, repeat))
 
 
 if __name__ == "__main__":

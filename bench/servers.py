@@ -65,6 +65,20 @@ def data_servers(database_url: str | None, redis_url: str | None) -> Iterator[Da
         yield DataServers(url, redis_url, embedded, _pg_version(url), _redis_version(redis_url))
 
 
+@contextlib.contextmanager
+def redis_or_embedded(redis_url: str | None) -> Iterator[str]:
+    """The given Redis URL, else an embedded Redis's for as long as the block runs."""
+    if redis_url:
+        yield redis_url
+        return
+    with tempfile.TemporaryDirectory(prefix="inferq-bench-") as scratch:
+        server = EmbeddedRedis.start(Path(scratch))
+        try:
+            yield server.url
+        finally:
+            server.stop()
+
+
 def _pg_version(url: str) -> str:
     with psycopg.connect(libpq_url(url)) as conn:
         row = conn.execute("SHOW server_version").fetchone()

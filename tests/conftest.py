@@ -17,6 +17,7 @@ import pytest
 from inferq.migrate import upgrade
 from inferq.registry import Registry, queue_prefix_of
 from inferq.settings import Settings
+from tests.faults import Redis
 from tests.servers import (
     Child,
     Databases,
@@ -240,6 +241,16 @@ def platform(databases: Databases, tmp_path_factory: pytest.TempPathFactory) -> 
     for sim in sims.values():
         sim.process.stop()
     drop_database(databases.admin_url, db_name)
+
+
+@pytest.fixture
+def lone_redis() -> Iterator[Redis]:
+    """A Redis of the test's own, which it may kill, restart empty or reconfigure."""
+    server = Redis(Path(tempfile.mkdtemp(prefix="inferq-redis-")), free_port())
+    server.start()
+    yield server
+    server.stop()
+    shutil.rmtree(server.data_dir, ignore_errors=True)
 
 
 @pytest.fixture

@@ -166,22 +166,27 @@ def test_a_kept_alive_submit_connection_is_replaced_once_idle(platform: Platform
     assert uvloop.run(two_submits(max_idle_s=0.01)) == ([202, 202], False)
 
 
+def _bench_lines(module: str, *args: str) -> list[dict[str, Any]]:
+    """`python -m module args`: the JSON lines it prints, one a run."""
+    done = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    return [json.loads(line) for line in done.stdout.strip().splitlines()]
+
+
 def test_the_job_path_runs_every_job_once_and_reports_its_cpu(platform: Platform) -> None:
     """bench/job_path.py: its jobs all succeed through the worker's own path, counted once."""
     sim_url, sim = start_sim(platform.logs, itl_ms="0", ttft_ms="0")
     try:
         servers = ["--database-url", platform.database_url, "--redis-url", platform.redis_url]
         sizes = ["--jobs", "40", "--threads", "4", "--repeat", "1"]
-        done = subprocess.run(
-            [sys.executable, "-m", "bench.job_path", sim_url, *servers, *sizes],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            check=True,
-        )
+        figures = _bench_lines("bench.job_path", sim_url, *servers, *sizes)[-1]
     finally:
         sim.stop()
-    figures = json.loads(done.stdout.strip().splitlines()[-1])
     assert figures["jobs"] == figures["succeeded"] == 40
     assert figures["cpu_s"] > 0 and figures["cpu_ms_per_job"] > 0
 
@@ -190,14 +195,7 @@ def test_the_consumer_bench_runs_every_task_and_reports_its_cpu(platform: Platfo
     """bench/consumer.py: a Celery worker set up as the platform's takes and acknowledges
     every message (the run ends only when none is left queued or unacknowledged)."""
     sizes = ["--tasks", "100", "--repeat", "1", "--concurrency", "8"]
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.consumer", "--redis-url", platform.redis_url, *sizes],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    )
-    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    figures = _bench_lines("bench.consumer", "--redis-url", platform.redis_url, *sizes)[-1]
     assert figures["tasks"] == 100
     assert figures["cpu_ms_per_task"] > 0
     # BRPOP and the two commands that record the message, at least (other processes share
@@ -209,14 +207,7 @@ def test_the_redis_write_bench_writes_both_ways_and_cleans_up(platform: Platform
     """bench/redis_write.py: a stream's write through redis-py and through the loop's lean
     connection, alone and in a pipeline; its keys are gone afterwards."""
     sizes = ["--streams", "8", "--writes", "40", "--repeat", "1"]
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.redis_write", "--redis-url", platform.redis_url, *sizes],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
-    rows = [json.loads(line) for line in done.stdout.strip().splitlines()]
+    rows = _bench_lines("bench.redis_write", "--redis-url", platform.redis_url, *sizes)
     assert [row["shape"] for row in rows] == ["alone", "8 in a pipeline"]
     assert all(row["redis_py_cpu_us_per_write"] > 0 < row["lean_cpu_us_per_write"] for row in rows)
     client = redis.Redis.from_url(platform.redis_url)

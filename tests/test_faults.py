@@ -33,7 +33,6 @@ import pytest
 import redis
 from huggingface_hub import InferenceClient
 
-from inferq.embedded import free_port
 from inferq.events import PUBLISH_SCRIPT, Event, EventType, progress, stream_key
 from inferq.lifecycle import Claim, Outcome
 from inferq.models import JobStatus
@@ -394,15 +393,6 @@ def test_jobs_and_streams_survive_a_killed_worker_and_restarted_redis_and_postgr
 
 
 # ----- one part at a time: a Redis of the test's own, restarted empty ----------------------
-
-
-@pytest.fixture
-def lone_redis(tmp_path: Path) -> Iterator[Redis]:
-    server = Redis(Path(tempfile.mkdtemp(prefix="inferq-redis-")), free_port())
-    server.start()
-    yield server
-    server.stop()
-    shutil.rmtree(server.data_dir, ignore_errors=True)
 
 
 def _claim(attempt: int) -> Claim:

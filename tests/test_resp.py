@@ -6,11 +6,9 @@ database and Unix socket."""
 from __future__ import annotations
 
 import asyncio
-import shutil
 import socket
 import ssl
 import subprocess
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -162,15 +160,6 @@ def test_nothing_listening_is_a_connection_error() -> None:
             await link.execute(pack(("PING",)), 1)
 
     _run(main())
-
-
-@pytest.fixture
-def lone_redis() -> Iterator[Redis]:
-    server = Redis(Path(tempfile.mkdtemp(prefix="inferq-redis-")), free_port())
-    server.start()
-    yield server
-    server.stop()
-    shutil.rmtree(server.data_dir, ignore_errors=True)
 
 
 def test_the_urls_password_and_database_are_used(lone_redis: Redis) -> None:
