@@ -230,3 +230,24 @@ def test_a_rediss_url_gets_the_tls_its_options_ask_for(
     else:
         assert context is not None
         assert (context.verify_mode, context.check_hostname) == (verify, check_hostname)
+
+
+def test_a_reply_nothing_asked_for_drops_the_connection_and_the_next_write_connects_again(
+    databases: Databases,
+) -> None:
+    async def main() -> tuple[bool, list[Any]]:
+        link = RespLink(databases.redis_url)
+        try:
+            await link.execute(pack(("PING",)), 1)
+            protocol = link._protocol
+            assert protocol is not None and protocol._transport is not None
+            protocol._transport.write(pack(("PING",)))  # behind the link's back
+            for _ in range(100):
+                if protocol.closed:
+                    break
+                await asyncio.sleep(0.01)
+            return protocol.closed, await link.execute(pack(("ECHO", "again")), 1)
+        finally:
+            await link.close()
+
+    assert _run(main()) == (True, ["again"])

@@ -101,6 +101,11 @@ class RespProtocol(asyncio.Protocol):
                 return
             if isinstance(reply, redis_errors.ResponseError) and str(reply).startswith("NOSCRIPT"):
                 reply = redis_errors.NoScriptError(str(reply))
+            if not self._waiting:  # a reply nothing asked for: the stream is out of step
+                self._failure = redis_errors.ConnectionError("an unexpected reply from Redis")
+                if self._transport is not None:
+                    self._transport.abort()
+                return
             self._replies.append(reply)
             future, count, _ = self._waiting[0]
             if len(self._replies) == count:
