@@ -67,7 +67,9 @@ class RespProtocol(asyncio.Protocol):
     """
 
     def __init__(self) -> None:
-        self._parser = hiredis.Reader(encoding="utf-8", replyError=redis_errors.ResponseError)
+        self._parser = hiredis.Reader(
+            encoding="utf-8", errors="replace", replyError=redis_errors.ResponseError
+        )
         self._transport: asyncio.Transport | None = None
         self._waiting: collections.deque[tuple[asyncio.Future[list[Any]], int, float]] = (
             collections.deque()
