@@ -647,7 +647,7 @@ class _Reader(asyncio.Protocol):
 
     def write_failed(self, deltas: list[str], exc: Exception, fatal: bool = False) -> None:
         """The write did not happen, or may have: its tokens are written again, after the
-        whole text (`TokenPublisher._write_after_outage` does the same)."""
+        whole text (`TokenPublisher.send` does the same on a thread)."""
         self._writing = False
         assert self.publisher is not None
         self.publisher.failed(deltas)

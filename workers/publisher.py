@@ -118,6 +118,32 @@ class Shown:
         return events
 
 
+class _Outage:
+    """A writer's tries while Redis is unreachable: a back-off between them, up to a bound.
+
+    The claim's fence holds on a Redis that came back empty too: the first fenced write
+    takes the missing claim key."""
+
+    def __init__(self, bound_s: float, job_id: str, error: Exception) -> None:
+        log.warning(
+            "Redis unreachable, retrying for up to %.0f s: %s",
+            bound_s,
+            error,
+            extra={"job_id": job_id},
+        )
+        self._bound_s = bound_s
+        self._deadline = time.monotonic() + bound_s
+        self._delay = RETRY_FIRST_S
+
+    def wait(self, error: Exception) -> None:
+        """Sleep before the next try; RedisUnavailable once the bound has passed."""
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise RedisUnavailable(f"Redis unreachable for {self._bound_s:.0f} s") from error
+        time.sleep(min(self._delay, left))
+        self._delay = min(2 * self._delay, RETRY_MAX_S)
+
+
 class TokenPublisher:
     """Writes a job's events under its claim; each flush also reads the job's cancel flag and
     learns whether the claim still holds (one round trip)."""
@@ -165,12 +191,22 @@ class TokenPublisher:
         a write retried after an outage goes without them.
         """
         also = _both(self.take_also(), also)
+        outage: _Outage | None = None
         while True:
             batch, deltas = self.take()
             batch += events
             if not batch:
                 return self.cancelled
-            flag = self._write(batch, self._ttl if final else 0, also)
+            try:
+                flag = self._call(batch, self._ttl if final else 0, also, self._continuing)
+            except UNREACHABLE as exc:
+                # Redis may come back empty, or the write may have gone through unanswered:
+                # the next try shows the whole text again first (`failed`), after a back-off.
+                self.failed(deltas)
+                outage = outage or _Outage(self._outage_s, self._job_id, exc)
+                outage.wait(exc)
+                also = None
+                continue
             also = None
             try:
                 self.wrote(flag, deltas)
@@ -280,12 +316,6 @@ class TokenPublisher:
     def _continuing(self) -> bool:
         return self._wrote and not self._replaying
 
-    def _write(self, events: list[Event], ttl: int, also: Also | None = None) -> Any:
-        try:
-            return self._call(events, ttl, also, self._continuing)
-        except UNREACHABLE as exc:
-            return self._write_after_outage(events, ttl, exc)
-
     def _call(
         self, events: list[Event], ttl: int, also: Also | None = None, continuing: bool = False
     ) -> Any:
@@ -303,34 +333,6 @@ class TokenPublisher:
         if isinstance(flag, Exception):
             raise flag
         return flag
-
-    def _write_after_outage(self, events: list[Event], ttl: int, error: Exception) -> Any:
-        """Try again until Redis answers, for up to `outage_s`.
-
-        Redis may come back empty, the stream lost; the failed write may also have gone
-        through before its answer was lost. Either way the write that succeeds first tells
-        readers to start over and shows them the whole text again (`Shown`), then the
-        events: the tokens after the last `reset` stay exactly the text. The claim's fence
-        holds on an emptied Redis too: the first fenced write takes the missing claim key.
-        """
-        log.warning(
-            "Redis unreachable, retrying for up to %.0f s: %s",
-            self._outage_s,
-            error,
-            extra={"job_id": self._job_id},
-        )
-        if not self._replaying:
-            events = [*self._shown.replay(), *events]
-        deadline = time.monotonic() + self._outage_s
-        delay = RETRY_FIRST_S
-        while time.monotonic() < deadline:
-            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-            delay = min(2 * delay, RETRY_MAX_S)
-            try:
-                return self._call(events, ttl)
-            except UNREACHABLE as exc:
-                error = exc
-        raise RedisUnavailable(f"Redis unreachable for {self._outage_s:.0f} s") from error
 
     def add_token(self, text: str, now: float | None = None, more: bool = False) -> bool:
         """Buffer a delta; flush every interval or N tokens. True when cancel was requested.
