@@ -66,6 +66,18 @@ def data_servers(database_url: str | None, redis_url: str | None) -> Iterator[Da
 
 
 @contextlib.contextmanager
+def fresh_database_or_embedded(admin_url: str | None) -> Iterator[str]:
+    """A fresh, migrated database on the given server, else on an embedded one; gone after."""
+    with contextlib.ExitStack() as stack:
+        if not admin_url:
+            scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="inferq-bench-")))
+            postgres = EmbeddedPostgres.start(scratch / "pg")
+            stack.callback(postgres.stop)
+            admin_url = postgres.url("postgres")
+        yield stack.enter_context(fresh_database(admin_url))
+
+
+@contextlib.contextmanager
 def redis_or_embedded(redis_url: str | None) -> Iterator[str]:
     """The given Redis URL, else an embedded Redis's for as long as the block runs."""
     if redis_url:

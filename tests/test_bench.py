@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import redis
 
 from tests.conftest import BOOTSTRAP_KEY, Platform
@@ -201,6 +202,25 @@ def test_the_consumer_bench_runs_every_task_and_reports_its_cpu(platform: Platfo
     # BRPOP and the two commands that record the message, at least (other processes share
     # the server, so no upper bound)
     assert figures["redis_commands_per_task"] >= 2.5
+
+
+def test_the_submit_insert_bench_times_lone_submits_on_a_fresh_database(
+    platform: Platform,
+) -> None:
+    """bench/submit_insert.py: lone submits through the API's batcher and engine, timed on a
+    database of its own, dropped afterwards."""
+    before = _bench_databases(platform.database_url)
+    sizes = ["--submits", "20", "--repeat", "2"]
+    rows = _bench_lines("bench.submit_insert", "--database-url", platform.database_url, *sizes)
+    assert [row["submits"] for row in rows] == [20, 20]
+    assert all(0 < row["p50_ms"] <= row["p95_ms"] and row["cpu_us_per_submit"] > 0 for row in rows)
+    assert _bench_databases(platform.database_url) == before
+
+
+def _bench_databases(database_url: str) -> set[str]:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        rows = conn.execute("SELECT datname FROM pg_database WHERE datname LIKE 'inferq_bench_%'")
+        return {row[0] for row in rows}
 
 
 def test_the_redis_write_bench_writes_both_ways_and_cleans_up(platform: Platform) -> None:

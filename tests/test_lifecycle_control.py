@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -18,7 +19,7 @@ from redis import exceptions as redis_errors
 from sqlalchemy import Engine, text
 
 from inferq import lifecycle
-from inferq.db import make_sync_engine
+from inferq.db import make_async_engine, make_sync_engine
 from inferq.events import PUBLISH_SCRIPT, stream_key
 from inferq.models import JobStatus
 from inferq.queue import ENQUEUED_KEY
@@ -222,6 +223,37 @@ def test_the_workers_direct_claim_and_finish_match_the_core_statements(
         assert conn.connection.driver_connection.autocommit is False
         assert conn.execute(text("SELECT pg_backend_pid()")).scalar() != pid
         conn.rollback()
+
+
+async def test_the_apis_pool_replaces_a_connection_postgres_closed_without_a_ping(
+    platform: Platform,
+) -> None:
+    """The API's engine hands out no connection the server has closed, and checks none with
+    a query of its own: a checkout sends nothing to Postgres."""
+    engine = make_async_engine(platform.database_url, pool_size=1)
+    try:
+        async with engine.connect() as conn:
+            pid = (await conn.execute(text("SELECT pg_backend_pid()"))).scalar()
+            raw = await conn.get_raw_connection()
+            asyncpg_conn = raw.driver_connection
+            await conn.rollback()
+        # The pooled connection, idle: a checkout runs no statement on it.
+        queries: list[str] = []
+        asyncpg_conn.add_query_logger(lambda record: queries.append(record.query))
+        async with engine.connect() as conn:
+            await conn.get_raw_connection()
+        assert queries == []
+        closed = asyncio.Event()
+        asyncpg_conn.add_termination_listener(lambda _conn: closed.set())
+        _sql(platform, "SELECT pg_terminate_backend(%s)", pid)
+        await asyncio.to_thread(_wait_until, lambda: not _backend_alive(platform, pid))
+        async with asyncio.timeout(10):
+            await closed.wait()  # the loop has read the goodbye
+        assert asyncpg_conn.is_closed()
+        async with engine.connect() as conn:  # no error: a fresh connection
+            assert (await conn.execute(text("SELECT pg_backend_pid()"))).scalar() != pid
+    finally:
+        await engine.dispose()
 
 
 def test_the_run_budget_spans_every_attempt(platform: Platform, http: httpx.Client) -> None:
