@@ -27,11 +27,18 @@ StateDep = Annotated[AppState, Depends(get_state)]
 
 
 async def get_session(state: StateDep) -> AsyncIterator[AsyncSession]:
-    """One session per request; the edge commits on success and rolls back on error."""
+    """One session per request; the edge commits on success and rolls back on error.
+
+    Only a session with a transaction open is committed: most requests either touch no
+    table through it (an event stream of a job this process knows, a submit, which the
+    batcher writes) or commit themselves, and an empty commit still costs SQLAlchemy a
+    transaction object, about as much as the session itself.
+    """
     async with state.sessions() as session:
         try:
             yield session
-            await session.commit()
+            if session.in_transaction():
+                await session.commit()
         except BaseException:
             await session.rollback()
             raise
