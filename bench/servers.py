@@ -51,17 +51,10 @@ def fresh_database(admin_url: str) -> Iterator[str]:
 def data_servers(database_url: str | None, redis_url: str | None) -> Iterator[DataServers]:
     """The given servers, else embedded ones; never flushes a Redis database."""
     with contextlib.ExitStack() as stack:
-        scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="inferq-bench-")))
         embedded = not (database_url and redis_url)
-        if not database_url:
-            postgres = EmbeddedPostgres.start(scratch / "pg")
-            stack.callback(postgres.stop)
-            database_url = postgres.url("postgres")
         if not redis_url:
-            server = EmbeddedRedis.start(scratch / "redis")
-            stack.callback(server.stop)
-            redis_url = server.url
-        url = stack.enter_context(fresh_database(database_url))
+            redis_url = stack.enter_context(redis_or_embedded(None))
+        url = stack.enter_context(fresh_database_or_embedded(database_url))
         yield DataServers(url, redis_url, embedded, _pg_version(url), _redis_version(redis_url))
 
 

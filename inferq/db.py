@@ -80,10 +80,10 @@ def _check_open(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
 
     asyncpg reads every connection it holds as the event loop runs, idle ones in the pool
     included, so a server that said goodbye or closed the socket has already marked the
-    connection closed by the time it is checked out: no `pool_pre_ping` round trip (which
-    cost every submit's INSERT, poll and stats query one more trip to Postgres and one more
-    turn of the API's event loop). As with the worker's check, a server that vanishes
-    without a word goes unseen until the statement's own timeout.
+    connection closed by the time it is checked out. No `pool_pre_ping`: on asyncpg it is
+    three statements (`BEGIN`, an empty query, `ROLLBACK`), three more round trips to
+    Postgres before every submit's INSERT, poll and stats query. As with the worker's check,
+    a server that vanishes without a word goes unseen until the statement's own timeout.
     """
     if dbapi_connection.driver_connection.is_closed():
         raise exc.DisconnectionError("the connection is closed")
