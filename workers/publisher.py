@@ -198,7 +198,7 @@ class TokenPublisher:
             if not batch:
                 return self.cancelled
             try:
-                flag = self._call(batch, self._ttl if final else 0, also, self._continuing)
+                flag = self._call(batch, self._ttl if final else 0, also)
             except UNREACHABLE as exc:
                 # Redis may come back empty, or the write may have gone through unanswered:
                 # the next try shows the whole text again first (`failed`), after a back-off.
@@ -316,10 +316,8 @@ class TokenPublisher:
     def _continuing(self) -> bool:
         return self._wrote and not self._replaying
 
-    def _call(
-        self, events: list[Event], ttl: int, also: Also | None = None, continuing: bool = False
-    ) -> Any:
-        args = script_args(events, self._maxlen, ttl, self._fence, continuing)
+    def _call(self, events: list[Event], ttl: int, also: Also | None = None) -> Any:
+        args = script_args(events, self._maxlen, ttl, self._fence, self._continuing)
         if also is None:
             return self._script(keys=self._keys, args=args)
         # EVALSHA by hand, as api/admission.py sends its scripts: a Script given a pipeline
