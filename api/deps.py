@@ -29,10 +29,10 @@ StateDep = Annotated[AppState, Depends(get_state)]
 async def get_session(state: StateDep) -> AsyncIterator[AsyncSession]:
     """One session per request; the edge commits on success and rolls back on error.
 
-    Only a session with a transaction open is committed: most requests either touch no
-    table through it (an event stream of a job this process knows, a submit, which the
-    batcher writes) or commit themselves, and an empty commit still costs SQLAlchemy a
-    transaction object, about as much as the session itself.
+    Only a session with a transaction open is committed: a request that commits itself
+    leaves none, and an empty commit still costs SQLAlchemy a transaction object, about as
+    much as the session itself. The hot routes (a submit, an event stream) take no session
+    at all: they open one only in the cases that read or write through it.
     """
     async with state.sessions() as session:
         try:

@@ -20,7 +20,7 @@ import secrets
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -109,10 +109,13 @@ def platform(
     redis_url: str | None,
     models_text: str | None = None,
     worker_models: str = "sim",
+    sim_args: Sequence[str] = (),
+    worker_args: Sequence[str] = (),
 ) -> Iterator[tuple[str, str, str]]:
     """(API URL, key, simulator URL) of a platform started for this run; `models_text` is a
     models file with `{sim}` for the simulator's URL (default: one model, `sim`), and the
-    worker serves `worker_models` (comma-separated)."""
+    worker serves `worker_models` (comma-separated); `sim_args` and `worker_args` are added
+    to the simulator's and the worker's command lines."""
     with (
         data_servers(database_url, redis_url) as servers,
         tempfile.TemporaryDirectory(prefix="inferq-cache-bench-") as scratch,
@@ -122,7 +125,8 @@ def platform(
         children: list[Child] = []
         try:
             sim_url = f"http://127.0.0.1:{free_port()}"
-            sim = Child.spawn("sim", ["sim", "--port", sim_url.rsplit(":", 1)[1]], env, logs / "s")
+            sim_port = sim_url.rsplit(":", 1)[1]
+            sim = Child.spawn("sim", ["sim", "--port", sim_port, *sim_args], env, logs / "s")
             children.append(sim)
             wait_http(f"{sim_url}/health", sim)
             models = logs / "models.toml"
@@ -141,7 +145,7 @@ def platform(
             api = Child.spawn("api", ["api", "--port", str(port)], env, logs / "api.log")
             children.append(api)
             worker = Child.spawn(
-                "worker", ["worker", "--models", worker_models], env, logs / "w.log"
+                "worker", ["worker", "--models", worker_models, *worker_args], env, logs / "w.log"
             )
             children.append(worker)
             url = f"http://127.0.0.1:{port}"

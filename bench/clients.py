@@ -61,6 +61,7 @@ class Timing:
     last_token: float | None = None
     end: float | None = None
     tokens: int = 0
+    token_events: int = 0  # token events read (the platform's carry every token of a flush)
     submitted: float | None = None  # platform: when the 202 arrived
     # Platform: the first token was flushed before the event stream opened, so it came in the
     # replay and t_first is late (the request's mean ITL reads low).
@@ -93,6 +94,7 @@ class Timing:
         return (self.end - self.start) * 1000
 
     def token(self) -> None:
+        self.token_events += 1
         now = time.perf_counter()
         if self.first_token is None:
             self.first_token = now

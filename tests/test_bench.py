@@ -217,6 +217,18 @@ def test_the_submit_insert_bench_times_lone_submits_on_a_fresh_database(
     assert _bench_databases(platform.database_url) == before
 
 
+def test_the_api_job_bench_streams_every_job_with_a_users_key(platform: Platform) -> None:
+    """bench/api_job.py: every job submitted and read to its end through the API (a key made
+    through the admin API), the API's CPU per job reported; its database dropped after."""
+    before = _bench_databases(platform.database_url)
+    servers = ["--database-url", platform.database_url, "--redis-url", platform.redis_url]
+    sizes = ["--clients", "4", "--jobs", "24", "--tokens", "8", "--repeat", "2"]
+    rows = _bench_lines("bench.api_job", *servers, *sizes)
+    assert [row["jobs"] for row in rows] == [24, 24]
+    assert all(row["api_cpu_ms_per_job"] > 0 and row["token_events_per_job"] >= 1 for row in rows)
+    assert _bench_databases(platform.database_url) == before
+
+
 def _bench_databases(database_url: str) -> set[str]:
     with psycopg.connect(database_url, autocommit=True) as conn:
         rows = conn.execute("SELECT datname FROM pg_database WHERE datname LIKE 'inferq_bench_%'")

@@ -9,7 +9,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Response
 
-from api.deps import CurrentKey, SessionDep, StateDep
+from api.deps import CurrentKey, StateDep
 from api.errors import InvalidRequest, ServiceUnavailable
 from api.events.hub import HubUnavailable
 from api.events.response import EventStream
@@ -107,13 +107,12 @@ class SseFeed:
 async def job_events(
     job_id: uuid.UUID,
     key: CurrentKey,
-    session: SessionDep,
     state: StateDep,
     last_event_id: Annotated[str | None, Header()] = None,
     after: Annotated[str | None, Query(description="resume after this event id")] = None,
 ) -> Response:
     """Server-sent events: status, token, reset, done, error; resume with Last-Event-ID."""
-    snapshot = await job_if_unseen(state, session, key, job_id)
+    snapshot = await job_if_unseen(state, key, job_id)
     resume = _resume_point(last_event_id, after)
     events = JobEvents(state.redis, state.hub, state.sessions, job_id, resume, snapshot)
     feed = SseFeed(events, state.settings.sse_ping_seconds)

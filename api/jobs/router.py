@@ -23,13 +23,12 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 async def submit(
     body: JobCreate,
     key: CurrentKey,
-    session: SessionDep,
     state: StateDep,
     response: Response,
     gate: SubmitGate,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> JobOut:
-    created = await service.submit_job(session, state, key, body, idempotency_key, gate=gate)
+    created = await service.submit_job(state, key, body, idempotency_key, gate=gate)
     if created.replayed:
         response.headers["Idempotent-Replayed"] = "true"
     response.headers["Location"] = f"/v1/jobs/{created.job.id}"

@@ -139,7 +139,6 @@ async def fitted_input(state: AppState, spec: ModelSpec, values: dict[str, Any])
 
 
 async def create_job(
-    session: AsyncSession,
     state: AppState,
     key: Principal,
     body: JobCreate,
@@ -148,7 +147,10 @@ async def create_job(
     gate: Gate | None = None,
 ) -> Created:
     """`digest` is the request's hash when the caller hashes what it was sent (the OpenAI
-    routes do); by default it is the hash of `body`. `gate` applies the key's limits."""
+    routes do); by default it is the hash of `body`. `gate` applies the key's limits.
+
+    A session of the request's own is opened only for an Idempotency-Key: every other new job
+    is written by the batcher (or, for a cache hit, in one autocommit round trip)."""
     check_size(body, state.settings)
     if body.webhook is not None:
         await guard_url(str(body.webhook.url), state.settings)
@@ -165,11 +167,9 @@ async def create_job(
     reserved = gate is not None and await gate.admit(spec, values)
     try:
         if hit:
-            created = await _insert_answered(
-                session, state, key, values, (idempotency_key, digest), body
-            )
+            created = await _insert_answered(state, key, values, (idempotency_key, digest), body)
         else:
-            created = await _insert(session, state, key, body, values, idempotency_key, digest)
+            created = await _insert(state, key, body, values, idempotency_key, digest)
     except Exception:  # not a cancelled request: the batcher may still make its job
         if reserved and gate is not None:
             await gate.release(values["id"])
@@ -214,7 +214,6 @@ async def _from_cache(
 
 
 async def _insert_answered(
-    session: AsyncSession,
     state: AppState,
     key: Principal,
     values: dict[str, Any],
@@ -226,51 +225,61 @@ async def _insert_answered(
     idempotency_key, digest = request
     if idempotency_key is None:
         values["request_hash"] = digest
-        await session.commit()  # the request's session holds no connection meanwhile
         row = {("metadata" if name == "metadata_" else name): v for name, v in values.items()}
         # One autocommit round trip, no ORM: a hit costs little more than its Redis GET.
         async with state.autocommit.connect() as conn:
             await conn.execute(insert(Job), [row])
         return Created(Job(**values, attempts=0), replayed=False, cached=True)
-    created = await _insert(session, None, key, body, values, idempotency_key, digest)
+    created = await _insert_idempotent(state, key, body, values, idempotency_key, digest)
     return replace(created, cached=not created.replayed)
 
 
 async def _insert(
-    session: AsyncSession,
-    state: AppState | None,
+    state: AppState,
     key: Principal,
     body: JobCreate,
     values: dict[str, Any],
     idempotency_key: str | None,
     digest: str | None,
 ) -> Created:
-    if idempotency_key is None:
-        assert state is not None  # only a cache hit's row comes without the batcher
-        values["request_hash"] = digest  # how a retry of this request can find the job
-        # The batcher writes on a connection of its own: the request's session must hold
-        # none meanwhile, or a burst of submits takes the whole pool and waits for itself.
-        await session.commit()
-        # Committed and enqueued by the batcher, together with concurrent submits.
-        return Created(await state.batcher.submit(values), replayed=False, enqueued=True)
+    if idempotency_key is not None:
+        return await _insert_idempotent(state, key, body, values, idempotency_key, digest)
+    values["request_hash"] = digest  # how a retry of this request can find the job
+    # Committed and enqueued by the batcher, together with concurrent submits, on a
+    # connection of its own.
+    return Created(await state.batcher.submit(values), replayed=False, enqueued=True)
+
+
+async def _insert_idempotent(
+    state: AppState,
+    key: Principal,
+    body: JobCreate,
+    values: dict[str, Any],
+    idempotency_key: str,
+    digest: str | None,
+) -> Created:
+    """The job, or the one an earlier request with this key made; committed."""
     digest = digest or request_hash(body)
     values |= {"idempotency_key": idempotency_key, "request_hash": digest}
-    job = await session.scalar(
-        insert(Job)
-        .values(**values)
-        .on_conflict_do_nothing(
-            index_elements=["api_key_id", "idempotency_key"],
-            index_where=Job.idempotency_key.is_not(None),
+    async with state.sessions() as session:
+        job = await session.scalar(
+            insert(Job)
+            .values(**values)
+            .on_conflict_do_nothing(
+                index_elements=["api_key_id", "idempotency_key"],
+                index_where=Job.idempotency_key.is_not(None),
+            )
+            .returning(Job)
         )
-        .returning(Job)
-    )
-    if job is not None:
-        return Created(job, replayed=False)
-    return Created(await _replay(session, key, idempotency_key, digest), replayed=True)
+        if job is not None:
+            await session.commit()
+            return Created(job, replayed=False)
+        existing = await _replay(session, key, idempotency_key, digest)
+        await session.commit()
+        return Created(existing, replayed=True)
 
 
 async def submit_job(
-    session: AsyncSession,
     state: AppState,
     key: Principal,
     body: JobCreate,
@@ -278,9 +287,8 @@ async def submit_job(
     digest: str | None = None,
     gate: Gate | None = None,
 ) -> Created:
-    """Create the job, commit it, then hand it to the broker (unless the batcher did both)."""
-    created = await create_job(session, state, key, body, idempotency_key, digest, gate)
-    await session.commit()
+    """Create the job, committed, then hand it to the broker (unless the batcher did both)."""
+    created = await create_job(state, key, body, idempotency_key, digest, gate)
     if created.cached:
         await _publish_answer(state, created.job)
     elif not created.replayed and not created.enqueued:
@@ -331,9 +339,7 @@ def _remember(state: AppState, created: Created) -> None:
         state.fresh_jobs[job.id] = Job(id=job.id, tenant=job.tenant, status=job.status, attempts=0)
 
 
-async def job_if_unseen(
-    state: AppState, session: AsyncSession, key: Principal, job_id: uuid.UUID
-) -> Job | None:
+async def job_if_unseen(state: AppState, key: Principal, job_id: uuid.UUID) -> Job | None:
     """404 unless the job is this tenant's; the job row if this process had to read it, the
     job as this process accepted it if that was a moment ago, else None.
 
@@ -343,7 +349,8 @@ async def job_if_unseen(
     """
     tenant = state.job_tenants.get(job_id)
     if tenant is None:
-        job = await get_job(session, key, job_id)
+        async with state.sessions() as session:  # only then: most readers cost no session
+            job = await get_job(session, key, job_id)
         state.job_tenants[job_id] = job.tenant
         return job
     if tenant != key.tenant:

@@ -6,10 +6,9 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Request, Response
 from pydantic import BaseModel
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.auth import Principal
-from api.deps import CurrentKey, SessionDep, StateDep
+from api.deps import CurrentKey, StateDep
 from api.jobs.schemas import JobCreate
 from api.limits import Gate, SubmitGate
 from api.openai import service, streaming
@@ -52,14 +51,13 @@ async def chat_completions(
     body: ChatCompletionRequest,
     request: Request,
     key: CurrentKey,
-    session: SessionDep,
     state: StateDep,
     gate: SubmitGate,
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
     """A chat completion run as a job; `X-Inferq-Job-Id` names the job."""
     job = service.chat_job(body)
-    return await _answer(request, key, session, state, gate, idempotency_key, job, body, "chat")
+    return await _answer(request, key, state, gate, idempotency_key, job, body, "chat")
 
 
 @router.post("/completions", response_model=None, responses=_completion(TextCompletion))
@@ -67,20 +65,18 @@ async def completions(
     body: CompletionRequest,
     request: Request,
     key: CurrentKey,
-    session: SessionDep,
     state: StateDep,
     gate: SubmitGate,
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
     """A text completion run as a job; `X-Inferq-Job-Id` names the job."""
     job = service.completion_job(body)
-    return await _answer(request, key, session, state, gate, idempotency_key, job, body, "text")
+    return await _answer(request, key, state, gate, idempotency_key, job, body, "text")
 
 
 async def _answer(
     request: Request,
     key: Principal,
-    session: AsyncSession,
     state: AppState,
     gate: Gate,
     idempotency_key: str | None,
@@ -90,7 +86,7 @@ async def _answer(
 ) -> Response:
     digest = service.request_digest(body, kind)
     retried = service.sdk_retry(request.headers)
-    created = await service.create(session, state, key, job, idempotency_key, digest, retried, gate)
+    created = await service.create(state, key, job, idempotency_key, digest, retried, gate)
     reply = service.Reply.of(created.job, kind, body)
     if body.stream:
         return streaming.stream(state, key, reply)

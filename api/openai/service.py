@@ -248,7 +248,6 @@ async def earlier_attempt(session: AsyncSession, key: Principal, digest: str) ->
 
 
 async def create(
-    session: AsyncSession,
     state: AppState,
     key: Principal,
     body: JobCreate,
@@ -264,11 +263,11 @@ async def create(
         message = f"unknown model {body.model!r}; available: {offered}"
         raise OpenAIError(404, message, param="model", code="model_not_found")
     if retried and idempotency_key is None:
-        earlier = await earlier_attempt(session, key, digest)
-        await session.commit()  # hold no connection while the answer is awaited
+        async with state.sessions() as session:  # closed: no connection held for the answer
+            earlier = await earlier_attempt(session, key, digest)
         if earlier is not None:
             return Created(earlier, replayed=True)
-    return await submit_job(session, state, key, body, idempotency_key, digest, gate)
+    return await submit_job(state, key, body, idempotency_key, digest, gate)
 
 
 def usage(input_tokens: int | None, output_tokens: int | None) -> Usage:
