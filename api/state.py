@@ -21,6 +21,7 @@ from inferq.models import Job
 from inferq.queue import Enqueuer, make_producer_app
 from inferq.redis_clients import async_client
 from inferq.registry import Registry, registry_of
+from inferq.resp import RespLink
 from inferq.settings import Settings
 from inferq.tokens import TokenCounter
 
@@ -38,9 +39,11 @@ class AppState:
     autocommit: AsyncEngine  # the same pool, for single statements
     sessions: async_sessionmaker
     redis: aioredis.Redis
+    link: RespLink  # the lean connection of the hot paths (event streams' replays, enqueues)
     publish_script: Any
     registry: Registry
     broker: aioredis.Redis  # the broker's Redis (the same client when it is one server)
+    broker_link: RespLink  # the lean connection to it (the same as `link` when one server)
     queue: JobQueue
     keys: KeyRing
     hub: Hub
@@ -59,14 +62,18 @@ class AppState:
         autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
         client = async_client(settings.redis_url, settings.redis_pool_size, name=API_CLIENT)
         broker = _broker_client(settings, client)
+        link = RespLink(settings.redis_url, name=API_CLIENT)
+        broker_link = link if settings.broker == settings.redis_url else RespLink(settings.broker)
         registry = registry_of(settings)
-        queue = JobQueue(registry, Enqueuer(make_producer_app(settings)), broker)
+        queue = JobQueue(registry, Enqueuer(make_producer_app(settings)), broker_link)
         return cls(
             settings=settings,
             engine=engine,
             autocommit=autocommit,
             sessions=async_sessions(engine),
             redis=client,
+            link=link,
+            broker_link=broker_link,
             publish_script=client.register_script(PUBLISH_SCRIPT),
             registry=registry,
             broker=broker,
@@ -90,6 +97,9 @@ class AppState:
         self.queue.close()
         if self.broker is not self.redis:
             await self.broker.aclose()
+        if self.broker_link is not self.link:
+            await self.broker_link.close()
+        await self.link.close()
         await self.redis.aclose()
         await self.engine.dispose()
 

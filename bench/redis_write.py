@@ -1,6 +1,6 @@
 """`python -m bench.redis_write`: what a stream write costs the worker's loop in CPU, through
 redis-py's asyncio pipeline (how the loop wrote before) and through its lean connection
-(workers/resp.py), on the same Redis, the same script and the same arguments.
+(inferq/resp.py), on the same Redis, the same script and the same arguments.
 
 Two shapes, as the loop writes: one stream's write alone in its round trip (a job's
 `status`, its first token, its end), and `--streams` streams' writes in one pipeline (a flush
@@ -24,7 +24,7 @@ from bench.servers import redis_or_embedded
 from inferq.events import PUBLISH_SCRIPT, PUBLISH_SHA, Event, fence, script_args, script_keys
 from inferq.protocol import TokenData
 from inferq.redis_clients import async_client
-from workers.resp import RespLink, pack
+from inferq.resp import RespLink, pack
 
 Write = Callable[[list[list[str]]], Awaitable[Any]]
 

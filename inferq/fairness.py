@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from typing import Any
+
+from inferq.resp import RespLink, pack
 
 # Jobs a tenant may have enqueued recently and still keep its priority: about one wave of a
 # worker's slots, so a tenant's ordinary burst is not demoted.
@@ -49,21 +50,22 @@ def shift_for(load: float) -> int:
     return min(MAX_SHIFT, 1 + int(math.log2(load / LIGHT_LOAD)))
 
 
-async def shifts(redis: Any, jobs: Sequence[tuple[str, str]]) -> list[int]:
+async def shifts(link: RespLink, jobs: Sequence[tuple[str, str]]) -> list[int]:
     """The shift of each (queue, tenant) job, counting the earlier ones of the same batch.
 
-    One pipelined round trip (redis.asyncio) per batch, one script call per tenant in it.
+    One round trip per batch on the lean connection, one script call per tenant in it.
     """
     groups: dict[tuple[str, str], int] = {}
     for job in jobs:
         groups[job] = groups.get(job, 0) + 1
     now = repr(time.time())
-    async with redis.pipeline(transaction=False) as pipe:
-        for (queue, tenant), count in groups.items():
-            pipe.eval(
-                LOAD_SCRIPT, 1, load_key(queue, tenant), now, count, DECAY_SECONDS, KEY_TTL_SECONDS
-            )
-        before = dict(zip(groups, (float(v) for v in await pipe.execute()), strict=True))
+    calls = [
+        pack(("EVAL", LOAD_SCRIPT, 1, load_key(*group), now, count, DECAY_SECONDS, KEY_TTL_SECONDS))
+        for group, count in groups.items()
+    ]
+    # Run again after a lost connection, a batch's load may count twice: it decays anyway.
+    loads = await link.run(calls, retry=True)
+    before = dict(zip(groups, (float(v) for v in loads), strict=True))
     seen: dict[tuple[str, str], int] = {}
     result = []
     for job in jobs:

@@ -14,6 +14,7 @@ from typing import Any
 from celery import Celery
 from kombu import serialization
 
+from inferq.resp import RespLink, recorded
 from inferq.settings import Settings
 
 GENERATE_TASK = "inferq.generate"
@@ -177,13 +178,14 @@ class Enqueuer:
                 _queue_commands(pipe, self._builder, items)
                 pipe.execute()
 
-    async def enqueue_async(self, redis: Any, items: Iterable[Enqueue]) -> None:
-        """The same through an asyncio client (redis.asyncio.Redis on the broker)."""
+    async def enqueue_async(self, link: RespLink, items: Iterable[Enqueue]) -> None:
+        """The same on an asyncio loop's lean connection to the broker. Sent again after a
+        lost connection: a message pushed twice is a harmless duplicate (the claim runs a
+        job once)."""
         items = list(items)
         if items:
-            async with redis.pipeline(transaction=False) as pipe:
-                _queue_commands(pipe, self._builder, items)
-                await pipe.execute()
+            commands = recorded(lambda pipe: _queue_commands(pipe, self._builder, items))
+            await link.run(commands, retry=True)
 
     def close(self) -> None:
         self._app.close()

@@ -12,7 +12,6 @@ from typing import Any
 import httpx
 import pytest
 import redis
-import redis.asyncio as aioredis
 
 from inferq import fairness
 from inferq.queue import (
@@ -24,6 +23,7 @@ from inferq.queue import (
     make_producer_app,
     redis_priority,
 )
+from inferq.resp import RespLink
 from inferq.settings import Settings
 from tests.conftest import Platform, submit
 from tests.servers import Databases
@@ -139,11 +139,11 @@ def test_shifted_job_lands_on_its_priority_list(databases: Databases) -> None:
 
 
 async def _shifts(url: str, jobs: list[tuple[str, str]]) -> list[int]:
-    client = aioredis.Redis.from_url(url)
+    link = RespLink(url)
     try:
-        return await fairness.shifts(client, jobs)
+        return await fairness.shifts(link, jobs)
     finally:
-        await client.aclose()
+        await link.close()
 
 
 def test_load_counts_a_tenants_jobs_across_batches_and_decays(databases: Databases) -> None:

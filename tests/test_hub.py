@@ -29,6 +29,7 @@ from inferq.lifecycle import Outcome
 from inferq.models import JobStatus
 from inferq.protocol import StatusData, TokenData
 from inferq.redis_clients import async_client
+from inferq.resp import RespLink
 from tests.servers import Databases, free_port
 
 # Each hub's connections carry a name of their own, to be found in CLIENT LIST.
@@ -44,15 +45,18 @@ def _succeeded(output_tokens: int | None = None) -> list[Event]:
 @contextlib.asynccontextmanager
 async def running_hub(
     databases: Databases, url: str | None = None, subscribe_timeout: float = 10.0
-) -> AsyncIterator[tuple[aioredis.Redis, Hub]]:
-    # The API's own client settings (no retries inside redis-py, health checks on).
+) -> AsyncIterator[tuple[aioredis.Redis, Hub, RespLink]]:
+    """The hub on the API's own client settings, and a lean connection for readers' replays
+    (straight to Redis, never through `url`)."""
     redis = async_client(url or databases.redis_url, 16, name=HUB_CLIENT)
     hub = Hub(redis, subscribe_timeout)
+    link = RespLink(databases.redis_url)
     await hub.start()
     try:
-        yield redis, hub
+        yield redis, hub, link
     finally:
         await hub.close()
+        await link.close()
         await redis.aclose()
 
 
@@ -64,10 +68,10 @@ async def test_a_reader_that_falls_behind_catches_up_from_the_stream(
 ) -> None:
     monkeypatch.setattr(hub_module, "LIVE_BACKLOG", 4)
     monkeypatch.setattr(hub_module, "QUIET_SECONDS", 3600)
-    async with running_hub(databases) as (redis, hub):
+    async with running_hub(databases) as (redis, hub, link):
         job_id = uuid.uuid4()
         publish = redis.register_script(PUBLISH_SCRIPT)
-        reader = JobEvents(redis, hub, None, job_id, None)  # type: ignore[arg-type]
+        reader = JobEvents(link, hub, None, job_id, None)  # type: ignore[arg-type]
         batches = reader.batches()
         texts = [f" t{i}" for i in range(40)]
         first = [Event.of(StatusData(status=JobStatus.running))]
@@ -91,9 +95,9 @@ async def test_readers_of_a_quiet_channel_re_read_the_stream(
 ) -> None:
     """An event published while nobody could hear it (pub/sub is at most once) still arrives."""
     monkeypatch.setattr(hub_module, "QUIET_SECONDS", 0.2)
-    async with running_hub(databases) as (redis, hub):
+    async with running_hub(databases) as (redis, hub, link):
         job_id = str(uuid.uuid4())
-        reader = JobEvents(redis, hub, None, uuid.UUID(job_id), None)  # type: ignore[arg-type]
+        reader = JobEvents(link, hub, None, uuid.UUID(job_id), None)  # type: ignore[arg-type]
         batches = reader.batches()
         start = [Event.of(StatusData(status=JobStatus.running))]
         publish = redis.register_script(PUBLISH_SCRIPT)
@@ -112,12 +116,12 @@ async def test_an_idle_event_stream_sends_keep_alive_comments(
 ) -> None:
     """No timer per connection: the hub's wake-up of idle readers is the keep-alive's clock."""
     monkeypatch.setattr(hub_module, "QUIET_SECONDS", 0.1)
-    async with running_hub(databases) as (redis, hub):
+    async with running_hub(databases) as (redis, hub, link):
         job_id = str(uuid.uuid4())
         publish = redis.register_script(PUBLISH_SCRIPT)
         start = [Event.of(StatusData(status=JobStatus.running))]
         await publish(keys=script_keys(job_id), args=script_args(start, 1000, 0))
-        reader = JobEvents(redis, hub, None, uuid.UUID(job_id), None)  # type: ignore[arg-type]
+        reader = JobEvents(link, hub, None, uuid.UUID(job_id), None)  # type: ignore[arg-type]
         feed = events_router.SseFeed(reader, ping_seconds=0.3)
         try:
             assert b"event: status" in (await feed.next_chunk() or b"")
@@ -170,8 +174,8 @@ async def test_a_live_reader_loses_no_token_when_the_hub_connection_drops(
     job_id = str(uuid.uuid4())
     admin, publish = _publisher(databases, job_id)
     texts = [f" t{i}" for i in range(60)]
-    async with running_hub(databases) as (redis, hub):
-        reader = JobEvents(redis, hub, None, uuid.UUID(job_id), None)  # type: ignore[arg-type]
+    async with running_hub(databases) as (_redis, hub, link):
+        reader = JobEvents(link, hub, None, uuid.UUID(job_id), None)  # type: ignore[arg-type]
         batches = reader.batches()
         await publish([Event.of(StatusData(status=JobStatus.running))])
         received = list(await anext(batches))
@@ -204,7 +208,7 @@ async def test_no_subscription_is_left_behind_across_reconnects(databases: Datab
     """Readers come and go while the connection drops: no channel stays subscribed."""
     admin = aioredis.Redis.from_url(databases.redis_url, decode_responses=True)
     jobs = [str(uuid.uuid4()) for _ in range(12)]
-    async with running_hub(databases) as (_, hub):
+    async with running_hub(databases) as (_, hub, _link):
         async with contextlib.AsyncExitStack() as readers:
             for job_id in jobs[:6]:
                 await readers.enter_async_context(hub.subscribe(job_id))
@@ -286,13 +290,13 @@ async def test_the_hub_starts_with_redis_down_and_readers_wait_for_it(
     gate = RedisGate(databases.redis_url)
     job_id = str(uuid.uuid4())
     admin, publish = _publisher(databases, job_id)
-    async with running_hub(databases, url=gate.url, subscribe_timeout=1.0) as (_, hub):
+    async with running_hub(databases, url=gate.url, subscribe_timeout=1.0) as (_, hub, link):
         with pytest.raises(HubUnavailable):
             async with hub.subscribe(job_id):
                 pytest.fail("subscribed while Redis is unreachable")
         assert hub.listeners == 0
         await publish([Event.of(StatusData(status=JobStatus.running))])
-        reader = JobEvents(admin, hub, None, uuid.UUID(job_id), None)  # type: ignore[arg-type]
+        reader = JobEvents(link, hub, None, uuid.UUID(job_id), None)  # type: ignore[arg-type]
         started = asyncio.ensure_future(reader.start())
         await asyncio.sleep(0.3)
         assert not started.done()
@@ -329,9 +333,9 @@ async def test_readers_subscribing_just_as_the_connection_is_killed_do_not_hang(
     job_id = str(uuid.uuid4())
     admin, publish = _publisher(databases, job_id)
     await publish([Event.of(StatusData(status=JobStatus.running))])
-    async with running_hub(databases) as (redis, hub):
+    async with running_hub(databases) as (_redis, hub, link):
         await _kill_hub_connection(admin)  # the hub has not noticed yet
-        readers = [JobEvents(redis, hub, None, uuid.UUID(job_id), None) for _ in range(3)]  # type: ignore[arg-type]
+        readers = [JobEvents(link, hub, None, uuid.UUID(job_id), None) for _ in range(3)]  # type: ignore[arg-type]
         async with asyncio.timeout(15):
             for reader in readers:
                 assert [e.type for e in await reader.start()] == [EventType.status]

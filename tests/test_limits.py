@@ -63,14 +63,17 @@ class LimitsApis:
 def apis(platform: Platform, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LimitsApis]:
     models = _models_file(platform, tmp_path_factory.mktemp("limits"))
     env = {"INFERQ_LIMIT_WINDOW_SECONDS": str(WINDOW), "INFERQ_MODELS_FILE": str(models)}
-    urls = []
+    urls, processes = [], []
     for name in ("api-limits", "api-limits-2"):
         port = free_port()
         process = platform.spawn("api", "--port", str(port), name=name, **env)
+        processes.append(process)
         wait_http(f"http://127.0.0.1:{port}/readyz", process)
         urls.append(f"http://127.0.0.1:{port}")
     platform.worker("limits", "pricey", concurrency=4, **env)
     yield LimitsApis(urls)
+    for process in processes:  # their hubs would count as the next tests' subscriptions
+        process.stop()
 
 
 def _models_file(platform: Platform, where: Path) -> Path:

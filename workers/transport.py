@@ -50,7 +50,7 @@ from kombu.utils.json import dumps
 from kombu.utils.url import as_url
 from redis import exceptions as redis_errors
 
-from workers.resp import pack
+from inferq.resp import pack
 
 log = logging.getLogger("inferq.worker")
 

@@ -114,7 +114,7 @@ async def job_events(
     """Server-sent events: status, token, reset, done, error; resume with Last-Event-ID."""
     snapshot = await job_if_unseen(state, key, job_id)
     resume = _resume_point(last_event_id, after)
-    events = JobEvents(state.redis, state.hub, state.sessions, job_id, resume, snapshot)
+    events = JobEvents(state.link, state.hub, state.sessions, job_id, resume, snapshot)
     feed = SseFeed(events, state.settings.sse_ping_seconds)
     await feed.open()
     if events.ended and not feed.has_replay:

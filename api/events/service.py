@@ -5,31 +5,36 @@ from __future__ import annotations
 import contextlib
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
 
-from redis.asyncio import Redis
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from api.events.hub import Hub, Inbox
-from inferq.events import TERMINAL_EVENTS, Event, from_entries, parse_stream_id, stream_key
+from inferq.events import TERMINAL_EVENTS, Event, parse_stream_id, stream_key
 from inferq.lifecycle import Outcome
 from inferq.models import Job, JobStatus
 from inferq.protocol import ResetData, StatusData, TokenData
+from inferq.resp import RespLink
 
 
 class JobEvents:
-    """Replays a job's stream after `after`, then follows it live until `done` or `error`."""
+    """Replays a job's stream after `after`, then follows it live until `done` or `error`.
+
+    The stream is read on the process's lean Redis connection (`link`), live events come
+    from the hub.
+    """
 
     def __init__(
         self,
-        redis: Redis,
+        link: RespLink,
         hub: Hub,
         sessions: async_sessionmaker,
         job_id: uuid.UUID,
         after: str | None,
         snapshot: Job | None = None,
     ) -> None:
-        self.redis = redis
+        self.link = link
         self.hub = hub
         self.sessions = sessions
         self.job_id = job_id
@@ -84,7 +89,9 @@ class JobEvents:
         """The client resumed exactly at the stream's last event, and that event ended it: it
         has everything (a browser's EventSource reconnects even after `done`, sending its id).
         Only that exact id: an id from another life of the stream says nothing of this one."""
-        last = from_entries(await self.redis.xrevrange(self.key, count=1))
+        last = _events(
+            await self.link.call("XREVRANGE", self.key, "+", "-", "COUNT", 1, retry=True)
+        )
         return bool(last) and last[0].type in TERMINAL_EVENTS and last[0].id == self.last
 
     async def next(self) -> list[Event]:
@@ -108,12 +115,11 @@ class JobEvents:
 
     async def _read_stream(self) -> list[Event]:
         start = "-" if self.last == "0-0" else f"({self.last}"
-        entries = await self.redis.xrange(self.key, min=start, max="+") or []
-        events = [Event.from_entry(str(i), fields) for i, fields in entries]  # type: ignore[arg-type]
+        events = _events(await self.link.call("XRANGE", self.key, start, "+", retry=True))
         return [e for e in events if not self.ended and self._accept(e)]
 
     async def _stream_gone(self) -> bool:
-        return not await self.redis.exists(self.key)
+        return not await self.link.call("EXISTS", self.key, retry=True)
 
     async def _next_live(self, live: Inbox) -> list[Event]:
         batch = await live.take()
@@ -150,3 +156,12 @@ class JobEvents:
         for event in Outcome.of_row(job).closing_events():
             self._accept(event)
             yield event
+
+
+def _events(entries: list[list[Any]] | None) -> list[Event]:
+    """The events of an XRANGE (or XREVRANGE) reply as RESP has it: [id, [field, value, …]]."""
+    events = []
+    for entry_id, pairs in entries or ():
+        fields = dict(zip(pairs[::2], pairs[1::2], strict=True))
+        events.append(Event.from_entry(entry_id, fields))
+    return events

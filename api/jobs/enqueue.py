@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import redis.asyncio as aioredis
-
 from inferq import fairness
 from inferq.models import Job
 from inferq.queue import Enqueue, Enqueuer
 from inferq.registry import Registry
+from inferq.resp import RespLink
 
 
 class JobQueue:
-    """Hands jobs to Celery by task name, in one round trip per batch (two with fair share)."""
+    """Hands jobs to Celery by task name, in two round trips per batch on the lean connection
+    to the broker: the tenants' fair-share loads, then the messages."""
 
-    def __init__(self, registry: Registry, enqueuer: Enqueuer, broker: aioredis.Redis) -> None:
+    def __init__(self, registry: Registry, enqueuer: Enqueuer, broker: RespLink) -> None:
         self._registry = registry
         self._enqueuer = enqueuer
         self._broker = broker

@@ -426,7 +426,7 @@ async def cancel_job(
         await _publish_end(state, cancelled)
         return cancelled
     await _wait_for_end(
-        JobEvents(state.redis, state.hub, state.sessions, job_id, None),
+        JobEvents(state.link, state.hub, state.sessions, job_id, None),
         state.settings.cancel_wait_seconds,
     )
     return await _reread(session, job_id)

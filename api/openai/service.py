@@ -357,7 +357,7 @@ def job_error(job_id: uuid.UUID, error_type: str | None, message: str) -> OpenAI
 
 def job_events(state: AppState, job_id: uuid.UUID) -> JobEvents:
     """The job's events from its start."""
-    return JobEvents(state.redis, state.hub, state.sessions, job_id, None)
+    return JobEvents(state.link, state.hub, state.sessions, job_id, None)
 
 
 def follow(state: AppState, job_id: uuid.UUID) -> contextlib.aclosing[AsyncGenerator[Event, None]]:

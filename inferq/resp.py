@@ -1,13 +1,15 @@
-"""A lean Redis connection for the worker's stream loop: packed commands in, replies out.
+"""A lean Redis connection for hot paths: packed commands in, replies out.
 
-The stream loop's writes are all alike: many EVALSHAs of the publish script, now and then a
-few bookkeeping commands before one, pipelined, their answers read in order. Through
-redis-py's asyncio pipeline each write cost about 30 µs of the loop's CPU and each round
-trip about 100 µs more (command stacks, per-reply reads with their timeouts, a pool to take
-the connection from); here the commands are packed by hiredis straight to bytes, written in
-one call, and hiredis parses the replies as they arrive, about a tenth of that
-(docs/performance.md). One connection carries every write of the loop: writes from
-different tasks are pipelined on it, and Redis answers them in the order they were sent.
+The worker's stream loop writes many EVALSHAs of the publish script, now and then a few
+bookkeeping commands before one, pipelined, their answers read in order; the API reads
+each event stream's replay (XRANGE) and hands each batch of jobs to the broker. Through
+redis-py's asyncio client each command cost about 30 µs of the loop's CPU and each round
+trip about 100 µs more (command stacks, retries, per-reply reads with their timeouts, a
+pool to take the connection from); here the commands are packed by hiredis straight to
+bytes, written in one call, and hiredis parses the replies as they arrive, about a tenth
+of that (docs/performance.md). One connection carries every command of its event loop:
+commands from different tasks are pipelined on it, and Redis answers them in the order
+they were sent.
 
 redis-py still reads the URL (`parse_url`), so every Redis URL the platform takes works here
 too: `redis://`, `rediss://` (TLS, with the same `ssl_*` options) and `unix://`, with a
@@ -37,7 +39,7 @@ REPLY_TIMEOUT_S = 30.0
 CONNECT_TIMEOUT_S = 10.0
 
 
-class Recorder(redis.commands.core.CoreCommands):  # type: ignore[misc]
+class Recorder(redis.commands.core.CoreCommands):
     """Takes redis-py's command methods (`zrem`, `incr`, `eval`, `set(ex=…)`…) as a pipeline
     does, and keeps each command's arguments, for a caller's commands in a packed write."""
 
@@ -167,6 +169,28 @@ class RespLink:
         if protocol is None or protocol.closed:
             protocol = await self._connection()
         return await protocol.execute(packed, count)
+
+    async def call(self, *args: Any, retry: bool = False) -> Any:
+        """One command's reply, as `run` sends it."""
+        (reply,) = await self.run([pack(args)], retry=retry)
+        return reply
+
+    async def run(self, commands: list[bytes], retry: bool = False) -> list[Any]:
+        """Packed commands in one write; their replies, the first error reply raised. With
+        `retry`, commands whose connection was found lost are sent once more on a new one
+        (for commands that may run twice, as redis-py's clients retry them after a server
+        restart: reads, and writes whose repeat is harmless)."""
+        packed = b"".join(commands)
+        try:
+            replies = await self.execute(packed, len(commands))
+        except redis_errors.ConnectionError:
+            if not retry:
+                raise
+            replies = await self.execute(packed, len(commands))
+        for reply in replies:
+            if isinstance(reply, redis_errors.ResponseError):
+                raise reply
+        return replies
 
     async def close(self) -> None:
         if self._protocol is not None:
