@@ -1,12 +1,14 @@
 """`python -m bench.redis_write`: what a stream write costs the worker's loop in CPU, through
 redis-py's asyncio pipeline (how the loop wrote before) and through its lean connection
-(inferq/resp.py), on the same Redis, the same script and the same arguments.
+(inferq/resp.py), on the same Redis, the same script and the same arguments; and what the
+API's read of a stream's replay costs, each way.
 
-Two shapes, as the loop writes: one stream's write alone in its round trip (a job's
-`status`, its first token, its end), and `--streams` streams' writes in one pipeline (a flush
-tick). One JSON line a shape and a round: the loop's CPU per write, each way. The keys are
-the bench's own and deleted afterwards. Redis as `inferq bench` takes it (an embedded one
-without the URL).
+Three shapes: one stream's write alone in its round trip (a job's `status`, its first
+token, its end), `--streams` streams' writes in one pipeline (a flush tick), and an event
+stream's replay as the API reads it when a client opens the stream (XRANGE of a stream
+the writes filled, parsed into events). One JSON line a shape and a round: the CPU per
+command, each way. The keys are the bench's own and deleted afterwards. Redis as `inferq
+bench` takes it (an embedded one without the URL).
 """
 
 from __future__ import annotations
@@ -21,12 +23,24 @@ import click
 import uvloop
 
 from bench.servers import redis_or_embedded
-from inferq.events import PUBLISH_SCRIPT, PUBLISH_SHA, Event, fence, script_args, script_keys
+from inferq.events import (
+    PUBLISH_SCRIPT,
+    PUBLISH_SHA,
+    Event,
+    fence,
+    from_entries,
+    from_reply,
+    script_args,
+    script_keys,
+    stream_key,
+)
 from inferq.protocol import TokenData
 from inferq.redis_clients import async_client
 from inferq.resp import RespLink, pack
 
 Write = Callable[[list[list[str]]], Awaitable[Any]]
+# Events in the replayed stream: a status and a few flushes' tokens, a short job's.
+REPLAYED = 4
 
 
 def _args(continuing: bool) -> list[str | int]:
@@ -60,6 +74,17 @@ async def _measure(redis_url: str, streams: int, writes: int, repeat: int) -> No
         packed = [pack(("EVALSHA", PUBLISH_SHA, len(keys), *keys, *args)) for keys in keys_of]
         return await link.execute(b"".join(packed), len(packed))
 
+    replayed = stream_key(f"bench-redis-write-{uuid.uuid4()}")  # no write touches it
+    await client.xadd(replayed, {"e": "status", "d": '{"status":"running"}'})
+    for _ in range(REPLAYED - 1):
+        await client.xadd(replayed, {"e": "token", "d": '{"text":" a few tokens","tokens":4}'})
+
+    async def redis_py_replay(_: list[list[str]]) -> Any:
+        return from_entries(await client.xrange(replayed, min="-", max="+"))
+
+    async def lean_replay(_: list[list[str]]) -> Any:
+        return from_reply(await link.call("XRANGE", replayed, "-", "+", retry=True))
+
     try:
         for _ in range(repeat):
             for shape, keys_of, rounds in (
@@ -71,8 +96,13 @@ async def _measure(redis_url: str, streams: int, writes: int, repeat: int) -> No
                     cpu_us = await _cpu_per_write(write, keys_of, rounds)
                     figures[f"{name}_cpu_us_per_write"] = round(cpu_us, 1)
                 click.echo(json.dumps(figures))
+            replay: dict[str, object] = {"shape": f"replay of {REPLAYED} events"}
+            for name, read in (("redis_py", redis_py_replay), ("lean", lean_replay)):
+                cpu_us = await _cpu_per_write(read, every[:1], writes)
+                replay[f"{name}_cpu_us_per_write"] = round(cpu_us, 1)
+            click.echo(json.dumps(replay))
     finally:
-        await client.delete(*(key for keys in every for key in keys))
+        await client.delete(replayed, *(key for keys in every for key in keys))
         await client.aclose()
         await link.close()
 

@@ -133,6 +133,16 @@ def from_entries(entries: Any) -> list[Event]:
     return [Event.from_entry(str(entry_id), fields) for entry_id, fields in entries or []]
 
 
+def from_reply(entries: list[list[Any]] | None) -> list[Event]:
+    """The events of an XRANGE (or XREVRANGE) reply as RESP has it, [id, [field, value, …]]
+    (inferq.resp's replies)."""
+    events = []
+    for entry_id, pairs in entries or ():
+        fields = dict(zip(pairs[::2], pairs[1::2], strict=True))
+        events.append(Event.from_entry(entry_id, fields))
+    return events
+
+
 def script_args(
     events: list[Event], maxlen: int, ttl: int, claim: str = "", continuing: bool = False
 ) -> list[str | int]:

@@ -5,13 +5,12 @@ from __future__ import annotations
 import contextlib
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from api.events.hub import Hub, Inbox
-from inferq.events import TERMINAL_EVENTS, Event, parse_stream_id, stream_key
+from inferq.events import TERMINAL_EVENTS, Event, from_reply, parse_stream_id, stream_key
 from inferq.lifecycle import Outcome
 from inferq.models import Job, JobStatus
 from inferq.protocol import ResetData, StatusData, TokenData
@@ -89,7 +88,7 @@ class JobEvents:
         """The client resumed exactly at the stream's last event, and that event ended it: it
         has everything (a browser's EventSource reconnects even after `done`, sending its id).
         Only that exact id: an id from another life of the stream says nothing of this one."""
-        last = _events(
+        last = from_reply(
             await self.link.call("XREVRANGE", self.key, "+", "-", "COUNT", 1, retry=True)
         )
         return bool(last) and last[0].type in TERMINAL_EVENTS and last[0].id == self.last
@@ -115,7 +114,7 @@ class JobEvents:
 
     async def _read_stream(self) -> list[Event]:
         start = "-" if self.last == "0-0" else f"({self.last}"
-        events = _events(await self.link.call("XRANGE", self.key, start, "+", retry=True))
+        events = from_reply(await self.link.call("XRANGE", self.key, start, "+", retry=True))
         return [e for e in events if not self.ended and self._accept(e)]
 
     async def _stream_gone(self) -> bool:
@@ -156,12 +155,3 @@ class JobEvents:
         for event in Outcome.of_row(job).closing_events():
             self._accept(event)
             yield event
-
-
-def _events(entries: list[list[Any]] | None) -> list[Event]:
-    """The events of an XRANGE (or XREVRANGE) reply as RESP has it: [id, [field, value, …]]."""
-    events = []
-    for entry_id, pairs in entries or ():
-        fields = dict(zip(pairs[::2], pairs[1::2], strict=True))
-        events.append(Event.from_entry(entry_id, fields))
-    return events
