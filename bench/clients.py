@@ -165,7 +165,7 @@ async def platform(submits: KeepAlive, api: Api, model: str, request: Request) -
             ended.set_result(None)
 
     url = f"{api.url}/v1/jobs/{json.loads(body)['id']}/events"
-    status = await _read_until(ended, url, api.headers, on_frame)
+    status = await read_until(ended, url, api.headers, on_frame)
     if status != 200:
         timing.error = f"events {status}"
     elif timing.end is None and timing.error is None:
@@ -173,7 +173,7 @@ async def platform(submits: KeepAlive, api: Api, model: str, request: Request) -
     return timing
 
 
-async def _read_until(
+async def read_until(
     ended: asyncio.Future[None],
     url: str,
     headers: dict[str, str],
@@ -224,7 +224,7 @@ async def direct(sim_url: str, request: Request) -> Timing:
             ended.set_result(None)
 
     body = json.dumps(request.tgi()).encode()
-    status = await _read_until(ended, f"{sim_url}/generate_stream", {}, on_frame, body)
+    status = await read_until(ended, f"{sim_url}/generate_stream", {}, on_frame, body)
     if status != 200:
         timing.error = f"generate_stream {status}"
     elif timing.end is None and timing.error is None:

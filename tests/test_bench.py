@@ -229,6 +229,18 @@ def test_the_api_job_bench_streams_every_job_with_a_users_key(platform: Platform
     assert _bench_databases(platform.database_url) == before
 
 
+def test_the_burst_bench_times_each_stage_of_every_job(platform: Platform) -> None:
+    """bench/burst.py: a burst's jobs all streamed to `done`, each stage's spread reported
+    (submit, row, queue, claim to first token), in order, none negative."""
+    servers = ["--database-url", platform.database_url, "--redis-url", platform.redis_url]
+    sizes = ["--jobs", "6", "--tokens", "4", "--rounds", "1", "--itl-ms", "5"]
+    (row,) = _bench_lines("bench.burst", *servers, *sizes)
+    stages = row["ms_p50_p90_max"]
+    assert list(stages) == ["submit", "to_row", "queued", "claim_to_first_token", "ttft", "e2e"]
+    assert all(0 <= p50 <= p90 <= top for p50, p90, top in stages.values())
+    assert stages["ttft"][2] <= stages["e2e"][2]
+
+
 def _bench_databases(database_url: str) -> set[str]:
     with psycopg.connect(database_url, autocommit=True) as conn:
         rows = conn.execute("SELECT datname FROM pg_database WHERE datname LIKE 'inferq_bench_%'")
