@@ -1,14 +1,14 @@
 """Where a burst's time to first token goes: the submit, the queue, the backend's answer.
 
     python -m bench.burst [--database-url URL] [--redis-url URL] [--jobs 256]
-        [--itl-ms 20] [--tokens 64] [--rounds 3]
+        [--itl-ms 20] [--tokens 64] [--rounds 3] [--worker-processes 1]
 
-Starts a simulator (50 ms to the first token), one API and one worker process with a slot
-for every job, on a fresh database (embedded servers unless URLs are given), and makes an
-API key through the admin API. Each round submits `--jobs` jobs at once, each on a
-connection of its own, and reads every job's events to `done`, as the relay phase's 256
-clients do when their rounds start together. One JSON line a round, p50 / p90 / max in ms
-of each job's:
+Starts a simulator (50 ms to the first token), one API and a worker with a slot for every
+job (`--worker-processes`, one by default), on a fresh database (embedded servers unless
+URLs are given), and makes an API key through the admin API. Each round submits `--jobs`
+jobs at once, each on a connection of its own, and reads every job's events to `done`, as
+the relay phase's 256 clients do when their rounds start together. One JSON line a round,
+p50 / p90 / max in ms of each job's:
 
 - `submit`: its POST until the 202;
 - `to_row`: until its row was written (`created_at`, the batch's transaction start);
@@ -122,9 +122,12 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64, help="each job's max_tokens")
     parser.add_argument("--itl-ms", type=float, default=20.0, help="the simulator's")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--worker-processes", type=int, default=1, help="`inferq worker --processes`"
+    )
     args = parser.parse_args()
     sim = ["--ttft-ms", "50", "--itl-ms", str(args.itl_ms), "--max-concurrent-requests", "4096"]
-    worker = ["--concurrency", str(args.jobs + 8), "--processes", "1"]
+    worker = ["--concurrency", str(args.jobs + 8), "--processes", str(args.worker_processes)]
     with platform(args.database_url, args.redis_url, sim_args=sim, worker_args=worker) as (
         url,
         key,
