@@ -29,6 +29,7 @@ from bench.clients import Request, Timing
 from bench.cluster import Cluster, ModelEntry, Sim, cpu_seconds
 from bench.config import RelayConfig
 from bench.stats import Difference, Percentiles, ratio
+from bench.submit import create_keys
 from inferq.processes import Child, wait_http
 from workers import nodes
 
@@ -66,6 +67,7 @@ class RelayLevel:
     tokens_per_worker_core_s: float  # tokens relayed per second of worker CPU
     bare: BareReader
     worker_over_bare: float  # the worker's CPU per token over the bare reader's
+    api_cpu_us_per_token: float  # the API process's CPU over the platform's loop, a token
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,8 @@ NOTE = (
     "Own simulators (one per inter-token latency), API and worker. Levels: closed loops direct,"
     " then through the platform (as the stream phase), then bench/bare_reader.py on the same"
     " streams in its own process. Worker CPU: user + system of the worker's processes over the"
-    " platform's loop. Bursts: `burst` jobs submitted at once to a fresh worker (after the API"
+    " platform's loop (the API's beside it). The platform's clients use a key made through the"
+    " admin API. Bursts: `burst` jobs submitted at once to a fresh worker (after the API"
     " was warmed on a model no worker serves), then again at the end."
 )
 
@@ -107,6 +110,8 @@ NOTE = (
 @dataclass
 class RelayPlatform:
     api_url: str
+    api_key: str  # a user's, made through the admin API: the path every client takes
+    api: Child
     worker: Child
     sims: dict[float, Sim]
     processes: int
@@ -136,13 +141,12 @@ def start(cluster: Cluster, config: RelayConfig) -> tuple[RelayPlatform, list[Ch
     names = nodes.node_names(cluster.node_name(node), processes)
     cluster.wait_nodes(names, [worker])
     children = [api, worker, *(sim.child for sim in sims.values())]
-    return RelayPlatform(api_url, worker, sims, processes), children
+    (key,) = uvloop.run(create_keys(api_url, cluster.api_key, 1, "relay"))
+    return RelayPlatform(api_url, key, api, worker, sims, processes), children
 
 
-def _targets(
-    cluster: Cluster, platform: RelayPlatform, model: str, itl: float
-) -> stream.StreamTargets:
-    return stream.StreamTargets(platform.api_url, cluster.api_key, model, platform.sims[itl].url)
+def _targets(platform: RelayPlatform, model: str, itl: float) -> stream.StreamTargets:
+    return stream.StreamTargets(platform.api_url, platform.api_key, model, platform.sims[itl].url)
 
 
 async def _burst(targets: stream.StreamTargets, count: int, output_tokens: int, tag: str) -> Burst:
@@ -181,14 +185,16 @@ def run_level(
     tick: Tick,
 ) -> RelayLevel:
     level_config = config.stream(clients, itl)
-    targets = _targets(cluster, platform, model_of(itl), itl)
+    targets = _targets(platform, model_of(itl), itl)
     direct_run = uvloop.run(stream.closed_loop(targets.direct_send(), level_config, clients, tick))
     with targets.connections(clients) as connections:
         cpu = cpu_seconds(platform.worker.pid) or 0.0
+        api_cpu = cpu_seconds(platform.api.pid) or 0.0
         platform_run = uvloop.run(
             stream.closed_loop(targets.platform_send(connections), level_config, clients, tick)
         )
         worker_cpu = (cpu_seconds(platform.worker.pid) or 0.0) - cpu
+        api_cpu = (cpu_seconds(platform.api.pid) or 0.0) - api_cpu
     direct, through = stream.PathStats.of(direct_run), stream.PathStats.of(platform_run)
     rounds = level_config.requests_per_client(clients)
     bare = _bare_reader(targets.sim_url, clients, rounds, config.output_tokens)
@@ -207,6 +213,7 @@ def run_level(
         tokens_per_worker_core_s=ratio(through.output_tokens, worker_cpu),
         bare=bare,
         worker_over_bare=ratio(worker_us, bare.cpu_us_per_token),
+        api_cpu_us_per_token=ratio(api_cpu * 1e6, through.output_tokens),
     )
 
 
@@ -236,7 +243,7 @@ def run(
     platform, children = start(cluster, config)
     try:
         first_itl = config.levels[0][1]
-        burst_targets = _targets(cluster, platform, model_of(first_itl), first_itl)
+        burst_targets = _targets(platform, model_of(first_itl), first_itl)
         _warm_api(burst_targets, min(config.burst, 8))
         progress("relay: a fresh worker's first burst")
         first = uvloop.run(_burst(burst_targets, config.burst, config.output_tokens, "first"))

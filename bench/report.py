@@ -365,6 +365,7 @@ def relay_table(result: BenchResult) -> Table:
         "tokens per worker core-s",
         "bare µs/token",
         "worker ÷ bare",
+        "API µs/token",
         "errors",
     )
     for column in columns:
@@ -385,6 +386,7 @@ def relay_table(result: BenchResult) -> Table:
             f"{level.tokens_per_worker_core_s:,.0f}",
             f"{level.bare.cpu_us_per_token:.0f}",
             f"x{level.worker_over_bare:.1f}",
+            f"{level.api_cpu_us_per_token:.0f}",
             _errors(p.errors),
         )
     return table

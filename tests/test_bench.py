@@ -100,7 +100,7 @@ def _assert_relay(relay: dict[str, Any]) -> None:
     for level in relay["levels"]:
         assert level["platform"]["errors"] == {} and level["direct"]["errors"] == {}
         assert level["platform"]["output_tokens"] > 0 and level["worker_cpu_s"] > 0
-        assert level["tokens_per_worker_core_s"] > 0
+        assert level["tokens_per_worker_core_s"] > 0 and level["api_cpu_us_per_token"] > 0
         assert level["bare"]["tokens"] > 0 and level["bare"]["errors"] == 0
         assert level["bare"]["cpu_us_per_token"] > 0
     for burst in (relay["first_burst"], relay["warm_burst"]):
