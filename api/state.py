@@ -63,7 +63,8 @@ class AppState:
         client = async_client(settings.redis_url, settings.redis_pool_size, name=API_CLIENT)
         broker = _broker_client(settings, client)
         link = RespLink(settings.redis_url, name=API_CLIENT)
-        broker_link = link if settings.broker == settings.redis_url else RespLink(settings.broker)
+        same = settings.broker == settings.redis_url
+        broker_link = link if same else RespLink(settings.broker, name=API_CLIENT)
         registry = registry_of(settings)
         queue = JobQueue(registry, Enqueuer(make_producer_app(settings)), broker_link)
         return cls(

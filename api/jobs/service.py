@@ -272,11 +272,11 @@ async def _insert_idempotent(
             .returning(Job)
         )
         if job is not None:
-            await session.commit()
-            return Created(job, replayed=False)
-        existing = await _replay(session, key, idempotency_key, digest)
+            created = Created(job, replayed=False)
+        else:
+            created = Created(await _replay(session, key, idempotency_key, digest), replayed=True)
         await session.commit()
-        return Created(existing, replayed=True)
+    return created
 
 
 async def submit_job(
