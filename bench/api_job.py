@@ -24,8 +24,9 @@ from typing import Any
 import uvloop
 
 from bench import clients
-from bench.cache_hit import _cpu_seconds, _listener, platform
+from bench.cache_hit import listener, platform
 from bench.clients import Api, Request, Timing
+from bench.cluster import cpu_seconds
 from bench.submit import create_keys
 from bench.wire import KeepAlive
 
@@ -58,14 +59,14 @@ async def _round(api: Api, clients_: int, jobs: int, tokens: int, first: int) ->
 async def measure(url: str, admin_key: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     (key,) = await create_keys(url, admin_key, 1, "api-job")  # a user's key, not the bootstrap
     api = Api(url, {"Authorization": f"Bearer {key}"})
-    process = _listener(url)
+    api_pid = listener(url).pid
     await _round(api, args.clients, args.clients * 4, args.tokens, 1_000_000)  # warm-up
     results = []
     for round_ in range(args.repeat):
-        before, started = _cpu_seconds(process), time.perf_counter()
+        before, started = cpu_seconds(api_pid) or 0.0, time.perf_counter()
         timings = await _round(api, args.clients, args.jobs, args.tokens, round_ * args.jobs)
         wall = time.perf_counter() - started
-        cpu = _cpu_seconds(process) - before
+        cpu = (cpu_seconds(api_pid) or 0.0) - before
         failed = [t.error for t in timings if not t.ok]
         events = sum(t.token_events for t in timings)
         if failed:

@@ -28,41 +28,17 @@ import asyncio
 import json
 import time
 from datetime import datetime
-from typing import Any
 
 import httpx
 import uvloop
 
+from bench import clients
 from bench.cache_hit import platform
-from bench.clients import Api, Request, read_until
+from bench.clients import Api, Request
 from bench.submit import create_keys
-from bench.wire import Frame, KeepAlive
+from bench.wire import KeepAlive
 
 STAGES = ("submit", "to_row", "queued", "claim_to_first_token", "ttft", "e2e")
-
-
-async def _job(api: Api, connection: KeepAlive, request: Request) -> dict[str, Any]:
-    """One job's clock readings (time.time seconds) and its id."""
-    times: dict[str, Any] = {"start": time.time()}
-    status, body = await connection.post_json("/v1/jobs", json.dumps(request.job("sim")).encode())
-    times["submitted"] = time.time()
-    if status != 202:
-        raise RuntimeError(f"submit {status}: {body[:200]!r}")
-    times["id"] = json.loads(body)["id"]
-    ended = asyncio.get_running_loop().create_future()
-
-    def on_frame(frame: Frame) -> None:
-        if frame.event == "token" and "first_token" not in times:
-            times["first_token"] = time.time()
-        elif frame.event in ("done", "error") and not ended.done():
-            times["end"], times["ending"] = time.time(), frame.event
-            ended.set_result(None)
-
-    url = f"{api.url}/v1/jobs/{times['id']}/events"
-    await read_until(ended, url, api.headers, on_frame)
-    if times.get("ending") != "done" or "first_token" not in times:
-        raise RuntimeError(f"job {times['id']} ended without its tokens: {times}")
-    return times
 
 
 def _at(value: str) -> float:
@@ -79,29 +55,35 @@ def _spread(values: list[float]) -> list[float]:
 
 async def _round(api: Api, jobs: int, tokens: int, first_seed: int) -> dict[str, list[float]]:
     connections = [KeepAlive(api.url, api.headers) for _ in range(jobs)]
+    requests = [
+        Request(prompt=f"A burst, job {seed}.", max_tokens=tokens, seed=seed)
+        for seed in range(first_seed, first_seed + jobs)
+    ]
+    wall = time.time() - time.perf_counter()  # the clients' clock to the database's
     try:
-        requests = [
-            Request(prompt=f"A burst, job {seed}.", max_tokens=tokens, seed=seed)
-            for seed in range(first_seed, first_seed + jobs)
-        ]
-        runs = await asyncio.gather(
-            *(_job(api, c, r) for c, r in zip(connections, requests, strict=True))
-        )
+        pairs = zip(connections, requests, strict=True)
+        runs = await asyncio.gather(*(clients.platform(c, api, "sim", r) for c, r in pairs))
     finally:
         for connection in connections:
             connection.close()
+    failed = [t.error for t in runs if not t.ok]
+    if failed:
+        raise RuntimeError(f"{len(failed)} jobs failed, the first: {failed[0]}")
     async with httpx.AsyncClient(base_url=api.url, headers=api.headers, timeout=60) as http:
-        answers = await asyncio.gather(*(http.get(f"/v1/jobs/{t['id']}") for t in runs))
+        answers = await asyncio.gather(*(http.get(f"/v1/jobs/{t.job_id}") for t in runs))
     rows = [answer.json() for answer in answers]
     stages: dict[str, list[float]] = {stage: [] for stage in STAGES}
-    for times, row in zip(runs, rows, strict=True):
+    for timing, row in zip(runs, rows, strict=True):
+        assert timing.submitted is not None and timing.first_token is not None
+        assert timing.end is not None
+        start = wall + timing.start
         created, started = _at(row["created_at"]), _at(row["started_at"])
-        stages["submit"].append(times["submitted"] - times["start"])
-        stages["to_row"].append(created - times["start"])
+        stages["submit"].append(timing.submitted - timing.start)
+        stages["to_row"].append(created - start)
         stages["queued"].append(started - created)
-        stages["claim_to_first_token"].append(times["first_token"] - started)
-        stages["ttft"].append(times["first_token"] - times["start"])
-        stages["e2e"].append(times["end"] - times["start"])
+        stages["claim_to_first_token"].append(wall + timing.first_token - started)
+        stages["ttft"].append(timing.first_token - timing.start)
+        stages["e2e"].append(timing.end - timing.start)
     return {stage: _spread(values) for stage, values in stages.items()}
 
 

@@ -27,6 +27,7 @@ from typing import Any
 import httpx
 import psutil
 
+from bench.cluster import cpu_seconds
 from bench.servers import data_servers
 from inferq.embedded import free_port
 from inferq.processes import Child, stop_all, wait_http
@@ -61,18 +62,13 @@ def _percentiles(values: list[float]) -> dict[str, float]:
     return {"p50": round(cuts[49], 2), "p95": round(cuts[94], 2), "p99": round(cuts[98], 2)}
 
 
-def _listener(url: str) -> psutil.Process:
+def listener(url: str) -> psutil.Process:
     """The process that listens on the URL's port (the API)."""
     port = int(url.rsplit(":", 1)[1])
     for conn in psutil.net_connections("tcp"):
         if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN:
             return psutil.Process(conn.pid)
     raise RuntimeError(f"nothing listens on {url}")
-
-
-def _cpu_seconds(process: psutil.Process) -> float:
-    times = process.cpu_times()
-    return float(times.user + times.system)
 
 
 async def measure(url: str, key: str, clients: int, rounds: int) -> dict[str, Any]:
@@ -86,12 +82,12 @@ async def measure(url: str, key: str, clients: int, rounds: int) -> dict[str, An
     warm: list[tuple[float, float]] = []
     await asyncio.gather(*(_client(url, key, 5, warm) for _ in range(clients)))
     timed: list[tuple[float, float]] = []
-    api = _listener(url)
-    cpu_before = _cpu_seconds(api)
+    api = listener(url).pid
+    cpu_before = cpu_seconds(api) or 0.0
     started = time.perf_counter()
     await asyncio.gather(*(_client(url, key, rounds, timed) for _ in range(clients)))
     elapsed = time.perf_counter() - started
-    api_cpu = _cpu_seconds(api) - cpu_before
+    api_cpu = (cpu_seconds(api) or 0.0) - cpu_before
     return {
         "clients": clients,
         "hits": len(timed),

@@ -63,6 +63,7 @@ class Timing:
     tokens: int = 0
     token_events: int = 0  # token events read (the platform's carry every token of a flush)
     submitted: float | None = None  # platform: when the 202 arrived
+    job_id: str | None = None  # platform: the job the submit made
     # Platform: the first token was flushed before the event stream opened, so it came in the
     # replay and t_first is late (the request's mean ITL reads low).
     first_token_replayed: bool = False
@@ -164,7 +165,8 @@ async def platform(submits: KeepAlive, api: Api, model: str, request: Request) -
             _finish_platform(timing, frame.event, json.loads(frame.data))
             ended.set_result(None)
 
-    url = f"{api.url}/v1/jobs/{json.loads(body)['id']}/events"
+    timing.job_id = json.loads(body)["id"]
+    url = f"{api.url}/v1/jobs/{timing.job_id}/events"
     status = await read_until(ended, url, api.headers, on_frame)
     if status != 200:
         timing.error = f"events {status}"

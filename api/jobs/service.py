@@ -38,7 +38,7 @@ from inferq.events import (
     Event,
     Progress,
     cancel_key,
-    from_entries,
+    from_reply,
     progress,
     publish_end,
     stream_key,
@@ -465,7 +465,8 @@ async def running_progress(state: AppState, job: Job) -> Progress | None:
     """A running job's output so far, read from its event stream (None for other jobs)."""
     if job.status != JobStatus.running:
         return None
-    return progress(from_entries(await state.redis.xrange(stream_key(str(job.id)))))
+    key = stream_key(str(job.id))
+    return progress(from_reply(await state.link.call("XRANGE", key, "-", "+", retry=True)))
 
 
 def to_out(
