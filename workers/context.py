@@ -67,13 +67,12 @@ class WorkerContext:
         Every thread may hold a Redis connection while it streams; Postgres is used only for
         a claim and a finish, so a bounded pool serves many threads and keeps a large worker
         within the server's `max_connections` (a thread waits briefly for a connection).
+        The pool keeps every connection it opens: an overflow connection would be closed
+        as it came back and opened again for the next burst of claims, a Postgres backend
+        started and ended each time (docs/performance.md).
         """
         db_connections = min(threads, settings.worker_db_connections - _loop_connections(settings))
-        engine = make_sync_engine(
-            settings.database_url,
-            pool_size=max(2, db_connections // 2),
-            max_overflow=db_connections - max(2, db_connections // 2),
-        )
+        engine = make_sync_engine(settings.database_url, pool_size=db_connections, max_overflow=0)
         sessions = sync_sessions(engine)
         autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
         client = sync_client(settings.redis_url, threads + 8)
