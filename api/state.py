@@ -80,7 +80,7 @@ class AppState:
             broker=broker,
             queue=queue,
             keys=KeyRing(autocommit, settings.bootstrap_key),
-            hub=Hub(client, settings.sse_subscribe_timeout_seconds),
+            hub=Hub(settings.redis_url, settings.sse_subscribe_timeout_seconds, name=API_CLIENT),
             batcher=SubmitBatcher(autocommit, queue.put),
             admissions=Admissions(client),
         )

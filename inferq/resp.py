@@ -105,11 +105,10 @@ class RespProtocol(asyncio.Protocol):
                 return
             if isinstance(reply, redis_errors.ResponseError) and str(reply).startswith("NOSCRIPT"):
                 reply = redis_errors.NoScriptError(str(reply))
-            if not self._waiting:  # a reply nothing asked for: the stream is out of step
-                self._failure = redis_errors.ConnectionError("an unexpected reply from Redis")
-                if self._transport is not None:
-                    self._transport.abort()
-                return
+            if not self._waiting:
+                if not self._unasked(reply):
+                    return
+                continue
             self._replies.append(reply)
             future, count, _ = self._waiting[0]
             if len(self._replies) == count:
@@ -117,6 +116,14 @@ class RespProtocol(asyncio.Protocol):
                 replies, self._replies = self._replies, []
                 if not future.done():
                     future.set_result(replies)
+
+    def _unasked(self, reply: Any) -> bool:
+        """A reply no command waits for: here the stream is out of step, and the connection
+        fails (False: read no further)."""
+        self._failure = redis_errors.ConnectionError("an unexpected reply from Redis")
+        if self._transport is not None:
+            self._transport.abort()
+        return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -154,12 +161,78 @@ class RespProtocol(asyncio.Protocol):
         self._arm()
 
 
+class PushProtocol(RespProtocol):
+    """A subscribed connection (RESP2 pub/sub): once the handshake's replies are in, every
+    reply is a push, a message or a (un)subscribe confirmation, handed to `on_push` as
+    hiredis parses it (a list: kind, channel, data or count). Commands (SUBSCRIBE,
+    UNSUBSCRIBE, PING) are written with `send` and answered by pushes.
+
+    `lost` is done once the connection is gone. A connection that says nothing is asked a
+    PING by `check`; one that leaves it unanswered past REPLY_TIMEOUT_S is failed, as
+    redis-py's health check and socket timeout fail a silent one.
+    """
+
+    def __init__(self, on_push: Callable[[Any], None]) -> None:
+        super().__init__()
+        self._on_push = on_push
+        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._heard = time.monotonic()
+        self._ping_sent: float | None = None
+
+    def send(self, packed: bytes) -> None:
+        if self.closed or self._transport is None:
+            raise redis_errors.ConnectionError("the Redis connection is closed")
+        self._transport.write(packed)
+
+    def data_received(self, data: bytes) -> None:
+        self._heard = time.monotonic()
+        self._ping_sent = None
+        super().data_received(data)
+
+    def _unasked(self, reply: Any) -> bool:
+        self._on_push(reply)
+        return not self.closed
+
+    def check(self, idle_s: float) -> None:
+        """PING a connection quiet for `idle_s`; fail one whose PING went unanswered."""
+        now = time.monotonic()
+        if self.closed:
+            return
+        if self._ping_sent is not None:
+            if now - self._ping_sent > REPLY_TIMEOUT_S:
+                self._failure = redis_errors.TimeoutError(
+                    f"no reply from Redis in {REPLY_TIMEOUT_S:.0f} s"
+                )
+                self.abort()
+        elif now - self._heard > idle_s:
+            self._ping_sent = now
+            self.send(PING)
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+
+PING = pack(("PING",))
+
+
 class RespLink:
     """The loop's connection to Redis, made when first needed and again after it is lost."""
 
-    def __init__(self, url: str, name: str | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        name: str | None = None,
+        factory: Callable[[], RespProtocol] = RespProtocol,
+    ) -> None:
         self._options: dict[str, Any] = dict(parse_url(url))
         self._name = name
+        self._factory = factory  # each connection's protocol
         self._protocol: RespProtocol | None = None
         self._connecting: asyncio.Future[RespProtocol] | None = None
 
@@ -197,6 +270,14 @@ class RespLink:
             self._protocol.close()
             self._protocol = None
 
+    async def connected(self) -> RespProtocol:
+        """The connection: the current one, else a new one (ConnectionError if none can be
+        made)."""
+        protocol = self._protocol
+        if protocol is None or protocol.closed:
+            protocol = await self._connection()
+        return protocol
+
     async def _connection(self) -> RespProtocol:
         """The connection, once set up; callers that come meanwhile wait for the same one."""
         if self._connecting is None:
@@ -215,12 +296,12 @@ class RespLink:
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT_S):
                 if "path" in options:
-                    _, protocol = await loop.create_unix_connection(RespProtocol, options["path"])
+                    _, protocol = await loop.create_unix_connection(self._factory, options["path"])
                 else:
                     context = _tls(options)
                     host = options.get("host", "localhost")
                     _, protocol = await loop.create_connection(
-                        RespProtocol,
+                        self._factory,
                         host,
                         options.get("port", 6379),
                         ssl=context,

@@ -249,12 +249,21 @@ def _bench_databases(database_url: str) -> set[str]:
 
 def test_the_redis_write_bench_writes_both_ways_and_cleans_up(platform: Platform) -> None:
     """bench/redis_write.py: a stream's write through redis-py and through the loop's lean
-    connection, alone and in a pipeline, and a stream's replay read both ways; its keys are
-    gone afterwards."""
+    connection, alone and in a pipeline, a stream's replay and pub/sub messages read both
+    ways; its keys and its channel's subscriptions are gone afterwards."""
     sizes = ["--streams", "8", "--writes", "40", "--repeat", "1"]
     rows = _bench_lines("bench.redis_write", "--redis-url", platform.redis_url, *sizes)
-    assert [row["shape"] for row in rows] == ["alone", "8 in a pipeline", "replay of 4 events"]
-    assert all(row["redis_py_cpu_us_per_write"] > 0 < row["lean_cpu_us_per_write"] for row in rows)
+    assert [row["shape"] for row in rows] == [
+        "alone",
+        "8 in a pipeline",
+        "replay of 4 events",
+        "pub/sub, 16 messages a publish",
+    ]
+    *writes, messages = rows
+    for row in writes:
+        assert row["redis_py_cpu_us_per_write"] > 0 < row["lean_cpu_us_per_write"]
+    assert messages["redis_py_cpu_us_per_message"] > 0 < messages["lean_cpu_us_per_message"]
     client = redis.Redis.from_url(platform.redis_url)
     assert client.keys("inferq:job:bench-redis-write-*") == []
+    assert client.pubsub_channels("bench-redis-write-*") == []
     client.close()

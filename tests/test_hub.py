@@ -17,6 +17,7 @@ from api.events import hub as hub_module
 from api.events import router as events_router
 from api.events.hub import Hub, HubUnavailable
 from api.events.service import JobEvents
+from inferq import resp
 from inferq.events import (
     PUBLISH_SCRIPT,
     Event,
@@ -46,10 +47,11 @@ def _succeeded(output_tokens: int | None = None) -> list[Event]:
 async def running_hub(
     databases: Databases, url: str | None = None, subscribe_timeout: float = 10.0
 ) -> AsyncIterator[tuple[aioredis.Redis, Hub, RespLink]]:
-    """The hub on the API's own client settings, and a lean connection for readers' replays
-    (straight to Redis, never through `url`)."""
-    redis = async_client(url or databases.redis_url, 16, name=HUB_CLIENT)
-    hub = Hub(redis, subscribe_timeout)
+    """The hub (its connection named HUB_CLIENT, through `url` when given), a client to
+    publish with and a lean connection for readers' replays (both straight to Redis, never
+    through `url`)."""
+    redis = async_client(databases.redis_url, 16)
+    hub = Hub(url or databases.redis_url, subscribe_timeout, name=HUB_CLIENT)
     link = RespLink(databases.redis_url)
     await hub.start()
     try:
@@ -251,6 +253,7 @@ class RedisGate:
         self.url = urlunsplit(parts._replace(netloc=f"127.0.0.1:{self.port}"))
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._frozen: set[asyncio.StreamWriter] = set()
 
     async def open(self) -> None:
         self._server = await asyncio.start_server(self._relay, "127.0.0.1", self.port)
@@ -264,20 +267,26 @@ class RedisGate:
             writer.close()
         self._writers.clear()
 
+    def freeze(self) -> None:
+        """The open connections go silent both ways without closing (a host cut off);
+        new ones relay as before."""
+        self._frozen |= self._writers
+
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection(*self.target)
         self._writers |= {writer, up_writer}
         # Cancelled when the test's loop ends with a relay still open: nothing to report.
         with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+            await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
 
-
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    with contextlib.suppress(OSError, RuntimeError):
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-    writer.close()
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError, RuntimeError):
+            while data := await reader.read(65536):
+                if writer in self._frozen:
+                    continue  # swallowed
+                writer.write(data)
+                await writer.drain()
+        writer.close()
 
 
 @pytest.mark.timeout(60)
@@ -347,3 +356,35 @@ async def test_readers_subscribing_just_as_the_connection_is_killed_do_not_hang(
                 await reader.close()
     await admin.aclose()
     assert hub.listeners == 0
+
+
+@pytest.mark.timeout(60)
+async def test_a_hub_connection_gone_silent_is_replaced_and_its_readers_catch_up(
+    databases: Databases, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection that stops answering without closing (a host cut off) is asked a PING,
+    failed when it goes unanswered, and replaced; its readers re-read what they missed."""
+    monkeypatch.setattr(hub_module, "QUIET_SECONDS", 0.1)
+    monkeypatch.setattr(hub_module, "IDLE_SECONDS", 0.3)
+    monkeypatch.setattr(resp, "REPLY_TIMEOUT_S", 0.5)
+    gate = RedisGate(databases.redis_url)
+    await gate.open()
+    job_id = str(uuid.uuid4())
+    admin, publish = _publisher(databases, job_id)
+    async with running_hub(databases, url=gate.url) as (_, hub, link):
+        await publish([Event.of(StatusData(status=JobStatus.running))])
+        reader = JobEvents(link, hub, None, uuid.UUID(job_id), None)  # type: ignore[arg-type]
+        assert [e.type for e in await reader.start()] == [EventType.status]
+        silent = await _hub_connection_id(admin)
+        gate.freeze()
+        await publish([Event.of(TokenData(text="unheard"))])
+        await publish(_succeeded(output_tokens=1))
+        rest: list[Event] = []
+        async with asyncio.timeout(15):
+            while not reader.ended:
+                rest += await reader.next()
+        await reader.close()
+        assert await _hub_connection_id(admin, other_than=silent)
+        await gate.close()
+    await admin.aclose()
+    assert [e.type for e in rest] == [EventType.token, EventType.status, EventType.done]

@@ -296,3 +296,81 @@ def test_a_reply_nothing_asked_for_drops_the_connection_and_the_next_write_conne
             await link.close()
 
     assert _run(main()) == (True, ["again"])
+
+
+def test_a_subscribed_connection_hands_on_every_push_and_its_ping_keeps_it(
+    databases: Databases,
+) -> None:
+    """`PushProtocol`: confirmations and messages in the order Redis sent them; a quiet
+    connection's PING is answered (a `pong` push), and the connection stays."""
+    name = f"inferq:test-resp:{uuid.uuid4()}"
+
+    async def main() -> tuple[list[Any], bool]:
+        pushes: list[Any] = []
+        counts = {1: asyncio.Event(), 6: asyncio.Event()}
+
+        def on_push(push: Any) -> None:
+            pushes.append(push)
+            if len(pushes) in counts:
+                counts[len(pushes)].set()
+
+        link = RespLink(databases.redis_url, factory=lambda: resp.PushProtocol(on_push))
+        publisher = RespLink(databases.redis_url)
+        try:
+            connection = await link.connected()
+            assert isinstance(connection, resp.PushProtocol)
+            connection.send(pack(("SUBSCRIBE", name)))
+            async with asyncio.timeout(5):
+                await counts[1].wait()
+            for text in ("one", "two", "thrée"):
+                await publisher.call("PUBLISH", name, text)
+            connection.check(0.0)  # quiet for "long enough": a PING goes
+            connection.send(pack(("UNSUBSCRIBE", name)))
+            async with asyncio.timeout(5):
+                await counts[6].wait()
+            connection.check(0.0)  # answered: no failure, another PING
+            await asyncio.sleep(0.1)
+            return pushes, connection.closed
+        finally:
+            await publisher.close()
+            await link.close()
+
+    pushes, closed = _run(main())
+    assert pushes[:6] == [
+        ["subscribe", name, 1],
+        ["message", name, "one"],
+        ["message", name, "two"],
+        ["message", name, "thrée"],
+        ["pong", ""],
+        ["unsubscribe", name, 0],
+    ]
+    assert not closed
+
+
+def test_a_subscribed_connection_whose_ping_goes_unanswered_is_failed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(resp, "REPLY_TIMEOUT_S", 0.2)
+    silent = socket.create_server(("127.0.0.1", 0))
+    port = silent.getsockname()[1]
+
+    async def main() -> bool:
+        link = RespLink(f"redis://127.0.0.1:{port}/0", factory=lambda: resp.PushProtocol(print))
+        try:
+            connection = await link.connected()
+            assert isinstance(connection, resp.PushProtocol)
+            connection.check(0.0)  # the PING
+            connection.check(0.0)  # not yet overdue
+            assert not connection.closed
+            await asyncio.sleep(0.3)
+            connection.check(0.0)  # overdue: the connection is failed
+            async with asyncio.timeout(5):
+                await connection.lost
+            return connection.closed
+        finally:
+            await link.close()
+
+    try:
+        assert _run(main())
+    finally:
+        silent.close()

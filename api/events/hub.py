@@ -1,13 +1,13 @@
 """One Redis pub/sub connection per API process, fanned out to every local SSE client.
 
-The hub, not redis-py, decides what its connection is subscribed to. redis-py's PubSub
-reconnects by itself (a failed read disconnects and connects again inside `get_message`)
-and would re-send the SUBSCRIBEs it knows of, confirmations and all, without telling
-anyone; messages published in between are gone. So the hub sends its own SUBSCRIBE and
-UNSUBSCRIBE commands, keeps redis-py's list of channels empty, and hears of every new
-connection through a connect callback: it then subscribes every channel that has readers
-in one command, and once Redis confirms, tells those readers to re-read their job's stream
-after the last event they delivered.
+The connection is the hub's own (`inferq.resp.PushProtocol`, on the lean connection's
+setup): hiredis parses each message as it arrives and the hub dispatches it in the same
+step, where redis-py's PubSub cost a read call, a health check and a dict a message
+(docs/performance.md). The hub decides what the connection is subscribed to: it sends
+every SUBSCRIBE and UNSUBSCRIBE itself and follows their confirmations. When a connection
+is lost it makes a new one, subscribes every channel that has readers in one command, and
+once Redis confirms, tells those readers to re-read their job's stream after the last event
+they delivered: messages published in between are gone from pub/sub, not from the stream.
 """
 
 from __future__ import annotations
@@ -16,17 +16,17 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import redis.asyncio as aioredis
 import redis.exceptions
-from redis.asyncio.client import PubSub
 
 from api import tasks
 from api.events.wire import rendered
 from inferq.events import Event, channel
+from inferq.resp import PushProtocol, RespLink, pack
 
 log = logging.getLogger("inferq.hub")
 
@@ -37,8 +37,9 @@ LIVE_BACKLOG = 1000
 # lost (pub/sub drops what is published while the connection is down). One sweep for all
 # readers is far cheaper than a timer around every reader's wait.
 QUIET_SECONDS = 5.0
-# How long one read of the connection waits for a message before looking again.
-READ_SECONDS = 5.0
+# A connection silent this long is asked a PING (an answer is due within the lean
+# connection's reply timeout), as redis-py's health check asks an idle one.
+IDLE_SECONDS = 30.0
 # Pauses between attempts to reach Redis while it is down.
 RETRY_FIRST_SECONDS = 0.05
 RETRY_MAX_SECONDS = 2.0
@@ -111,8 +112,9 @@ class _Channel:
 class Hub:
     """Subscribes to a job's channel while anyone in this process listens to it."""
 
-    def __init__(self, redis: aioredis.Redis, subscribe_timeout: float = 10.0) -> None:
-        self._pubsub = _HubPubSub(self, redis.connection_pool)
+    def __init__(self, url: str, subscribe_timeout: float = 10.0, name: str | None = None) -> None:
+        self._link = RespLink(url, name=name, factory=lambda: PushProtocol(self._on_push))
+        self._connection: PushProtocol | None = None
         self._channels: dict[str, _Channel] = {}
         # A private channel keeps the connection subscribed while no job is watched.
         self._private = f"inferq:hub:{os.getpid()}:{id(self)}"
@@ -120,25 +122,19 @@ class Hub:
         self._live = False  # the connection is up and subscribed to all that is wanted
         self._reader: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
-        self._sends: set[asyncio.Task[None]] = set()
         self.draining = False
 
     async def start(self) -> None:
         """Start following Redis; with Redis down the hub keeps trying in the background."""
-        self._reader = asyncio.create_task(self._read(), name="inferq-hub")
+        self._reader = asyncio.create_task(self._follow(), name="inferq-hub")
         self._sweeper = asyncio.create_task(self._sweep_quiet(), name="inferq-hub-quiet")
 
     async def close(self) -> None:
         self.drain()
         await tasks.cancel(self._sweeper)
         await tasks.cancel(self._reader)
-        for send in list(self._sends):
-            await tasks.cancel(send)
-        connection = self._pubsub.connection
-        if connection is not None:
-            # The connection goes back to the pool: its next user must not be subscribed.
-            connection.deregister_connect_callback(self._on_connect)
-        await self._pubsub.aclose()
+        self._live = False
+        await self._link.close()
 
     def drain(self) -> None:
         """The process is stopping: wake every reader so that its stream can end now.
@@ -207,33 +203,16 @@ class Hub:
         self._send("SUBSCRIBE" if wanted else "UNSUBSCRIBE", name)
 
     def _can_send(self) -> bool:
-        connection = self._pubsub.connection
-        return self._live and connection is not None and connection.is_connected
+        connection = self._connection
+        return self._live and connection is not None and not connection.closed
 
     def _send(self, *args: str) -> None:
-        # A task of its own: a reader that leaves mid-write must not cut the command short,
-        # which would break the connection that every reader shares.
-        send = asyncio.ensure_future(self._write(*args))
-        self._sends.add(send)
-        send.add_done_callback(self._sent)
+        # One write to the transport's buffer: a reader that leaves cannot cut it short.
+        assert self._connection is not None
+        self._connection.send(pack(args))
 
-    async def _write(self, *args: str) -> None:
-        connection = self._pubsub.connection
-        # Checked in the same step as the write starts: never reconnect from here, only the
-        # reading task does, so that a new connection is always set up by `_on_connect`.
-        if self._live and connection is not None and connection.is_connected:
-            await connection.send_command(*args, check_health=False)
-
-    def _sent(self, send: asyncio.Task[None]) -> None:
-        self._sends.discard(send)
-        if not send.cancelled() and send.exception() is not None:
-            # The connection is broken; the reading task notices and starts a new one.
-            self._live = False
-            log.warning("pub/sub command failed: %s", send.exception())
-
-    async def _on_connect(self, connection: Any) -> None:
+    def _on_connect(self, connection: PushProtocol) -> None:
         """A new connection (first or again): subscribe every channel that has readers."""
-        self._live = False
         names = [self._private]
         for name, state in list(self._channels.items()):
             state.pending = 0
@@ -245,58 +224,46 @@ class Hub:
             state.resync = True
             state.ready.clear()
             names.append(name)
-        # Live from here: the write below is queued first, so readers who come while it is
-        # under way send their own commands after it, as they must.
-        subscribing = connection.send_command("SUBSCRIBE", *names, check_health=False)
+        self._connection = connection
+        connection.send(pack(("SUBSCRIBE", *names)))
+        # Live from here: readers who come now send their commands after this one.
         self._live = True
-        try:
-            await subscribing
-        except BaseException:
-            self._live = False
-            raise
-
-    def _lost(self) -> None:
-        """The connection failed: send nothing until a new one is set up."""
-        self._live = False
 
     # Reading.
 
-    async def _read(self) -> None:
+    async def _follow(self) -> None:
+        """Keep a subscribed connection: make one, and a new one whenever it is lost."""
         delay = RETRY_FIRST_SECONDS
         while True:
             try:
-                await self._connect()
-                message = await self._pubsub.get_message(timeout=READ_SECONDS)
+                connection = await self._link.connected()
+                assert isinstance(connection, PushProtocol)
+                self._on_connect(connection)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                connection = self._pubsub.connection
-                if connection is None or not connection.is_connected:
-                    self._live = False
+                self._live = False
                 if delay == RETRY_FIRST_SECONDS:
-                    log.warning("pub/sub connection lost (%s); reconnecting", exc)
+                    log.warning("pub/sub connection failed (%s); reconnecting", exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_SECONDS)
                 continue
-            delay = RETRY_FIRST_SECONDS
-            if message is not None:
-                self._dispatch(message)
-
-    async def _connect(self) -> None:
-        pubsub = self._pubsub
-        if pubsub.connection is None:
-            await pubsub.connect()
-            assert pubsub.connection is not None
-            pubsub.connection.register_connect_callback(self._on_connect)
-            await self._on_connect(pubsub.connection)  # no callback for the first connect
-        elif not self._live:
-            # Whatever state the old connection was left in, a new one starts clean.
-            await pubsub.connection.disconnect()
-            await pubsub.connection.connect()
+            since = time.monotonic()
+            await connection.lost
+            self._live = False
+            log.warning("pub/sub connection lost; reconnecting")
+            if time.monotonic() - since > RETRY_MAX_SECONDS:
+                delay = RETRY_FIRST_SECONDS  # it had held: no back-off carried over
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX_SECONDS)
 
     async def _sweep_quiet(self) -> None:
         while True:
             await asyncio.sleep(QUIET_SECONDS)
+            connection = self._connection
+            if self._live and connection is not None:
+                with contextlib.suppress(redis.exceptions.ConnectionError):
+                    connection.check(IDLE_SECONDS)
             for state in list(self._channels.values()):
                 # A channel waiting for its confirmation re-reads once it comes.
                 if not state.fed and state.ready.is_set():
@@ -304,17 +271,22 @@ class Hub:
                         inbox.nudge()
                 state.fed = False
 
-    def _dispatch(self, message: dict[str, object]) -> None:
-        kind = message["type"]
+    def _on_push(self, push: Any) -> None:
+        """A message or a confirmation, as the connection parsed it."""
+        if not isinstance(push, list) or len(push) != 3:
+            if not (isinstance(push, list) and push and push[0] == "pong"):
+                log.warning("unexpected reply on the pub/sub connection: %r", push)
+            return
+        kind, name, data = push
         if kind == "message":
-            state = self._channels.get(_text(message["channel"]))
+            state = self._channels.get(name)
             if state is not None:
                 state.fed = True
-                event = rendered(Event.from_message(_text(message["data"])))
+                event = rendered(Event.from_message(data))
                 for inbox in state.inboxes:
                     inbox.offer(event)
         elif kind in ("subscribe", "unsubscribe"):
-            self._confirmed(_text(message["channel"]), kind == "subscribe")
+            self._confirmed(name, kind == "subscribe")
 
     def _confirmed(self, name: str, subscribed: bool) -> None:
         state = self._channels.get(name)
@@ -343,19 +315,3 @@ class Hub:
                     inbox.offer(None)
         else:
             self._reconcile(name, state)
-
-
-class _HubPubSub(PubSub):
-    """redis-py's PubSub that tells the hub when a failed command makes it reconnect."""
-
-    def __init__(self, hub: Hub, pool: aioredis.ConnectionPool) -> None:
-        super().__init__(pool)
-        self._hub = hub
-
-    async def _reconnect(self, conn: Any, *args: Any, **kwargs: Any) -> None:
-        self._hub._lost()
-        await super()._reconnect(conn, *args, **kwargs)
-
-
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
