@@ -79,6 +79,7 @@ class RespProtocol(asyncio.Protocol):
         self._replies: list[Any] = []
         self._watch: asyncio.TimerHandle | None = None
         self._failure: Exception | None = None
+        self.failure: Exception | None = None  # why the connection ended, once it has
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -130,7 +131,7 @@ class RespProtocol(asyncio.Protocol):
         if self._watch is not None:
             self._watch.cancel()
             self._watch = None
-        failure = self._failure or redis_errors.ConnectionError(
+        failure = self.failure = self._failure or redis_errors.ConnectionError(
             f"the Redis connection was lost: {exc}" if exc else "Redis closed the connection"
         )
         while self._waiting:
@@ -141,6 +142,10 @@ class RespProtocol(asyncio.Protocol):
     def close(self) -> None:
         if self._transport is not None:
             self._transport.close()
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
 
     def _arm(self) -> None:
         loop = asyncio.get_running_loop()
@@ -208,10 +213,6 @@ class PushProtocol(RespProtocol):
             self._ping_sent = now
             self.send(PING)
 
-    def abort(self) -> None:
-        if self._transport is not None:
-            self._transport.abort()
-
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         if not self.lost.done():
@@ -266,6 +267,13 @@ class RespLink:
         return replies
 
     async def close(self) -> None:
+        connecting, self._connecting = self._connecting, None
+        if connecting is not None and not connecting.done():
+            connecting.cancel()  # `_connect` closes what it had opened
+            await asyncio.wait([connecting])
+            # Ended first: its failure seen (not left to be reported unretrieved), or closed.
+            if not connecting.cancelled() and connecting.exception() is None:
+                connecting.result().close()
         if self._protocol is not None:
             self._protocol.close()
             self._protocol = None
@@ -293,6 +301,7 @@ class RespLink:
 
     async def _connect(self) -> RespProtocol:
         options, loop = self._options, asyncio.get_running_loop()
+        protocol: RespProtocol | None = None
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT_S):
                 if "path" in options:
@@ -308,8 +317,12 @@ class RespLink:
                         server_hostname=host if context is not None else None,
                     )
                 await self._handshake(protocol)
-        except (OSError, TimeoutError) as exc:
-            raise redis_errors.ConnectionError(f"cannot connect to Redis: {exc}") from exc
+        except BaseException as exc:
+            if protocol is not None:  # made, but not set up: nobody else will close it
+                protocol.abort()
+            if isinstance(exc, OSError | TimeoutError):
+                raise redis_errors.ConnectionError(f"cannot connect to Redis: {exc}") from exc
+            raise
         return protocol
 
     async def _handshake(self, protocol: RespProtocol) -> None:

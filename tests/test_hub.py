@@ -8,10 +8,12 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import redis.asyncio as aioredis
+import redis.exceptions
 
 from api.events import hub as hub_module
 from api.events import router as events_router
@@ -388,3 +390,91 @@ async def test_a_hub_connection_gone_silent_is_replaced_and_its_readers_catch_up
         await gate.close()
     await admin.aclose()
     assert [e.type for e in rest] == [EventType.token, EventType.status, EventType.done]
+
+
+@pytest.mark.timeout(120)
+async def test_a_reader_who_comes_as_the_last_one_leaves_misses_nothing(
+    databases: Databases, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The last reader's leaving sends an UNSUBSCRIBE; a reader who comes before Redis has
+    confirmed it must wait for the SUBSCRIBE after it before reading the stream, or what is
+    published between the two is neither in its replay nor heard live."""
+    monkeypatch.setattr(hub_module, "QUIET_SECONDS", 3600)  # no rescue by the quiet sweep
+    async with running_hub(databases) as (_redis, hub, link):
+        for _ in range(10):
+            job_id = str(uuid.uuid4())
+            admin, publish = _publisher(databases, job_id)
+            await publish([Event.of(StatusData(status=JobStatus.running))])
+            texts = [f" t{i}" for i in range(200)]
+
+            async def flushes(texts: list[str] = texts, publish: Any = publish) -> None:
+                for text in texts:  # a worker's flushes, on and on
+                    await publish([Event.of(TokenData(text=text))])
+                await publish(_succeeded(output_tokens=len(texts)))
+
+            async with hub.subscribe(job_id):
+                writing = asyncio.ensure_future(flushes())
+                await asyncio.sleep(0.005)
+            # The last reader has left (its UNSUBSCRIBE sent), and another comes at once.
+            reader = JobEvents(link, hub, None, uuid.UUID(job_id), None)  # type: ignore[arg-type]
+            received = list(await reader.start())
+            async with asyncio.timeout(10):
+                while not reader.ended:
+                    received += await reader.next()
+                await writing
+            await reader.close()
+            await admin.aclose()
+            tokens = [e.parse(TokenData).text for e in received if e.type is EventType.token]
+            assert tokens == texts
+
+
+@pytest.mark.timeout(60)
+async def test_an_unreadable_message_sends_its_readers_to_the_stream_and_keeps_the_connection(
+    databases: Databases, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A message this process cannot read (a newer worker's event type, say) is logged and
+    its channel's readers read the stream; nobody else loses the shared connection."""
+    monkeypatch.setattr(hub_module, "QUIET_SECONDS", 3600)
+    job_id = str(uuid.uuid4())
+    admin, publish = _publisher(databases, job_id)
+    async with running_hub(databases) as (_redis, hub, link):
+        await publish([Event.of(StatusData(status=JobStatus.running))])
+        reader = JobEvents(link, hub, None, uuid.UUID(job_id), None)  # type: ignore[arg-type]
+        assert [e.type for e in await reader.start()] == [EventType.status]
+        before = await _hub_connection_id(admin)
+        await admin.publish(channel(job_id), "1-0\nfrom-the-future\n{}")
+        await publish([Event.of(TokenData(text="after"))])
+        await publish(_succeeded(output_tokens=1))
+        rest: list[Event] = []
+        async with asyncio.timeout(10):
+            while not reader.ended:
+                rest += await reader.next()
+        await reader.close()
+        assert await _hub_connection_id(admin) == before
+    await admin.aclose()
+    assert [e.type for e in rest] == [EventType.token, EventType.status, EventType.done]
+
+
+@pytest.mark.timeout(60)
+async def test_a_refused_pub_sub_command_makes_the_hub_start_over_on_a_new_connection(
+    databases: Databases,
+) -> None:
+    """An error reply on the subscribed connection (an ACL denying a channel, say) means the
+    hub's bookkeeping no longer holds: it drops the connection and subscribes anew."""
+    job_id = str(uuid.uuid4())
+    admin, publish = _publisher(databases, job_id)
+    async with running_hub(databases) as (_redis, hub, link):
+        await publish([Event.of(StatusData(status=JobStatus.running))])
+        reader = JobEvents(link, hub, None, uuid.UUID(job_id), None)  # type: ignore[arg-type]
+        await reader.start()
+        before = await _hub_connection_id(admin)
+        hub._on_push(redis.exceptions.ResponseError("NOPERM this user has no permissions"))
+        assert await _hub_connection_id(admin, other_than=before)
+        await publish(_succeeded(output_tokens=0))
+        rest: list[Event] = []
+        async with asyncio.timeout(10):
+            while not reader.ended:
+                rest += await reader.next()
+        await reader.close()
+    await admin.aclose()
+    assert [e.type for e in rest][-2:] == [EventType.status, EventType.done]

@@ -374,3 +374,31 @@ def test_a_subscribed_connection_whose_ping_goes_unanswered_is_failed(
         assert _run(main())
     finally:
         silent.close()
+
+
+def test_closing_a_link_while_it_connects_closes_the_connection_under_way() -> None:
+    """A link closed during its handshake (a server that never answers it) leaves no socket
+    open behind it."""
+    silent = socket.create_server(("127.0.0.1", 0))
+    port = silent.getsockname()[1]
+
+    async def main() -> bytes:
+        link = RespLink(f"redis://127.0.0.1:{port}/0", name="inferq-test")
+        connecting = asyncio.ensure_future(link.connected())
+        loop = asyncio.get_running_loop()
+        accepted, _ = await loop.run_in_executor(None, silent.accept)
+        await asyncio.sleep(0.1)  # the CLIENT SETNAME sent, its answer awaited
+        await link.close()
+        with pytest.raises(asyncio.CancelledError):
+            await connecting
+        accepted.settimeout(5)
+        received = b""
+        while chunk := await loop.run_in_executor(None, accepted.recv, 4096):
+            received += chunk  # up to the end of the stream: the link closed its side
+        accepted.close()
+        return received
+
+    try:
+        assert b"SETNAME" in _run(main())
+    finally:
+        silent.close()

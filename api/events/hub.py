@@ -198,8 +198,9 @@ class Hub:
             return  # done or under way; or the next connection subscribes what is wanted
         state.subscribed = wanted
         state.pending += 1
-        if wanted:
-            state.ready.clear()
+        # Not ready either way: a reader who comes while an UNSUBSCRIBE is under way must
+        # wait for the SUBSCRIBE after it, before it reads the stream.
+        state.ready.clear()
         self._send("SUBSCRIBE" if wanted else "UNSUBSCRIBE", name)
 
     def _can_send(self) -> bool:
@@ -234,6 +235,7 @@ class Hub:
     async def _follow(self) -> None:
         """Keep a subscribed connection: make one, and a new one whenever it is lost."""
         delay = RETRY_FIRST_SECONDS
+        failing = False  # attempts failed since the last connection held
         while True:
             try:
                 connection = await self._link.connected()
@@ -243,15 +245,17 @@ class Hub:
                 raise
             except Exception as exc:
                 self._live = False
-                if delay == RETRY_FIRST_SECONDS:
+                if not failing:  # the first failure after a loss, not every retry
                     log.warning("pub/sub connection failed (%s); reconnecting", exc)
+                failing = True
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_SECONDS)
                 continue
+            failing = False
             since = time.monotonic()
             await connection.lost
             self._live = False
-            log.warning("pub/sub connection lost; reconnecting")
+            log.warning("pub/sub connection lost (%s); reconnecting", connection.failure)
             if time.monotonic() - since > RETRY_MAX_SECONDS:
                 delay = RETRY_FIRST_SECONDS  # it had held: no back-off carried over
             await asyncio.sleep(delay)
@@ -273,6 +277,13 @@ class Hub:
 
     def _on_push(self, push: Any) -> None:
         """A message or a confirmation, as the connection parsed it."""
+        if isinstance(push, redis.exceptions.ResponseError):
+            # A command refused (an ACL that denies the channels, say): what the hub counts
+            # on no longer holds. A new connection starts over, after the back-off.
+            log.error("Redis refused a pub/sub command: %s", push)
+            if self._connection is not None:
+                self._connection.abort()
+            return
         if not isinstance(push, list) or len(push) != 3:
             if not (isinstance(push, list) and push and push[0] == "pong"):
                 log.warning("unexpected reply on the pub/sub connection: %r", push)
@@ -282,7 +293,13 @@ class Hub:
             state = self._channels.get(name)
             if state is not None:
                 state.fed = True
-                event = rendered(Event.from_message(data))
+                try:
+                    event: Event | None = rendered(Event.from_message(data))
+                except ValueError:
+                    # Not an event this process knows (a newer worker's, in a rolling
+                    # deploy): its readers read the stream instead, which skips it as well.
+                    log.warning("an unreadable message on %s: %.200r", name, data)
+                    event = None
                 for inbox in state.inboxes:
                     inbox.offer(event)
         elif kind in ("subscribe", "unsubscribe"):
