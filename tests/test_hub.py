@@ -415,7 +415,8 @@ async def test_a_reader_who_comes_as_the_last_one_leaves_misses_nothing(
             async with hub.subscribe(job_id):
                 writing = asyncio.ensure_future(flushes())
                 await asyncio.sleep(0.005)
-            # The last reader has left (its UNSUBSCRIBE sent), and another comes at once.
+            hub._drop_idle()  # as the quiet sweep does after the last reader left
+            # The UNSUBSCRIBE is on its way, and another reader comes at once.
             reader = JobEvents(link, hub, None, uuid.UUID(job_id), None)  # type: ignore[arg-type]
             received = list(await reader.start())
             async with asyncio.timeout(10):
@@ -478,3 +479,26 @@ async def test_a_refused_pub_sub_command_makes_the_hub_start_over_on_a_new_conne
         await reader.close()
     await admin.aclose()
     assert [e.type for e in rest][-2:] == [EventType.status, EventType.done]
+
+
+@pytest.mark.timeout(60)
+async def test_a_channel_left_idle_stays_subscribed_until_the_next_sweep(
+    databases: Databases, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader who comes back right after the last one left finds the channel subscribed
+    (no new round trip); the quiet sweep unsubscribes what stays idle."""
+    monkeypatch.setattr(hub_module, "QUIET_SECONDS", 0.5)
+    admin = aioredis.Redis.from_url(databases.redis_url, decode_responses=True)
+    jobs = [str(uuid.uuid4()) for _ in range(3)]
+    async with running_hub(databases) as (_, hub, _link):
+        async with contextlib.AsyncExitStack() as readers:
+            for job_id in jobs:
+                await readers.enter_async_context(hub.subscribe(job_id))
+        counts = dict(await admin.pubsub_numsub(*(channel(j) for j in jobs)))
+        assert all(counts.values()), counts  # still subscribed, though nobody listens
+        assert hub._channels[channel(jobs[0])].ready.is_set()  # nothing to wait for
+        async with asyncio.timeout(1):
+            async with hub.subscribe(jobs[0]):
+                assert hub.listeners == 1
+        await _until_unsubscribed(admin, hub, jobs)
+    await admin.aclose()

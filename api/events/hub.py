@@ -122,6 +122,10 @@ class Hub:
         self._live = False  # the connection is up and subscribed to all that is wanted
         self._reader: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        # Commands for the connection, written together once the loop's turn is over.
+        self._outbox: list[bytes] = []
+        # Channels whose last reader left: unsubscribed at the next quiet sweep, together.
+        self._idle: set[str] = set()
         self.draining = False
 
     async def start(self) -> None:
@@ -182,7 +186,10 @@ class Hub:
         finally:
             state.inboxes.discard(inbox)
             if not state.inboxes:
-                self._reconcile(name, state)
+                # Kept until the next quiet sweep: a reader who comes back meanwhile (a
+                # resume, another tab) finds it subscribed, and the sweep unsubscribes
+                # every channel left idle in one write instead of one a reader.
+                self._idle.add(name)
 
     # Sending. Each change is decided and its command queued in one step, without waiting in
     # between, so that commands reach the connection in the order their bookkeeping assumes.
@@ -208,9 +215,28 @@ class Hub:
         return self._live and connection is not None and not connection.closed
 
     def _send(self, *args: str) -> None:
-        # One write to the transport's buffer: a reader that leaves cannot cut it short.
-        assert self._connection is not None
-        self._connection.send(pack(args))
+        """Queue a command; the commands of one turn of the loop (a burst of readers) go in
+        one write, in order, which no reader leaving can cut short."""
+        outbox = self._outbox
+        if not outbox:
+            asyncio.get_running_loop().call_soon(self._write, outbox)
+        outbox.append(pack(args))
+
+    def _write(self, outbox: list[bytes]) -> None:
+        if outbox is not self._outbox:
+            return  # queued for a connection since replaced: the new one started over
+        self._outbox = []
+        connection = self._connection
+        if self._live and connection is not None and not connection.closed:
+            connection.send(b"".join(outbox))
+
+    def _drop_idle(self) -> None:
+        """Unsubscribe the channels whose last reader left (and none came back)."""
+        idle, self._idle = self._idle, set()
+        for name in idle:
+            state = self._channels.get(name)
+            if state is not None and not state.inboxes:
+                self._reconcile(name, state)
 
     def _on_connect(self, connection: PushProtocol) -> None:
         """A new connection (first or again): subscribe every channel that has readers."""
@@ -226,6 +252,7 @@ class Hub:
             state.ready.clear()
             names.append(name)
         self._connection = connection
+        self._outbox = []  # what was queued for the old connection is superseded
         connection.send(pack(("SUBSCRIBE", *names)))
         # Live from here: readers who come now send their commands after this one.
         self._live = True
@@ -264,6 +291,7 @@ class Hub:
     async def _sweep_quiet(self) -> None:
         while True:
             await asyncio.sleep(QUIET_SECONDS)
+            self._drop_idle()
             connection = self._connection
             if self._live and connection is not None:
                 with contextlib.suppress(redis.exceptions.ConnectionError):
