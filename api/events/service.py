@@ -14,7 +14,7 @@ from inferq.events import TERMINAL_EVENTS, Event, from_reply, parse_stream_id, s
 from inferq.lifecycle import Outcome
 from inferq.models import Job, JobStatus
 from inferq.protocol import ResetData, StatusData, TokenData
-from inferq.resp import RespLink
+from inferq.resp import RespLink, pack
 
 
 class JobEvents:
@@ -77,8 +77,8 @@ class JobEvents:
         self._live = await self._subscription.enter_async_context(
             self.hub.subscribe(str(self.job_id))
         )
-        replayed = await self._read_stream()
-        if not replayed and await self._stream_gone():
+        replayed, exists = await self._read_stream()
+        if not replayed and not exists:
             replayed = [event async for event in self._from_database(initial=True)]
         elif not replayed and self.last != "0-0":
             self.ended = await self._ended_at_resume()
@@ -112,13 +112,14 @@ class JobEvents:
             self.ended = True
         return True
 
-    async def _read_stream(self) -> list[Event]:
+    async def _read_stream(self) -> tuple[list[Event], bool]:
+        """The stream's events after the last one sent, and whether the stream exists: both
+        in one round trip, as a new job's first read (nothing written yet) needs both."""
         start = "-" if self.last == "0-0" else f"({self.last}"
-        events = from_reply(await self.link.call("XRANGE", self.key, start, "+", retry=True))
-        return [e for e in events if not self.ended and self._accept(e)]
-
-    async def _stream_gone(self) -> bool:
-        return not await self.link.call("EXISTS", self.key, retry=True)
+        commands = [pack(("XRANGE", self.key, start, "+")), pack(("EXISTS", self.key))]
+        entries, exists = await self.link.run(commands, retry=True)
+        events = from_reply(entries)
+        return [e for e in events if not self.ended and self._accept(e)], bool(exists)
 
     async def _next_live(self, live: Inbox) -> list[Event]:
         batch = await live.take()
@@ -129,8 +130,8 @@ class JobEvents:
         return [e for e in batch if e is not None and not self.ended and self._accept(e)]
 
     async def _catch_up(self) -> list[Event]:
-        caught_up = await self._read_stream()
-        if not caught_up and await self._stream_gone():
+        caught_up, exists = await self._read_stream()
+        if not caught_up and not exists:
             return [e async for e in self._from_database(initial=False)]
         return caught_up
 
