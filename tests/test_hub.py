@@ -207,6 +207,16 @@ async def _collect(batches: AsyncIterator[list[Event]], into: list[Event]) -> No
         into.extend(batch)
 
 
+async def _read_to_end(reader: JobEvents, within_s: float = 10) -> list[Event]:
+    """The reader's live events up to its job's end (within `within_s`); the reader closed."""
+    events: list[Event] = []
+    async with asyncio.timeout(within_s):
+        while not reader.ended:
+            events += await reader.next()
+    await reader.close()
+    return events
+
+
 @pytest.mark.timeout(60)
 async def test_no_subscription_is_left_behind_across_reconnects(databases: Databases) -> None:
     """Readers come and go while the connection drops: no channel stays subscribed."""
@@ -326,11 +336,7 @@ async def test_the_hub_starts_with_redis_down_and_readers_wait_for_it(
         # ...and once Redis is back the first reader gets what it missed from the stream.
         await gate.open()
         await publish(_succeeded())
-        rest: list[Event] = []
-        async with asyncio.timeout(10):
-            while not reader.ended:
-                rest += await reader.next()
-        await reader.close()
+        rest = await _read_to_end(reader)
         await gate.close()
     await admin.aclose()
     assert [e.type for e in rest] == [EventType.token, EventType.status, EventType.done]
@@ -381,11 +387,7 @@ async def test_a_hub_connection_gone_silent_is_replaced_and_its_readers_catch_up
         gate.freeze()
         await publish([Event.of(TokenData(text="unheard"))])
         await publish(_succeeded(output_tokens=1))
-        rest: list[Event] = []
-        async with asyncio.timeout(15):
-            while not reader.ended:
-                rest += await reader.next()
-        await reader.close()
+        rest = await _read_to_end(reader, 15)
         assert await _hub_connection_id(admin, other_than=silent)
         await gate.close()
     await admin.aclose()
@@ -419,11 +421,8 @@ async def test_a_reader_who_comes_as_the_last_one_leaves_misses_nothing(
             # The UNSUBSCRIBE is on its way, and another reader comes at once.
             reader = JobEvents(link, hub, None, uuid.UUID(job_id), None)  # type: ignore[arg-type]
             received = list(await reader.start())
-            async with asyncio.timeout(10):
-                while not reader.ended:
-                    received += await reader.next()
-                await writing
-            await reader.close()
+            received += await _read_to_end(reader)
+            await writing
             await admin.aclose()
             tokens = [e.parse(TokenData).text for e in received if e.type is EventType.token]
             assert tokens == texts
@@ -446,11 +445,7 @@ async def test_an_unreadable_message_sends_its_readers_to_the_stream_and_keeps_t
         await admin.publish(channel(job_id), "1-0\nfrom-the-future\n{}")
         await publish([Event.of(TokenData(text="after"))])
         await publish(_succeeded(output_tokens=1))
-        rest: list[Event] = []
-        async with asyncio.timeout(10):
-            while not reader.ended:
-                rest += await reader.next()
-        await reader.close()
+        rest = await _read_to_end(reader)
         assert await _hub_connection_id(admin) == before
     await admin.aclose()
     assert [e.type for e in rest] == [EventType.token, EventType.status, EventType.done]
@@ -472,11 +467,7 @@ async def test_a_refused_pub_sub_command_makes_the_hub_start_over_on_a_new_conne
         hub._on_push(redis.exceptions.ResponseError("NOPERM this user has no permissions"))
         assert await _hub_connection_id(admin, other_than=before)
         await publish(_succeeded(output_tokens=0))
-        rest: list[Event] = []
-        async with asyncio.timeout(10):
-            while not reader.ended:
-                rest += await reader.next()
-        await reader.close()
+        rest = await _read_to_end(reader)
     await admin.aclose()
     assert [e.type for e in rest][-2:] == [EventType.status, EventType.done]
 

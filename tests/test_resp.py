@@ -41,6 +41,14 @@ def key(databases: Databases) -> Iterator[str]:
     client.close()
 
 
+@pytest.fixture
+def silent() -> Iterator[socket.socket]:
+    """A server that takes connections and never answers."""
+    server = socket.create_server(("127.0.0.1", 0))
+    yield server
+    server.close()
+
+
 def test_pipelined_writes_get_their_own_replies_in_order_errors_in_place(
     databases: Databases, key: str
 ) -> None:
@@ -176,10 +184,9 @@ def _client_id(client: redis.Redis, name: str) -> str:
 
 
 def test_a_server_that_never_answers_fails_the_write_with_a_timeout(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, silent: socket.socket
 ) -> None:
     monkeypatch.setattr(resp, "REPLY_TIMEOUT_S", 0.5)
-    silent = socket.create_server(("127.0.0.1", 0))
     port = silent.getsockname()[1]
 
     async def main() -> float:
@@ -192,10 +199,7 @@ def test_a_server_that_never_answers_fails_the_write_with_a_timeout(
         finally:
             await link.close()
 
-    try:
-        assert _run(main()) < 10  # the watch's second, not a hang
-    finally:
-        silent.close()
+    assert _run(main()) < 10  # the watch's second, not a hang
 
 
 def test_nothing_listening_is_a_connection_error() -> None:
@@ -348,10 +352,9 @@ def test_a_subscribed_connection_hands_on_every_push_and_its_ping_keeps_it(
 
 
 def test_a_subscribed_connection_whose_ping_goes_unanswered_is_failed(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, silent: socket.socket
 ) -> None:
     monkeypatch.setattr(resp, "REPLY_TIMEOUT_S", 0.2)
-    silent = socket.create_server(("127.0.0.1", 0))
     port = silent.getsockname()[1]
 
     async def main() -> bool:
@@ -370,16 +373,14 @@ def test_a_subscribed_connection_whose_ping_goes_unanswered_is_failed(
         finally:
             await link.close()
 
-    try:
-        assert _run(main())
-    finally:
-        silent.close()
+    assert _run(main())
 
 
-def test_closing_a_link_while_it_connects_closes_the_connection_under_way() -> None:
+def test_closing_a_link_while_it_connects_closes_the_connection_under_way(
+    silent: socket.socket,
+) -> None:
     """A link closed during its handshake (a server that never answers it) leaves no socket
     open behind it."""
-    silent = socket.create_server(("127.0.0.1", 0))
     port = silent.getsockname()[1]
 
     async def main() -> bytes:
@@ -398,7 +399,4 @@ def test_closing_a_link_while_it_connects_closes_the_connection_under_way() -> N
         accepted.close()
         return received
 
-    try:
-        assert b"SETNAME" in _run(main())
-    finally:
-        silent.close()
+    assert b"SETNAME" in _run(main())
