@@ -9,7 +9,8 @@ pool to take the connection from); here the commands are packed by hiredis strai
 bytes, written in one call, and hiredis parses the replies as they arrive, about a tenth
 of that (docs/performance.md). One connection carries every command of its event loop:
 commands from different tasks are pipelined on it, and Redis answers them in the order
-they were sent.
+they were sent. The API's pub/sub hub follows its channels on one made the same way
+(`PushProtocol`), whose replies are pushes: each message handed on as it is parsed.
 
 redis-py still reads the URL (`parse_url`), so every Redis URL the platform takes works here
 too: `redis://`, `rediss://` (TLS, with the same `ssl_*` options) and `unix://`, with a
