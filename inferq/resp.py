@@ -240,10 +240,7 @@ class RespLink:
 
     async def execute(self, packed: bytes, count: int) -> list[Any]:
         """Write `count` packed commands in one write; their replies, in order."""
-        protocol = self._protocol
-        if protocol is None or protocol.closed:
-            protocol = await self._connection()
-        return await protocol.execute(packed, count)
+        return await (await self.connected()).execute(packed, count)
 
     async def call(self, *args: Any, retry: bool = False) -> Any:
         """One command's reply, as `run` sends it."""

@@ -226,9 +226,9 @@ class Hub:
         if outbox is not self._outbox:
             return  # queued for a connection since replaced: the new one started over
         self._outbox = []
-        connection = self._connection
-        if self._live and connection is not None and not connection.closed:
-            connection.send(b"".join(outbox))
+        if self._can_send():
+            assert self._connection is not None
+            self._connection.send(b"".join(outbox))
 
     def _drop_idle(self) -> None:
         """Unsubscribe the channels whose last reader left (and none came back)."""
