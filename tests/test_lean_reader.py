@@ -208,6 +208,10 @@ TGI_BODIES = {
     "null event": "data: null\n\n",
     "no token": _event({"index": 1, "details": FINISH}),
     "special not a bool": _event({"token": {"text": "a", "special": 1}, "details": None}),
+    # JSON that orjson reads otherwise than `json` (refused, or an integer read as a float).
+    "lone surrogate": 'data: {"token": {"text": "a\\ud800", "special": false}}\n\n'
+    + _tgi("b", details=FINISH),
+    "counts past 64 bits": _tgi("a", details={**FINISH, "generated_tokens": 2**70}),
     **{
         f"error event {kind}": _tgi("a") + _event({"error": "it broke", "error_type": kind})
         for kind in [
@@ -235,6 +239,13 @@ CHAT_BODIES = {
     "no delta": _event({"choices": [{"index": 0, "finish_reason": "stop"}]}),
     "null choices": _event({"choices": None, "usage": USAGE}),
     "content not a string": _event({"choices": [{**CHOICE, "delta": {"content": 5}}]}),
+    "lone surrogate": 'data: {"choices": [{"index": 0, "delta": {"content": "\\udc80"}}]}\n\n',
+    "usage past 64 bits": _event(
+        {
+            "choices": [{**CHOICE, "finish_reason": "stop"}],
+            "usage": {**USAGE, "prompt_tokens": 2**65},
+        }
+    ),
     "choices not a list": _event({"choices": {"a": 1}}),
     "done without space": _event({"choices": [CHOICE]}) + "data:[DONE]\n\n",
     "tgi error event": _event({"choices": [CHOICE]})
@@ -466,6 +477,27 @@ def test_the_plain_streams_stay_on_the_fast_path(monkeypatch: pytest.MonkeyPatch
         [sse.Choice(" there", "stop")],
     ]
     assert chat[2].usage == (4, 2)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"token": {"text": "a\\ud800"}}',  # a lone surrogate
+        '{"logprob": NaN}',
+        '{"logprob": 1e400}',
+        '{"a": 1, "a": 2}',
+        ' {"text": "caf\u00e9\\u0000"} ',
+    ],
+)
+def test_an_event_is_decoded_as_json_decodes_it(text: str) -> None:
+    """orjson parses the events; where it refuses what `json` reads, `json` does. (An
+    integer past 64 bits orjson reads as a float: the fast path takes counts only as
+    integers, so such an event goes to huggingface_hub, the "past 64 bits" bodies above.)"""
+    from workers.backends import sse
+
+    decoded = sse._object("data:" + text)
+    assert decoded == json.loads(text)
+    assert repr(decoded) == repr(json.loads(text))  # an integer stays one, a float a float
 
 
 # The body's framing, undone by the lean reader itself ------------------------------------------

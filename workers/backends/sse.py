@@ -1,13 +1,16 @@
-"""The token path's reader of a backend's event stream: one `json.loads` an event.
+"""The token path's reader of a backend's event stream: one JSON parse an event.
 
 huggingface_hub parses every event of a stream into its dataclasses, about 50 µs an event,
 where the worker needs three fields of each. Here huggingface_hub still sends the request
 and answers its refusals (status, error body, timeout: its exceptions, unchanged); this
 reads the lines of the response it opened, as it would have read them, and decodes each
-plain event with `json.loads`. Any event of another shape (an error event, `[DONE]` written
-another way, a payload that is not the usual object) goes to huggingface_hub's own parser,
-which raises or returns what it would have. tests/test_lean_reader.py pins what the worker
-gets from both readers (deltas, finish reason, usage, errors) on the same streams.
+plain event with orjson (`json.loads` where orjson refuses what `json` reads: a lone
+surrogate's escape, NaN, a number past a double's range; an integer past 64 bits, which
+orjson reads as a float, fails the fast path's checks of the counts). Any event of another
+shape (an error event, `[DONE]` written another way, a payload that is not the usual object)
+goes to huggingface_hub's own parser, which raises or returns what it would have.
+tests/test_lean_reader.py pins what the worker gets from both readers (deltas, finish
+reason, usage, errors) on the same streams.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Any, NamedTuple, NoReturn
 from urllib.parse import urlsplit
 
 import httpx2
+import orjson
 from huggingface_hub import InferenceClient, constants
 from huggingface_hub.errors import BadRequestError, HfHubHTTPError, InferenceTimeoutError
 from huggingface_hub.inference._common import (
@@ -96,10 +100,14 @@ class DataLines:
 
 def _object(line: str) -> dict[str, Any] | None:
     """The event's payload when it is a JSON object without an error, else None."""
+    text = line[5:]
     try:
-        payload = json.loads(line[5:])
-    except ValueError:
-        return None
+        payload = orjson.loads(text)  # a quarter of `json.loads`'s CPU on an event
+    except orjson.JSONDecodeError:
+        try:  # what orjson refuses and `json` reads, as huggingface_hub reads it
+            payload = json.loads(text)
+        except ValueError:
+            return None
     if type(payload) is not dict or payload.get("error") is not None:
         return None
     return payload
