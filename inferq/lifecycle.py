@@ -21,18 +21,26 @@ from psycopg.rows import namedtuple_row
 from pydantic import ValidationError
 from sqlalchemy import (
     Connection,
+    DateTime,
     Engine,
+    Integer,
     Interval,
+    Numeric,
+    String,
     Table,
+    Text,
+    Uuid,
     and_,
     bindparam,
     case,
+    column,
     func,
     or_,
     select,
     update,
 )
 from sqlalchemy import exists as exists_
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import asyncpg as asyncpg_dialect
 from sqlalchemy.engine import Compiled, make_url
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -230,6 +238,50 @@ _FINISH = (
         ),
         **_END_REDACTION,
     )
+)
+# The finishes of several jobs in one statement: `_FINISH`'s values for each, given as one
+# array a column (`_finish_params`' keys, pluralised) and read back row by row by unnest. It
+# returns the claim token of each job it finished.
+_ENDS_COLUMNS = [
+    ("job_id", Uuid()),
+    ("token", Uuid()),
+    ("status", String()),
+    ("output", Text()),
+    ("finish_reason", String()),
+    ("input_tokens", Integer()),
+    ("output_tokens", Integer()),
+    ("cost_usd", Numeric()),
+    ("error_type", String()),
+    ("error_message", Text()),
+    ("first_token_at", DateTime(timezone=True)),
+]
+_ends = (
+    func.unnest(*(bindparam(f"{name}s", type_=ARRAY(type_)) for name, type_ in _ENDS_COLUMNS))
+    .table_valued(*(column(name, type_) for name, type_ in _ENDS_COLUMNS))
+    .render_derived(name="ends")
+)
+_FINISH_MANY = (
+    update(_jobs)
+    .where(
+        _jobs.c.id == _ends.c.job_id,
+        _jobs.c.status == JobStatus.running,
+        _jobs.c.claim_token == _ends.c.token,
+    )
+    .values(
+        status=_ends.c.status,
+        output=_ends.c.output,
+        finish_reason=_ends.c.finish_reason,
+        input_tokens=_ends.c.input_tokens,
+        output_tokens=_ends.c.output_tokens,
+        cost_usd=_ends.c.cost_usd,
+        error_type=_ends.c.error_type,
+        error_message=_ends.c.error_message,
+        finished_at=func.now(),
+        lease_expires_at=None,
+        first_token_at=func.coalesce(_ends.c.first_token_at, _jobs.c.first_token_at),
+        **_END_REDACTION,
+    )
+    .returning(_jobs.c.claim_token)
 )
 # A queued job is cancelled at once (a running one by its worker, which finishes it).
 _CANCEL_QUEUED = (
@@ -447,30 +499,66 @@ async def _nothing_to_reset(_connection: asyncpg.Connection) -> None:
 class LoopFinish:
     """The finish statement on asyncpg, for a worker's stream loop: it ends a job whose
     stream ended well on the loop that read it, so that the job's thread does not wake up for
-    the statement and for the closing write (workers/engine.py). The same statement as
-    `finish`, compiled once for asyncpg; its connections open as they are first needed.
+    the statement and for the closing write (workers/engine.py). The finishes asked in one
+    turn of the loop go together: one of them alone as `finish`'s statement, several in one
+    statement (`_FINISH_MANY`), on one connection and in one round trip. Streams paced to
+    the loop's flush ticks end together, at a tick. Both statements are compiled once for
+    asyncpg; the pool's connections open as they are first needed.
     """
 
     def __init__(self, database_url: str, connections: int) -> None:
         self._dsn = make_url(database_url).set(drivername="postgresql")
         self._connections = connections
-        compiled = _FINISH.compile(dialect=asyncpg_dialect.dialect())  # type: ignore[no-untyped-call]
-        self._compiled = compiled
-        self._sql = compiled.string
-        self._names = list(compiled.positiontup or [])
+        dialect = asyncpg_dialect.dialect()  # type: ignore[no-untyped-call]
+        self._one = _FINISH.compile(dialect=dialect)
+        self._many = _FINISH_MANY.compile(dialect=dialect)
         self._pool: asyncpg.Pool | None = None
         self._opening = asyncio.Lock()
+        self._closed = False
+        # The finishes asked in this turn of the loop, to go in the next one.
+        self._asked: list[tuple[Claim, Outcome, asyncio.Future[bool]]] = []
 
     async def finish(self, claim_: Claim, outcome: Outcome) -> bool:
         """As `finish`."""
-        pool = self._pool or await self._open()
-        params = self._compiled.construct_params(_finish_params(claim_, outcome))
-        status: str = await pool.execute(self._sql, *(params[n] for n in self._names))
-        return status == "UPDATE 1"
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[bool] = loop.create_future()
+        self._asked.append((claim_, outcome, done))
+        if len(self._asked) == 1:
+            loop.call_soon(self._send)
+        return await done
+
+    def _send(self) -> None:
+        asked, self._asked = self._asked, []
+        asyncio.get_running_loop().create_task(self._run(asked))
+
+    async def _run(self, asked: list[tuple[Claim, Outcome, asyncio.Future[bool]]]) -> None:
+        try:
+            pool = self._pool or await self._open()
+            if len(asked) == 1:
+                claim_, outcome, _ = asked[0]
+                status = await pool.execute(*_args(self._one, _finish_params(claim_, outcome)))
+                finished = {claim_.token} if status == "UPDATE 1" else set()
+            else:
+                columns: dict[str, list[object]] = {f"{name}s": [] for name, _ in _ENDS_COLUMNS}
+                for claim_, outcome, _ in asked:
+                    for name, value in _finish_params(claim_, outcome).items():
+                        columns[f"{name}s"].append(value)
+                rows = await pool.fetch(*_args(self._many, columns))
+                finished = {row[0] for row in rows}
+        except Exception as exc:
+            for _, _, done in asked:
+                if not done.done():
+                    done.set_exception(exc)
+            return
+        for claim_, _, done in asked:
+            if not done.done():  # not cancelled meanwhile
+                done.set_result(claim_.token in finished)
 
     async def _open(self) -> asyncpg.Pool:
         """The pool, made by the first finish (its connections open as they are needed)."""
         async with self._opening:
+            if self._closed:  # a finish asked as the loop stops: its thread finishes the job
+                raise ConnectionError("the stream loop's finishes are closed")
             if self._pool is None:
                 self._pool = await asyncpg.create_pool(
                     self._dsn.render_as_string(hide_password=False),
@@ -483,9 +571,16 @@ class LoopFinish:
             return self._pool
 
     async def close(self) -> None:
+        self._closed = True
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.close()
+
+
+def _args(compiled: Compiled, params: dict[str, object]) -> list[object]:
+    """A compiled statement and its values, as asyncpg takes them."""
+    values = compiled.construct_params(params)
+    return [compiled.string, *(values[name] for name in compiled.positiontup or [])]
 
 
 async def cancel_queued(session: AsyncSession, job_id: uuid.UUID) -> Job | None:

@@ -10,6 +10,8 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
 
 import httpx
 import psycopg
@@ -223,6 +225,102 @@ def test_the_workers_direct_claim_and_finish_match_the_core_statements(
         assert conn.connection.driver_connection.autocommit is False
         assert conn.execute(text("SELECT pg_backend_pid()")).scalar() != pid
         conn.rollback()
+
+
+_ENDED = (
+    "status, output, finish_reason, input_tokens, output_tokens, cost_usd, error_type,"
+    " error_message, first_token_at, input = '{}'::jsonb, redacted_at IS NOT NULL,"
+    " lease_expires_at,"
+    " finished_at IS NOT NULL"
+)
+
+
+def test_the_loops_finishes_asked_together_go_in_one_statement_as_each_alone_would(
+    platform: Platform, http: httpx.Client, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The finishes a stream loop asks in one turn: one statement for all of them, each job
+    ended as the statement for one ends it (a success, a failure, a redacted input, a claim
+    of another worker's that is refused), and the answer for each its own."""
+    direct = lifecycle.Direct(engine)
+    first = datetime.now(UTC) - timedelta(seconds=1)
+    outcomes = [
+        lifecycle.Outcome(
+            JobStatus.succeeded,
+            output="abc",
+            finish_reason="length",
+            input_tokens=4,
+            output_tokens=3,
+            cost_usd=0.25,
+            first_token_at=first,
+        ),
+        lifecycle.Outcome(JobStatus.failed, error_type="backend_error", error_message="broke"),
+        lifecycle.Outcome(JobStatus.succeeded, output="", finish_reason="stop", output_tokens=0),
+    ]
+
+    def claimed(prompt: str, redact: bool) -> lifecycle.Claim:
+        job = submit(http, model="parked", prompt=prompt, max_tokens=3, seed=11)
+        if redact:
+            _sql(
+                platform,
+                "UPDATE jobs SET params = params || %s::jsonb WHERE id = %s",
+                json.dumps({lifecycle.REDACT_PARAM: True}),
+                job["id"],
+            )
+        claim = direct.claim(uuid.UUID(job["id"]), "w1", 30, 3)
+        assert claim is not None
+        return claim
+
+    alone = [claimed(f"alone {i}", redact=i == 2) for i in range(3)]
+    together = [claimed(f"together {i}", redact=i == 2) for i in range(3)]
+    taken = claimed("taken", redact=False)
+    sent: list[int] = []
+    run = lifecycle.LoopFinish._run
+
+    async def counted(self: lifecycle.LoopFinish, asked: list[Any]) -> None:
+        sent.append(len(asked))
+        await run(self, asked)
+
+    monkeypatch.setattr(lifecycle.LoopFinish, "_run", counted)
+
+    async def finish_all() -> tuple[list[bool], list[bool]]:
+        finishes = lifecycle.LoopFinish(platform.database_url, 2)
+        try:
+            each = [await finishes.finish(c, o) for c, o in zip(alone, outcomes, strict=True)]
+            stranger = replace(taken, token=uuid.uuid4())
+            asked = [finishes.finish(c, o) for c, o in zip(together, outcomes, strict=True)]
+            both = await asyncio.gather(*asked, finishes.finish(stranger, outcomes[0]))
+            return each, list(both)
+        finally:
+            await finishes.close()
+
+    each, both = asyncio.run(finish_all())
+    assert each == [True, True, True] and both == [True, True, True, False]
+    assert sent == [1, 1, 1, 4]
+
+    def ended(claim: lifecycle.Claim) -> tuple[Any, ...]:
+        with psycopg.connect(platform.database_url, autocommit=True) as db:
+            row = db.execute(f"SELECT {_ENDED} FROM jobs WHERE id = %s", [claim.job_id])
+            found = row.fetchone()
+        assert found is not None
+        return tuple(found)
+
+    for one, other in zip(alone, together, strict=True):
+        assert ended(one) == ended(other)
+    assert ended(alone[0])[:9] == (
+        "succeeded",
+        "abc",
+        "length",
+        4,
+        3,
+        Decimal("0.25"),
+        None,
+        None,
+        first,
+    )
+    assert ended(alone[1])[0] == "failed" and ended(alone[1])[6:8] == ("backend_error", "broke")
+    assert ended(alone[2])[9:11] == (True, True)  # the redacted input, gone with the end
+    assert ended(alone[0])[9:11] == (False, False)
+    assert ended(taken)[0] == "running"  # another worker's claim: untouched
 
 
 async def test_the_apis_pool_replaces_a_connection_postgres_closed_without_a_ping(
