@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import asyncpg
 import psycopg
@@ -44,6 +44,8 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import asyncpg as asyncpg_dialect
 from sqlalchemy.engine import Compiled, make_url
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.types import TypeEngine
 
 from inferq.db import STATEMENT_TIMEOUT_MS
 from inferq.events import Event
@@ -242,7 +244,7 @@ _FINISH = (
 # The finishes of several jobs in one statement: `_FINISH`'s values for each, given as one
 # array a column (`_finish_params`' keys, pluralised) and read back row by row by unnest. It
 # returns the claim token of each job it finished.
-_ENDS_COLUMNS = [
+_ENDS_COLUMNS: list[tuple[str, TypeEngine[Any]]] = [
     ("job_id", Uuid()),
     ("token", Uuid()),
     ("status", String()),
@@ -510,8 +512,8 @@ class LoopFinish:
         self._dsn = make_url(database_url).set(drivername="postgresql")
         self._connections = connections
         dialect = asyncpg_dialect.dialect()  # type: ignore[no-untyped-call]
-        self._one = _FINISH.compile(dialect=dialect)
-        self._many = _FINISH_MANY.compile(dialect=dialect)
+        self._one = cast(SQLCompiler, _FINISH.compile(dialect=dialect))
+        self._many = cast(SQLCompiler, _FINISH_MANY.compile(dialect=dialect))
         self._pool: asyncpg.Pool | None = None
         self._opening = asyncio.Lock()
         self._closed = False
@@ -577,9 +579,9 @@ class LoopFinish:
             await pool.close()
 
 
-def _args(compiled: Compiled, params: dict[str, object]) -> list[object]:
+def _args(compiled: SQLCompiler, params: Mapping[str, object]) -> list[object]:
     """A compiled statement and its values, as asyncpg takes them."""
-    values = compiled.construct_params(params)
+    values = compiled.construct_params(dict(params))
     return [compiled.string, *(values[name] for name in compiled.positiontup or [])]
 
 
