@@ -6,10 +6,11 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
-from kombu import Connection
+from kombu import Connection, Queue
 from kombu.asynchronous import Hub, get_event_loop, set_event_loop
 
 from inferq.queue import UNACKED_KEY
@@ -101,3 +102,56 @@ def test_without_an_event_loop_a_message_is_acknowledged_at_once(
         assert _held(client, messages) == 1
         messages[1].ack()
         assert _held(client, messages) == 0
+
+
+def _publish(connection: Connection, queue: str, priorities: list[int]) -> None:
+    declare = [Queue(queue, max_priority=10)]
+    with connection.Producer() as producer:
+        for i, priority in enumerate(priorities):
+            producer.publish({"n": i}, routing_key=queue, declare=declare, priority=priority)
+
+
+def _consumed(connection: Connection, queue: str, prefetch: int, turns: int) -> list[Any]:
+    """What a consumer with this prefetch takes in `turns` turns of its connection."""
+    taken: list[Any] = []
+    consumer = connection.Consumer(
+        [Queue(queue, max_priority=10)],
+        callbacks=[lambda body, message: taken.append(message)],
+        prefetch_count=prefetch,
+    )
+    with consumer:
+        for _ in range(turns):
+            connection.drain_events(timeout=5)
+    return taken
+
+
+def test_a_burst_is_taken_in_one_turn_in_kombus_order_and_every_message_recorded(
+    databases: Databases, client: redis.Redis
+) -> None:
+    """A BRPOP brings as many messages as the prefetch allows (its script drains the same
+    lists): in the order kombu's own transport takes them one at a time, each in the
+    unacked hash; what the prefetch leaves stays queued."""
+    priorities = [0, 9, 3, 9, 0, 6, 3, 0, 9, 9, 0, 3]
+    queue = f"inferq.test-burst-{uuid.uuid4().hex[:8]}"
+    try:
+        with Connection(databases.redis_url) as stock:  # kombu's transport: one a BRPOP
+            _publish(stock, queue, priorities)
+            expected = [m.payload["n"] for m in _consumed(stock, queue, 20, len(priorities))]
+            for message in stock.default_channel.qos._delivered.values():
+                message.ack()
+        assert sorted(expected) == list(range(len(priorities)))
+        with Connection(databases.redis_url, transport=TRANSPORT) as connection:
+            _publish(connection, queue, priorities)
+            taken = _consumed(connection, queue, 8, 1)  # one turn
+            assert [m.payload["n"] for m in taken] == expected[:8]
+            assert _held(client, taken) == 8
+            for message in taken:
+                message.ack()
+            rest = _consumed(connection, queue, 8, 1)
+            assert [m.payload["n"] for m in rest] == expected[8:]
+            assert _held(client, rest) == 4
+            for message in rest:
+                message.ack()
+    finally:
+        for key in client.keys(f"{queue}*"):
+            client.delete(key)

@@ -32,6 +32,16 @@ channel closes before it closes. One the worker could not send (killed, or the b
 away) leaves its message to come back after the visibility timeout, like one acknowledged
 as the broker went away: the job behind it has ended, so its claim skips it.
 
+A burst of jobs is taken in few round trips. kombu takes one message a BRPOP: a round trip,
+a turn of the consumer's loop and, in a busy worker, a wait for the interpreter's lock, for
+every job. Here each BRPOP is followed, in the same write, by a script that pops up to as
+many more messages as the worker may still take (its prefetch, at most DRAIN_MAX), from the
+same lists in the same order; Redis runs it as soon as the BRPOP is answered, so its reply
+arrives with the BRPOP's, and an empty one costs no extra round trip. The messages it
+brings are delivered one after the other, as the BRPOP's is, and their `unacked` records go
+in one write after them (a worker killed in between leaves their jobs to the sweeper, which
+enqueues a job again whose message is nowhere, as it does for one lost with a BRPOP's reply).
+
 Celery selects it with `broker_transport` (inferq.queue.celery_config); the broker URL stays
 `redis://`.
 """
@@ -40,13 +50,15 @@ from __future__ import annotations
 
 import logging
 import time
+from queue import Empty
 from typing import Any
 from urllib.parse import quote
 
 from kombu.asynchronous import get_event_loop
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
-from kombu.utils.json import dumps
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import dumps, loads
 from kombu.utils.url import as_url
 from redis import exceptions as redis_errors
 
@@ -61,12 +73,32 @@ UNREACHABLE = (redis_errors.ConnectionError, redis_errors.TimeoutError)
 # Acknowledgements wait this long to go together; past ACKS_BATCH of them they go at once.
 ACKS_FLUSH_S = 0.25
 ACKS_BATCH = 500
+# The most messages a BRPOP's script takes besides the BRPOP's own.
+DRAIN_MAX = 64
+# Pops up to ARGV[1] messages from KEYS, in their order (a BRPOP's lists): key, message, ...
+DRAIN_SCRIPT = """
+local left = tonumber(ARGV[1])
+local taken = {}
+for _, key in ipairs(KEYS) do
+  if left <= 0 then break end
+  local popped = redis.call('RPOP', key, left)
+  if popped then
+    for _, message in ipairs(popped) do
+      taken[#taken + 1] = key
+      taken[#taken + 1] = message
+    end
+    left = left - #popped
+  end
+end
+return taken
+"""
 
 
 class QoS(kombu_redis.QoS):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._acks: list[str] = []  # acknowledged, still in the unacked hash
+        self._appends: list[bytes] | None = None  # records held for one write (`held`)
 
     def append(self, message: Any, delivery_tag: str) -> None:
         """As kombu's (the message into the unacked hash and its index), without the
@@ -78,18 +110,34 @@ class QoS(kombu_redis.QoS):
         # built for every message cost more than the round trip itself.
         commands = pack(("ZADD", self.unacked_index_key, time.time(), delivery_tag))
         commands += pack(("HSET", self.unacked_key, delivery_tag, entry))
+        if self._appends is not None:
+            self._appends.append(commands)
+        else:
+            self._record([commands])
+        virtual.QoS.append(self, message, delivery_tag)
+
+    def held(self) -> None:
+        """Hold the records of the messages delivered from now on, for `release_held`."""
+        self._appends = []
+
+    def release_held(self) -> None:
+        """The records held since `held`, in one write."""
+        appends, self._appends = self._appends, None
+        if appends:
+            self._record(appends)
+
+    def _record(self, appends: list[bytes]) -> None:
         pool = self.channel.pool
         connection = pool.get_connection()
         try:
-            connection.send_packed_command([commands], check_health=False)
-            connection.read_response()
-            connection.read_response()
+            connection.send_packed_command([b"".join(appends)], check_health=False)
+            for _ in range(2 * len(appends)):
+                connection.read_response()
         except BaseException:
             connection.disconnect()  # a reply may be left unread: the next user starts clean
             raise
         finally:
             pool.release(connection)
-        virtual.QoS.append(self, message, delivery_tag)
 
     def ack(self, delivery_tag: str) -> None:
         hub = get_event_loop()
@@ -138,6 +186,64 @@ class QoS(kombu_redis.QoS):
 
 class Channel(kombu_redis.Channel):
     QoS = QoS
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._drain = True  # BRPOPs take their script along (the broker runs it)
+        self._draining = False  # the BRPOP in flight has its script behind it
+
+    def _brpop_start(self, timeout: float | None = None) -> None:
+        """kombu's BRPOP, with the script that drains the same lists behind it."""
+        prefetch = self.qos.can_consume_max_estimate()
+        more = DRAIN_MAX if prefetch is None else min(prefetch - 1, DRAIN_MAX)
+        queues = self._queue_cycle.consume(len(self.active_queues))
+        if more < 1 or not self._drain or self.global_keyprefix or not queues:
+            self._draining = False
+            super()._brpop_start(timeout)
+            return
+        if timeout is None:
+            timeout = self.brpop_timeout
+        keys = [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
+        self._in_poll = self.client.connection
+        self._brpop_sent_at = time.monotonic()  # type: ignore[assignment]  # kombu's is untyped
+        self._draining = True
+        commands = pack(("BRPOP", *keys, timeout or 0))
+        commands += pack(("EVAL", DRAIN_SCRIPT, len(keys), *keys, more))
+        self.client.connection.send_packed_command([commands], check_health=False)
+
+    def _brpop_read(self, **options: Any) -> bool:
+        if not self._draining:
+            return bool(super()._brpop_read(**options))
+        connection = self.client.connection
+        try:
+            try:
+                popped = self.client.parse_response(connection, "BRPOP", **options)
+                try:
+                    drained = self.client.parse_response(connection, "EVAL", **options)
+                except redis_errors.ResponseError as exc:  # a Redis before 6.2 (RPOP's count)
+                    log.warning("the broker cannot take a burst in one round trip: %s", exc)
+                    self._drain = False
+                    drained = []
+            except self.connection_errors:
+                connection.disconnect()  # the next turn reconnects
+                raise
+            messages = [popped] if popped else []
+            messages += zip(drained[::2], drained[1::2], strict=True)
+            if not messages:
+                raise Empty()
+            self._queue_cycle.rotate(bytes_to_str(messages[0][0]).rsplit(self.sep, 1)[0])
+            self.qos.held()
+            try:
+                for key, item in messages:
+                    queue = bytes_to_str(key).rsplit(self.sep, 1)[0]
+                    self.connection._deliver(loads(bytes_to_str(item)), queue)
+            finally:
+                self.qos.release_held()
+            return True
+        finally:
+            self._in_poll = None  # type: ignore[assignment]  # as kombu's own read sets it
+            self._draining = False
+            self._flush_brpop_reauth()
 
     def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
         transport = self.connection
