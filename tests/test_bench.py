@@ -199,9 +199,9 @@ def test_the_consumer_bench_runs_every_task_and_reports_its_cpu(platform: Platfo
     figures = _bench_lines("bench.consumer", "--redis-url", platform.redis_url, *sizes)[-1]
     assert figures["tasks"] == 100
     assert figures["cpu_ms_per_task"] > 0
-    # BRPOP and the two commands that record the message, at least (other processes share
-    # the server, so no upper bound)
-    assert figures["redis_commands_per_task"] >= 2.5
+    # The two commands that record the message, at least (a BRPOP and its script take
+    # several messages at a time; other processes share the server, so no upper bound)
+    assert figures["redis_commands_per_task"] >= 2
 
 
 def test_the_submit_insert_bench_times_lone_submits_on_a_fresh_database(
