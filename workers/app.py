@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
+import threading
 from typing import Any
 
 from celery import Celery, signals
@@ -63,11 +65,23 @@ def _open(sender: Any = None, **_: Any) -> None:
 
 
 @signals.worker_ready.connect
-def _ready(**_: Any) -> None:
+def _ready(sender: Any = None, **_: Any) -> None:
+    _start_threads(getattr(getattr(sender, "pool", None), "executor", None))
     # Logged once logging is set up (worker_init comes before).
     if app.context is not None:
         where = "one event loop" if app.context.streams is not None else "their jobs' threads"
         log.info("backend streams read on %s", where)
+
+
+def _start_threads(executor: concurrent.futures.ThreadPoolExecutor | None) -> None:
+    """Every thread of the threads pool, started now: the executor starts one a task until it
+    has them all, and a fresh worker's first burst would wait for them."""
+    if executor is None:
+        return
+    started = threading.Event()
+    waits = [executor.submit(started.wait, 5) for _ in range(executor._max_workers)]
+    started.set()
+    concurrent.futures.wait(waits)
 
 
 @signals.worker_shutting_down.connect
