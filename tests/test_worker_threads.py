@@ -5,11 +5,14 @@ stored output as the loop's, a cancel that frees the backend's slot."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
+from inferq.queue import make_producer_app
+from inferq.settings import Settings
 from tests.conftest import Platform, submit, wait_for
 from tests.servers import Child
 from tests.sse import Transcript, read
@@ -55,3 +58,23 @@ def test_a_cancel_on_the_thread_frees_the_backends_slot(
     reader.join(timeout=10)
     assert stored["status"] == "cancelled"
     assert stored["output"] and transcript.output() == stored["output"]
+
+
+def test_a_ready_worker_has_started_every_thread_of_its_pool(platform: Platform) -> None:
+    """The threads pool starts a thread a task until it has them all; a worker starts them
+    when it is ready, so that its first burst of jobs does not wait for them."""
+    app = make_producer_app(
+        Settings(database_url=platform.database_url, redis_url=platform.redis_url)
+    )
+    node = "main@inferq-test"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            replies = app.control.inspect(destination=[node], timeout=2).stats() or {}
+            if node in replies:
+                break
+        pool = replies[node]["pool"]
+        assert pool["max-concurrency"] > 1
+        assert pool["threads"] == pool["max-concurrency"]
+    finally:
+        app.close()
