@@ -181,6 +181,19 @@ def test_a_rerun_keeps_the_first_start(
     assert second.started_at == first.started_at
 
 
+def _succeeded(first_token_at: datetime) -> lifecycle.Outcome:
+    """A job that streamed "abc": 4 tokens in, 3 out, a quarter of a dollar."""
+    return lifecycle.Outcome(
+        JobStatus.succeeded,
+        output="abc",
+        finish_reason="length",
+        input_tokens=4,
+        output_tokens=3,
+        cost_usd=0.25,
+        first_token_at=first_token_at,
+    )
+
+
 def test_the_workers_direct_claim_and_finish_match_the_core_statements(
     platform: Platform, http: httpx.Client, engine: Engine
 ) -> None:
@@ -205,15 +218,7 @@ def test_the_workers_direct_claim_and_finish_match_the_core_statements(
     _sql(platform, "SELECT pg_terminate_backend(%s)", pid)
     _wait_until(lambda: not _backend_alive(platform, pid))
     stranger = replace(claim, token=uuid.uuid4())
-    done = lifecycle.Outcome(
-        JobStatus.succeeded,
-        output="abc",
-        finish_reason="length",
-        input_tokens=4,
-        output_tokens=3,
-        cost_usd=0.25,
-        first_token_at=datetime.now(UTC),
-    )
+    done = _succeeded(datetime.now(UTC))
     assert not direct.finish(stranger, done)  # another worker's claim
     assert direct.finish(claim, done)
     assert not direct.finish(claim, done)  # once
@@ -244,15 +249,7 @@ def test_the_loops_finishes_asked_together_go_in_one_statement_as_each_alone_wou
     direct = lifecycle.Direct(engine)
     first = datetime.now(UTC) - timedelta(seconds=1)
     outcomes = [
-        lifecycle.Outcome(
-            JobStatus.succeeded,
-            output="abc",
-            finish_reason="length",
-            input_tokens=4,
-            output_tokens=3,
-            cost_usd=0.25,
-            first_token_at=first,
-        ),
+        _succeeded(first),
         lifecycle.Outcome(JobStatus.failed, error_type="backend_error", error_message="broke"),
         lifecycle.Outcome(JobStatus.succeeded, output="", finish_reason="stop", output_tokens=0),
     ]
