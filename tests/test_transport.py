@@ -155,3 +155,26 @@ def test_a_burst_is_taken_in_one_turn_in_kombus_order_and_every_message_recorded
     finally:
         for key in client.keys(f"{queue}*"):
             client.delete(key)
+
+
+def test_a_broker_that_refuses_the_script_still_delivers_one_message_a_brpop(
+    databases: Databases, client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Redis before 6.2 refuses RPOP's count: the BRPOP's own message is delivered all the
+    same, and the channel goes on as kombu's, one message a BRPOP, without the script."""
+    refused = "return redis.error_reply('ERR wrong number of arguments for ''rpop'' command')"
+    monkeypatch.setattr(transport, "DRAIN_SCRIPT", refused)
+    queue = f"inferq.test-refused-{uuid.uuid4().hex[:8]}"
+    try:
+        with Connection(databases.redis_url, transport=TRANSPORT) as connection:
+            _publish(connection, queue, [0, 0, 0])
+            first = _consumed(connection, queue, 8, 1)
+            assert [m.payload["n"] for m in first] == [0]
+            assert _held(client, first) == 1
+            rest = _consumed(connection, queue, 8, 2)
+            assert [m.payload["n"] for m in rest] == [1, 2]
+            assert _held(client, rest) == 2
+            assert connection.default_channel._drain is False
+    finally:
+        for key in client.keys(f"{queue}*"):
+            client.delete(key)
