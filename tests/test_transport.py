@@ -111,6 +111,12 @@ def _publish(connection: Connection, queue: str, priorities: list[int]) -> None:
             producer.publish({"n": i}, routing_key=queue, declare=declare, priority=priority)
 
 
+def _drop(client: redis.Redis, queue: str) -> None:
+    """The queue's lists, one a priority."""
+    for key in client.keys(f"{queue}*"):
+        client.delete(key)
+
+
 def _consumed(connection: Connection, queue: str, prefetch: int, turns: int) -> list[Any]:
     """What a consumer with this prefetch takes in `turns` turns of its connection."""
     taken: list[Any] = []
@@ -153,8 +159,7 @@ def test_a_burst_is_taken_in_one_turn_in_kombus_order_and_every_message_recorded
             for message in rest:
                 message.ack()
     finally:
-        for key in client.keys(f"{queue}*"):
-            client.delete(key)
+        _drop(client, queue)
 
 
 def test_a_broker_that_refuses_the_script_still_delivers_one_message_a_brpop(
@@ -176,5 +181,4 @@ def test_a_broker_that_refuses_the_script_still_delivers_one_message_a_brpop(
             assert _held(client, rest) == 2
             assert connection.default_channel._drain is False
     finally:
-        for key in client.keys(f"{queue}*"):
-            client.delete(key)
+        _drop(client, queue)

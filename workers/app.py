@@ -66,20 +66,21 @@ def _open(sender: Any = None, **_: Any) -> None:
 
 @signals.worker_ready.connect
 def _ready(sender: Any = None, **_: Any) -> None:
-    _start_threads(getattr(getattr(sender, "pool", None), "executor", None))
+    _start_threads(getattr(sender, "pool", None))
     # Logged once logging is set up (worker_init comes before).
     if app.context is not None:
         where = "one event loop" if app.context.streams is not None else "their jobs' threads"
         log.info("backend streams read on %s", where)
 
 
-def _start_threads(executor: concurrent.futures.ThreadPoolExecutor | None) -> None:
-    """Every thread of the threads pool, started now: the executor starts one a task until it
+def _start_threads(pool: Any) -> None:
+    """Every thread of the threads pool, started now: its executor starts one a task until it
     has them all, and a fresh worker's first burst would wait for them."""
-    if executor is None:
+    executor: concurrent.futures.ThreadPoolExecutor | None = getattr(pool, "executor", None)
+    if executor is None:  # not the threads pool
         return
     started = threading.Event()
-    waits = [executor.submit(started.wait, 5) for _ in range(executor._max_workers)]
+    waits = [executor.submit(started.wait, 5) for _ in range(pool.limit)]
     started.set()
     concurrent.futures.wait(waits)
 

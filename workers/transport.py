@@ -48,8 +48,10 @@ Celery selects it with `broker_transport` (inferq.queue.celery_config); the brok
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from queue import Empty
 from typing import Any
 from urllib.parse import quote
@@ -116,15 +118,16 @@ class QoS(kombu_redis.QoS):
             self._record([commands])
         virtual.QoS.append(self, message, delivery_tag)
 
-    def held(self) -> None:
-        """Hold the records of the messages delivered from now on, for `release_held`."""
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """The records of the messages delivered within, in one write as it ends."""
         self._appends = []
-
-    def release_held(self) -> None:
-        """The records held since `held`, in one write."""
-        appends, self._appends = self._appends, None
-        if appends:
-            self._record(appends)
+        try:
+            yield
+        finally:
+            appends, self._appends = self._appends, None
+            if appends:
+                self._record(appends)
 
     def _record(self, appends: list[bytes]) -> None:
         pool = self.channel.pool
@@ -232,13 +235,10 @@ class Channel(kombu_redis.Channel):
             if not messages:
                 raise Empty()
             self._queue_cycle.rotate(bytes_to_str(messages[0][0]).rsplit(self.sep, 1)[0])
-            self.qos.held()
-            try:
+            with self.qos.held():
                 for key, item in messages:
                     queue = bytes_to_str(key).rsplit(self.sep, 1)[0]
                     self.connection._deliver(loads(bytes_to_str(item)), queue)
-            finally:
-                self.qos.release_held()
             return True
         finally:
             self._in_poll = None  # type: ignore[assignment]  # as kombu's own read sets it
