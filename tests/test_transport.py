@@ -3,6 +3,9 @@ unacked hash and its index), acknowledges them together, and loses none."""
 
 from __future__ import annotations
 
+import datetime as dt
+import decimal
+import random
 import time
 import uuid
 from collections.abc import Iterator
@@ -12,6 +15,7 @@ import pytest
 import redis
 from kombu import Connection, Queue
 from kombu.asynchronous import Hub, get_event_loop, set_event_loop
+from kombu.utils.json import dumps, loads
 
 from inferq.queue import UNACKED_KEY
 from tests.servers import Databases
@@ -59,6 +63,15 @@ def _held(client: redis.Redis, messages: list) -> int:
     indexed = [client.zscore(UNACKED_INDEX_KEY, m.delivery_tag) is not None for m in messages]
     assert held == indexed
     return sum(held)
+
+
+def _records_read_back(client: redis.Redis, messages: list) -> None:
+    """Each message's record in the unacked hash reads back as kombu's record of it."""
+    for message in messages:
+        record = client.hget(UNACKED_KEY, message.delivery_tag)
+        delivery = message.delivery_info
+        expected = [message._raw, delivery["exchange"], delivery["routing_key"]]
+        assert _typed(loads(record)) == _typed(expected)
 
 
 def test_a_workers_acknowledgements_go_together(
@@ -151,6 +164,7 @@ def test_a_burst_is_taken_in_one_turn_in_kombus_order_and_every_message_recorded
             taken = _consumed(connection, queue, 8, 1)  # one turn
             assert [m.payload["n"] for m in taken] == expected[:8]
             assert _held(client, taken) == 8
+            _records_read_back(client, taken)
             for message in taken:
                 message.ack()
             rest = _consumed(connection, queue, 8, 1)
@@ -182,3 +196,61 @@ def test_a_broker_that_refuses_the_script_still_delivers_one_message_a_brpop(
             assert connection.default_channel._drain is False
     finally:
         _drop(client, queue)
+
+
+def _typed(value: Any) -> Any:
+    """The value with every type spelled out (1 == 1.0 == True, to `==`)."""
+    if isinstance(value, dict):
+        return {k: _typed(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_typed(v) for v in value]
+    return type(value).__name__, repr(value)
+
+
+def _value(rng: random.Random, depth: int = 0) -> Any:
+    """Something kombu's JSON encoder takes: JSON's own types and the types it tags."""
+    pick = rng.randrange(14 if depth < 3 else 10)
+    text = "".join(rng.choice('ab_\\"\n\x01é€😀\ud800') for _ in range(rng.randrange(6)))
+    if pick == 0:
+        return rng.choice([None, True, False])
+    if pick == 1:
+        return rng.choice([0, -1, 2**63 - 1, 2**63, -(2**63) - 1, 2**64, 10**30])
+    if pick == 2:
+        return rng.choice([0.0, -0.0, 0.1, 1e300, 5e-324, 2.0**70, float("nan"), float("inf")])
+    if pick in (3, 4):
+        return text
+    if pick == 5:
+        return rng.choice(["__type__", "\\u00", "1" * 19, "1" * 18])
+    if pick == 6:
+        return dt.datetime(2026, 12, 6, 15, 0, rng.randrange(60), tzinfo=dt.UTC)
+    if pick == 7:
+        return rng.choice([uuid.uuid4(), decimal.Decimal("1.10"), b"\xff\x00", b"bytes"])
+    if pick in (8, 9):
+        return {"__type__": "datetime", "__value__": "2026-12-06T15:00:00"}
+    if pick in (10, 11):
+        return [_value(rng, depth + 1) for _ in range(rng.randrange(4))]
+    return {f"{text}{i}": _value(rng, depth + 1) for i in range(rng.randrange(4))}
+
+
+def test_json_loads_reads_what_kombus_loads_reads() -> None:
+    """The JSON of a message's envelope and body reads as kombu's `loads` reads it, types and
+    all: kombu's tagged types, big integers, NaN, escapes; what kombu refuses it refuses."""
+    rng = random.Random(14)
+    for _ in range(3000):
+        encoded = dumps(_value(rng)).encode()
+        assert _typed(transport.json_loads(encoded)) == _typed(loads(encoded)), encoded
+    for text in [b'{"a": NaN}', b"[1e400]", b'["\\ud800"]', b'{"\\u005f_type__": 1}']:
+        assert _typed(transport.json_loads(text)) == _typed(loads(text))
+    for refused in [b"[1,", b"\xff[]", b'{"__type__": "nothing", "__value__": 1}']:
+        with pytest.raises(ValueError):
+            loads(refused)
+        with pytest.raises(ValueError):
+            transport.json_loads(refused)
+
+
+def test_a_worker_reads_task_bodies_with_json_loads() -> None:
+    from kombu.serialization import registry
+
+    import workers.app  # noqa: F401  (the worker's Celery application registers it)
+
+    assert registry._decoders["application/json"] is transport.json_loads

@@ -22,6 +22,7 @@ from workers.retention import start_retention
 from workers.stats import start_rollup
 from workers.sweeper import start_sweeper
 from workers.task_events import TaskEventsTogether
+from workers.transport import register_json
 from workers.webhooks import start_dispatcher
 
 log = logging.getLogger("inferq.worker")
@@ -37,6 +38,7 @@ class InferqCelery(Celery):
 
 
 app = InferqCelery("inferq")
+register_json()  # task bodies read by orjson where it reads them as kombu does
 app.steps["consumer"].add(TaskEventsTogether)
 app.conf.update(celery_config(get_settings()))
 if get_settings().broker.startswith("redis://"):

@@ -56,7 +56,9 @@ from queue import Empty
 from typing import Any
 from urllib.parse import quote
 
+import orjson
 from kombu.asynchronous import get_event_loop
+from kombu.serialization import registry
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
@@ -96,18 +98,67 @@ return taken
 """
 
 
+# What orjson reads otherwise than kombu's JSON `loads`, or may: an object kombu encodes with
+# its type ("__type__", which an escape could spell too), and an integer past 64 bits (a
+# float to orjson), found as a run of 19 digits once every digit is made a zero (a regular
+# expression costs more than the parse).
+_TYPED, _ESCAPED = b"__type__", b"\\u00"
+_ZEROS = bytes.maketrans(b"123456789", b"000000000")
+_LONG_NUMBER = b"0" * 19
+
+
+def json_loads(data: Any) -> Any:
+    """kombu's JSON `loads`, by orjson where both read the same (half the CPU of kombu's on
+    a task's message, the checks included).
+
+    Bytes without any of the above go to orjson; whatever it refuses (NaN, a lone
+    surrogate's escape, bytes that are not UTF-8) goes to kombu's, as does text."""
+    if (
+        isinstance(data, bytes)
+        and _TYPED not in data
+        and _ESCAPED not in data
+        and _LONG_NUMBER not in data.translate(_ZEROS)
+    ):
+        try:
+            return orjson.loads(data)
+        except orjson.JSONDecodeError:
+            pass
+    return loads(data)
+
+
+def register_json() -> None:
+    """Message bodies of type JSON decoded by `json_loads` in this process (kombu's own
+    encoder kept): Celery decodes every task's body with kombu's serializer registry."""
+    registry.register(
+        "json", dumps, json_loads, content_type="application/json", content_encoding="utf-8"
+    )
+
+
 class QoS(kombu_redis.QoS):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._acks: list[str] = []  # acknowledged, still in the unacked hash
         self._appends: list[bytes] | None = None  # records held for one write (`held`)
+        # The message being delivered and the JSON it was read from (`Channel._brpop_read`).
+        self.arriving: tuple[Any, bytes] | None = None
 
     def append(self, message: Any, delivery_tag: str) -> None:
         """As kombu's (the message into the unacked hash and its index), without the
         MULTI and EXEC around the two: both go in one write, and whoever reads them (kombu's
         restore, the sweeper) looks only at messages delivered long before."""
         delivery = message.delivery_info
-        entry = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
+        exchange, routing_key = delivery["exchange"], delivery["routing_key"]
+        arriving = self.arriving
+        if arriving is not None and arriving[0] is message._raw:
+            # The record holds the message as the JSON it came in, not encoded once more:
+            # whoever reads the record reads the same message.
+            entry: str | bytes = b"[%s, %s, %s]" % (
+                arriving[1],
+                orjson.dumps(exchange),
+                orjson.dumps(routing_key),
+            )
+        else:
+            entry = dumps([message._raw, exchange, routing_key])
         # Packed by hiredis and sent on a pooled connection: a redis-py client and pipeline
         # built for every message cost more than the round trip itself.
         commands = pack(("ZADD", self.unacked_index_key, time.time(), delivery_tag))
@@ -235,10 +286,16 @@ class Channel(kombu_redis.Channel):
             if not messages:
                 raise Empty()
             self._queue_cycle.rotate(bytes_to_str(messages[0][0]).rsplit(self.sep, 1)[0])
-            with self.qos.held():
+            qos = self.qos
+            with qos.held():
                 for key, item in messages:
                     queue = bytes_to_str(key).rsplit(self.sep, 1)[0]
-                    self.connection._deliver(loads(bytes_to_str(item)), queue)
+                    payload = json_loads(item)
+                    qos.arriving = payload, item
+                    try:
+                        self.connection._deliver(payload, queue)
+                    finally:
+                        qos.arriving = None
             return True
         finally:
             self._in_poll = None  # type: ignore[assignment]  # as kombu's own read sets it
