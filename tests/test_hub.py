@@ -115,6 +115,32 @@ async def test_readers_of_a_quiet_channel_re_read_the_stream(
     assert [e.type for e in received] == [EventType.status, EventType.done]
 
 
+async def test_a_new_channel_is_woken_only_after_a_whole_quiet_sweep(
+    databases: Databases, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader who has just subscribed (and read the stream) is not sent to read it again by
+    the next sweep, which may come at once; one whose channel stays quiet through a whole
+    sweep is, as is one whose channel was fed and then went quiet."""
+    monkeypatch.setattr(hub_module, "QUIET_SECONDS", 3600)  # sweeps run by hand
+    async with running_hub(databases) as (redis, hub, _link):
+        quiet, fed = str(uuid.uuid4()), str(uuid.uuid4())
+        async with asyncio.timeout(10):  # a reader who came sooner would re-read once live
+            while not hub._live:
+                await asyncio.sleep(0.01)
+        async with hub.subscribe(quiet) as waiting, hub.subscribe(fed) as reading:
+            hub._sweep()
+            publish = redis.register_script(PUBLISH_SCRIPT)
+            start = [Event.of(StatusData(status=JobStatus.running))]
+            await publish(keys=script_keys(fed), args=script_args(start, 1000, 0))
+            assert [e.type for e in await reading.take() if e] == [EventType.status]
+            assert waiting._events == []
+            hub._sweep()
+            assert waiting._events == [None]  # a whole sweep without a message
+            assert reading._events == []  # fed since the last sweep
+            hub._sweep()
+            assert reading._events == [None]
+
+
 async def test_an_idle_event_stream_sends_keep_alive_comments(
     databases: Databases, monkeypatch: pytest.MonkeyPatch
 ) -> None:

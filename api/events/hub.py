@@ -106,7 +106,10 @@ class _Channel:
     pending: int = 0  # commands sent on this connection whose replies have not come yet
     ready: asyncio.Event = field(default_factory=asyncio.Event)  # subscribed and confirmed
     resync: bool = False  # once confirmed, readers must re-read the stream
-    fed: bool = False  # a message arrived since the last quiet sweep
+    # A message arrived since the last quiet sweep. A new channel counts as fed: its readers
+    # have just read the stream, so the first sweep does not send them to read it again
+    # (where the job has not started, a query of its row each).
+    fed: bool = True
 
 
 class Hub:
@@ -291,17 +294,22 @@ class Hub:
     async def _sweep_quiet(self) -> None:
         while True:
             await asyncio.sleep(QUIET_SECONDS)
-            self._drop_idle()
-            connection = self._connection
-            if self._live and connection is not None:
-                with contextlib.suppress(redis.exceptions.ConnectionError):
-                    connection.check(IDLE_SECONDS)
-            for state in list(self._channels.values()):
-                # A channel waiting for its confirmation re-reads once it comes.
-                if not state.fed and state.ready.is_set():
-                    for inbox in state.inboxes:
-                        inbox.nudge()
-                state.fed = False
+            self._sweep()
+
+    def _sweep(self) -> None:
+        """Unsubscribe the idle channels, check the connection, wake the readers of every
+        channel that had no message for a whole sweep."""
+        self._drop_idle()
+        connection = self._connection
+        if self._live and connection is not None:
+            with contextlib.suppress(redis.exceptions.ConnectionError):
+                connection.check(IDLE_SECONDS)
+        for state in list(self._channels.values()):
+            # A channel waiting for its confirmation re-reads once it comes.
+            if not state.fed and state.ready.is_set():
+                for inbox in state.inboxes:
+                    inbox.nudge()
+            state.fed = False
 
     def _on_push(self, push: Any) -> None:
         """A message or a confirmation, as the connection parsed it."""
