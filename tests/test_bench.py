@@ -241,6 +241,18 @@ def test_the_burst_bench_times_each_stage_of_every_job(platform: Platform) -> No
     assert stages["ttft"][2] <= stages["e2e"][2]
 
 
+def test_the_waiting_bench_holds_every_reader_of_a_queued_job(platform: Platform) -> None:
+    """bench/waiting.py: every reader waits on its queued job through the measured span, the
+    API's CPU meanwhile reported; its database dropped after."""
+    before = _bench_databases(platform.database_url)
+    servers = ["--database-url", platform.database_url, "--redis-url", platform.redis_url]
+    sizes = ["--readers", "8", "--hold-s", "1", "--rounds", "1"]
+    (row,) = _bench_lines("bench.waiting", *servers, *sizes)
+    assert row["readers"] == row["still_waiting"] == 8
+    assert row["api_cpu_s"] >= 0 and row["hold_s"] >= 1
+    assert _bench_databases(platform.database_url) == before
+
+
 def _bench_databases(database_url: str) -> set[str]:
     with psycopg.connect(database_url, autocommit=True) as conn:
         rows = conn.execute("SELECT datname FROM pg_database WHERE datname LIKE 'inferq_bench_%'")

@@ -11,15 +11,19 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import httpx
+import psycopg
 import pytest
 import redis.asyncio as aioredis
 import redis.exceptions
 
 from api.events import hub as hub_module
 from api.events import router as events_router
+from api.events import service as service_module
 from api.events.hub import Hub, HubUnavailable
 from api.events.service import JobEvents
 from inferq import resp
+from inferq.db import async_sessions, make_async_engine
 from inferq.events import (
     PUBLISH_SCRIPT,
     Event,
@@ -33,6 +37,7 @@ from inferq.models import JobStatus
 from inferq.protocol import StatusData, TokenData
 from inferq.redis_clients import async_client
 from inferq.resp import RespLink
+from tests.conftest import Platform, submit
 from tests.servers import Databases, free_port
 
 # Each hub's connections carry a name of their own, to be found in CLIENT LIST.
@@ -124,9 +129,8 @@ async def test_a_new_channel_is_woken_only_after_a_whole_quiet_sweep(
     monkeypatch.setattr(hub_module, "QUIET_SECONDS", 3600)  # sweeps run by hand
     async with running_hub(databases) as (redis, hub, _link):
         quiet, fed = str(uuid.uuid4()), str(uuid.uuid4())
-        async with asyncio.timeout(10):  # a reader who came sooner would re-read once live
-            while not hub._live:
-                await asyncio.sleep(0.01)
+        async with hub.subscribe(str(uuid.uuid4())):
+            pass  # the hub is live (a reader who came sooner re-reads once it is)
         async with hub.subscribe(quiet) as waiting, hub.subscribe(fed) as reading:
             hub._sweep()
             publish = redis.register_script(PUBLISH_SCRIPT)
@@ -139,6 +143,57 @@ async def test_a_new_channel_is_woken_only_after_a_whole_quiet_sweep(
             assert reading._events == []  # fed since the last sweep
             hub._sweep()
             assert reading._events == [None]
+
+
+async def test_a_reader_of_a_queued_job_reads_its_row_less_often_as_it_waits(
+    databases: Databases, platform: Platform, http: httpx.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A quiet wake-up of a job without a stream reads the job's row, then not again before a
+    wait that doubles; a wake-up that says events were lost reads it at once; a job that
+    ended meanwhile without a stream (its closing events lost) is read in the end."""
+    monkeypatch.setattr(hub_module, "QUIET_SECONDS", 3600)  # sweeps run by hand
+    monkeypatch.setattr(service_module, "ROW_RECHECK_FIRST_S", 0.3)
+    job_id = uuid.UUID(submit(http, model="parked", prompt="wait", max_tokens=2)["id"])
+    engine = make_async_engine(platform.database_url, pool_size=1)
+    sessions = async_sessions(engine)
+    reads = 0
+
+    def counted() -> Any:
+        nonlocal reads
+        reads += 1
+        return sessions()
+
+    try:
+        async with running_hub(databases) as (_, hub, link):
+            reader = JobEvents(link, hub, counted, job_id, None)  # type: ignore[arg-type]
+            assert [e.type for e in await reader.start()] == [EventType.status]  # queued
+            assert reads == 1
+
+            async def quiet() -> list[Event]:
+                hub._sweep()
+                return await reader.next()
+
+            assert await quiet() == []  # the channel is new: no wake-up
+            assert await quiet() == [] and reads == 2  # quiet for a whole sweep: read
+            assert await quiet() == [] and reads == 2  # read lately: not again
+            assert reader._live is not None
+            reader._live.offer(None)  # as the hub's new connection says: events may be lost
+            assert await reader.next() == [] and reads == 3
+            with psycopg.connect(platform.database_url, autocommit=True) as db:
+                db.execute(
+                    "UPDATE jobs SET status = 'cancelled', finish_reason = 'cancelled',"
+                    " finished_at = now() WHERE id = %s",
+                    [job_id],
+                )
+            assert await quiet() == [] and reads == 3  # the wait has doubled: 0.6 s
+            await asyncio.sleep(0.65)
+            ended = await quiet()
+            assert reads == 4
+            assert [e.type for e in ended][-1] == EventType.done
+            assert reader.ended
+            await reader.close()
+    finally:
+        await engine.dispose()
 
 
 async def test_an_idle_event_stream_sends_keep_alive_comments(

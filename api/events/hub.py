@@ -58,28 +58,39 @@ class Inbox:
     Lighter than an asyncio.Queue: one list and at most one waiting future, which matters
     when one message goes to thousands of readers. `None` in a batch means "read the stream
     instead": the reader fell `LIVE_BACKLOG` behind, its channel went quiet, or the hub's
-    connection was replaced and live events may have been lost meanwhile.
+    connection was replaced and live events may have been lost meanwhile. `lost`, set by
+    `take`, tells the last from a quiet channel's wake-up: it is False when the batch's
+    `None` came only from the quiet sweep (or a shutdown's wake-up).
     """
 
-    __slots__ = ("_events", "_waiter")
+    __slots__ = ("_events", "_lost", "_waiter", "lost")
 
     def __init__(self) -> None:
         self._events: list[Event | None] = []
         self._waiter: asyncio.Future[None] | None = None
+        self._lost = False  # a `None` pending that says events may have been lost
+        self.lost = False  # the same of the batch `take` returned last
 
     def offer(self, event: Event | None) -> None:
         if len(self._events) >= LIVE_BACKLOG:
             self._events = [None]  # drop the backlog: the stream holds it all
+            self._lost = True
         else:
             self._events.append(event)
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+            if event is None:
+                self._lost = True
+        self._wake()
 
     def nudge(self) -> None:
         """Wake an idle reader to re-read the stream (a quiet channel may have lost one)."""
         if not self._events:
-            self.offer(None)
+            self._events.append(None)
+            self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def take(self) -> list[Event | None]:
         while not self._events:
@@ -89,6 +100,7 @@ class Inbox:
             finally:
                 self._waiter = None
         batch, self._events = self._events, []
+        self.lost, self._lost = self._lost, False
         return batch
 
 

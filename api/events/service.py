@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 
@@ -15,6 +16,12 @@ from inferq.lifecycle import Outcome
 from inferq.models import Job, JobStatus
 from inferq.protocol import ResetData, StatusData, TokenData
 from inferq.resp import RespLink, pack
+
+# A job without a stream (queued, most likely) has its row read at a quiet channel's wake-up
+# no sooner than this after a read that found it going on; the wait doubles up to the most.
+# A wake-up that says live events may have been lost reads it at once.
+ROW_RECHECK_FIRST_S = 10.0
+ROW_RECHECK_MAX_S = 60.0
 
 
 class JobEvents:
@@ -44,6 +51,8 @@ class JobEvents:
         self.snapshot = snapshot  # the job as the caller last read it, to spare a query
         self._subscription = contextlib.AsyncExitStack()
         self._live: Inbox | None = None
+        self._row_due = 0.0  # no quiet wake-up reads the job's row before this (monotonic)
+        self._row_wait = ROW_RECHECK_FIRST_S
 
     async def __aiter__(self) -> AsyncIterator[Event]:
         batches = self.batches()
@@ -126,14 +135,23 @@ class JobEvents:
         # None: the hub says you fell behind, the channel went quiet, or Redis reconnected.
         # A process that is stopping reads no more: its readers resume elsewhere.
         if None in batch and not self.hub.draining:
-            return await self._catch_up()
+            return await self._catch_up(lost=live.lost)
         return [e for e in batch if e is not None and not self.ended and self._accept(e)]
 
-    async def _catch_up(self) -> list[Event]:
+    async def _catch_up(self, lost: bool = True) -> list[Event]:
         caught_up, exists = await self._read_stream()
-        if not caught_up and not exists:
-            return [e async for e in self._from_database(initial=False)]
-        return caught_up
+        if caught_up or exists:
+            return caught_up
+        # No stream: the job has not started, or it ended and its stream is gone (expired,
+        # or lost with its closing events), which only its row tells. Every quiet wake-up
+        # of every reader waiting for a queued job would read a row: read less often.
+        if not lost and time.monotonic() < self._row_due:
+            return []
+        ended = [e async for e in self._from_database(initial=False)]
+        if not ended:
+            self._row_due = time.monotonic() + self._row_wait
+            self._row_wait = min(2 * self._row_wait, ROW_RECHECK_MAX_S)
+        return ended
 
     async def _from_database(self, initial: bool) -> AsyncIterator[Event]:
         """Without a Redis stream: a finished job is rebuilt from its row; else its status."""
