@@ -42,6 +42,10 @@ brings are delivered one after the other, as the BRPOP's is, and their `unacked`
 in one write after them (a worker killed in between leaves their jobs to the sweeper, which
 enqueues a job again whose message is nowhere, as it does for one lost with a BRPOP's reply).
 
+Each message is read by orjson (`json_loads`, which workers.app makes Celery's reader of task
+bodies too) where orjson reads it as kombu's `loads` does, and its `unacked` record is made
+of the JSON it came in rather than encoded again.
+
 Celery selects it with `broker_transport` (inferq.queue.celery_config); the broker URL stays
 `redis://`.
 """
