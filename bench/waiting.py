@@ -20,10 +20,10 @@ import json
 import time
 
 import httpx
-import psutil
 import uvloop
 
-from bench.cache_hit import platform
+from bench.cache_hit import listener, platform
+from bench.cluster import cpu_seconds
 
 MODELS = """[models.sim]
 backend = "tgi"
@@ -35,21 +35,7 @@ url = "{sim}"
 SETTLE_S = 3.0
 
 
-def _api(url: str) -> psutil.Process:
-    port = url.rsplit(":", 1)[1]
-    for process in psutil.process_iter(["cmdline"]):
-        command = process.info["cmdline"] or []
-        if "api" in command and port in command:
-            return process
-    raise LookupError(f"no API process on port {port}")
-
-
-def _cpu(process: psutil.Process) -> float:
-    times = process.cpu_times()
-    return float(times.user + times.system)
-
-
-async def _round(client: httpx.AsyncClient, api: psutil.Process, args: argparse.Namespace) -> None:
+async def _round(client: httpx.AsyncClient, api: int, args: argparse.Namespace) -> None:
     jobs = []
     for i in range(args.readers):
         answer = await client.post(
@@ -66,9 +52,9 @@ async def _round(client: httpx.AsyncClient, api: psutil.Process, args: argparse.
     readers = [asyncio.create_task(read(job_id)) for job_id in jobs]
     try:
         await asyncio.sleep(SETTLE_S)
-        cpu, started = _cpu(api), time.monotonic()
+        cpu, started = cpu_seconds(api) or 0.0, time.monotonic()
         await asyncio.sleep(args.hold_s)
-        cpu, wall = _cpu(api) - cpu, time.monotonic() - started
+        cpu, wall = (cpu_seconds(api) or 0.0) - cpu, time.monotonic() - started
         waiting = sum(not reader.done() for reader in readers)  # none ended or failed
     finally:
         for reader in readers:
@@ -80,7 +66,7 @@ async def _round(client: httpx.AsyncClient, api: psutil.Process, args: argparse.
 
 
 async def measure(url: str, key: str, args: argparse.Namespace) -> None:
-    api = _api(url)
+    api = listener(url).pid
     limits = httpx.Limits(max_connections=args.readers + 8)
     headers = {"Authorization": f"Bearer {key}"}
     async with httpx.AsyncClient(
