@@ -138,7 +138,7 @@ class JobEvents:
             return await self._catch_up(lost=live.lost)
         return [e for e in batch if e is not None and not self.ended and self._accept(e)]
 
-    async def _catch_up(self, lost: bool = True) -> list[Event]:
+    async def _catch_up(self, lost: bool) -> list[Event]:
         caught_up, exists = await self._read_stream()
         if caught_up or exists:
             return caught_up
