@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import heapq
 import itertools
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -20,6 +20,9 @@ from sim.config import SimConfig
 from sim.errors import DropConnection, generation_failed, overloaded
 from sim.model import Plan, Token
 from sim.schemas import FaultMode
+
+# A timer may fire this much before its time (libuv counts in milliseconds).
+TIMER_SLACK_S = 0.001
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +62,12 @@ class _Fault:
 
 
 class Sequence:
-    """One admitted generation; the engine fills its queue and the route drains it."""
+    """One admitted generation; the engine fills it and the route drains it.
+
+    Tokens wait in a deque; a consumer that finds it empty waits on one future, which the
+    next token (or the keep-alive timer) resolves. The keep-alive timer is armed once and
+    moved on only when it fires early, so a token costs no timer of its own.
+    """
 
     def __init__(self, seq_id: int, job: Job) -> None:
         self.id = seq_id
@@ -69,7 +77,10 @@ class Sequence:
         self.failed = False
         self._emitted = 0
         self._delivered = 0
-        self._queue: asyncio.Queue[Token | _Fault] = asyncio.Queue()
+        self._items: deque[Token | _Fault] = deque()
+        self._waiter: asyncio.Future[bool] | None = None  # True: the keep-alive is due
+        self._keepalive_at = 0.0  # loop time the waiting consumer gets a keep-alive at
+        self._timer: asyncio.TimerHandle | None = None
 
     @property
     def delivered(self) -> int:
@@ -85,14 +96,20 @@ class Sequence:
         """Emit the next token, or the fault if this is where it strikes."""
         job = self.job
         if job.fault is not None and self._emitted == job.fault_at:
-            self._queue.put_nowait(_Fault())
+            self._put(_Fault())
             self.failed = True
             self.state = _State.DONE
             return
-        self._queue.put_nowait(job.plan.tokens[self._emitted])
+        self._put(job.plan.tokens[self._emitted])
         self._emitted += 1
         if self._emitted == len(job.plan.tokens):
             self.state = _State.DONE
+
+    def close(self) -> None:
+        """Drop the keep-alive timer: nothing will wait on this sequence again."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def __aiter__(self) -> Sequence:
         return self
@@ -101,22 +118,48 @@ class Sequence:
         """The next token; None if none came within the keep-alive interval."""
         if self.complete:
             raise StopAsyncIteration
-        item = await self._get()
-        if item is None:
+        if not self._items and await self._wait():
             return None
+        item = self._items.popleft()
         if isinstance(item, _Fault):
             raise self._fault_exception()
         self._delivered += 1
         return item
 
-    async def _get(self) -> Token | _Fault | None:
-        if self.job.keepalive_s is None:
-            return await self._queue.get()
+    def _put(self, item: Token | _Fault) -> None:
+        self._items.append(item)
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(False)
+
+    async def _wait(self) -> bool:
+        """Wait for the next item; True if the keep-alive interval passed first."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[bool] = loop.create_future()
+        self._waiter = waiter
+        keepalive_s = self.job.keepalive_s
+        if keepalive_s is not None:
+            self._keepalive_at = loop.time() + keepalive_s
+            if self._timer is None:
+                self._timer = loop.call_at(self._keepalive_at, self._keepalive_due)
         try:
-            async with asyncio.timeout(self.job.keepalive_s):
-                return await self._queue.get()
-        except TimeoutError:
-            return None
+            return await waiter
+        finally:
+            if self._waiter is waiter:
+                self._waiter = None
+
+    def _keepalive_due(self) -> None:
+        """The timer fired: a keep-alive if the waiting consumer's is due, else wait on."""
+        self._timer = None
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() + TIMER_SLACK_S >= self._keepalive_at:
+            self._waiter = None
+            waiter.set_result(True)
+        else:
+            self._timer = loop.call_at(self._keepalive_at, self._keepalive_due)
 
     def _fault_exception(self) -> Exception:
         if self.job.fault is FaultMode.DISCONNECT:
@@ -163,6 +206,7 @@ class Engine:
         if seq.released:
             return
         seq.released = True
+        seq.close()
         self.active -= 1
         if seq.state is _State.QUEUED:
             self.queue_size -= 1

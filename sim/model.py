@@ -8,6 +8,7 @@ is drawn first, so a larger `max_new_tokens` keeps the same leading words.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import random
 import re
@@ -166,6 +167,7 @@ def _logprob(rng: random.Random) -> float:
     return -round(rng.expovariate(2.0), 4)
 
 
+@functools.lru_cache(maxsize=16384)
 def _word_id(word: str) -> int:
     digest = hashlib.blake2b(word.encode(), digest_size=4).digest()
     return _FIRST_WORD_ID + int.from_bytes(digest, "big") % 30000

@@ -8,6 +8,7 @@ from collections.abc import AsyncGenerator, Coroutine
 from typing import Any, TypeVar
 
 import anyio
+import orjson
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -33,14 +34,9 @@ def simulator(request: Request) -> Simulator:
     return sim
 
 
-def dumps(payload: object) -> str:
-    """Compact JSON, as serde_json writes it."""
-    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
-
-
 def sse_event(payload: object) -> bytes:
-    """One SSE `data:` event."""
-    return f"data: {dumps(payload)}\n\n".encode()
+    """One SSE `data:` event, its JSON compact and UTF-8 as serde_json writes it."""
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
 
 
 async def parse_body(request: Request, model: type[M]) -> M:

@@ -1,0 +1,46 @@
+"""The simulator's engine as a route drains it: tokens in order, keep-alives only in silence."""
+
+from __future__ import annotations
+
+import asyncio
+
+from sim.config import SimConfig
+from sim.engine import Engine, Job
+from sim.model import plan_generation
+
+
+def _job(tokens: int, prefill_s: float, keepalive_s: float | None) -> Job:
+    plan = plan_generation("engine test", seed=7, max_new_tokens=tokens, fixed_output_tokens=tokens)
+    return Job(plan=plan, input_length=2, prefill_s=prefill_s, keepalive_s=keepalive_s)
+
+
+async def _drain(engine: Engine, job: Job) -> list[object]:
+    seq = engine.submit(job)
+    try:
+        return [item async for item in seq]
+    finally:
+        engine.release(seq)
+
+
+async def test_a_silent_prefill_gets_keepalives_and_then_every_token() -> None:
+    engine = Engine(SimConfig(itl_ms=5.0, batch_slowdown=0.0))
+    job = _job(tokens=6, prefill_s=0.35, keepalive_s=0.1)
+    try:
+        items = await _drain(engine, job)
+    finally:
+        await engine.stop()
+    keepalives = items[: items.index(next(i for i in items if i is not None))]
+    assert keepalives == [None] * 3  # at 0.1, 0.2 and 0.3 s of the 0.35 s prefill
+    assert [i for i in items if i is not None] == list(job.plan.tokens)
+    assert None not in items[3:]
+
+
+async def test_tokens_closer_than_the_keepalive_interval_get_none_between_them() -> None:
+    engine = Engine(SimConfig(itl_ms=20.0, batch_slowdown=0.0))
+    jobs = [_job(tokens=30, prefill_s=0.01, keepalive_s=0.05) for _ in range(3)]
+    try:
+        drained = await asyncio.gather(*(_drain(engine, job) for job in jobs))
+    finally:
+        await engine.stop()
+    for job, items in zip(jobs, drained, strict=True):
+        assert items == list(job.plan.tokens)
