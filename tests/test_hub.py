@@ -8,6 +8,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from types import SimpleNamespace
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -22,6 +23,7 @@ from api.events import router as events_router
 from api.events import service as service_module
 from api.events.hub import Hub, HubUnavailable
 from api.events.service import JobEvents
+from api.openai import service as openai_service
 from inferq import resp
 from inferq.db import async_sessions, make_async_engine
 from inferq.events import (
@@ -33,7 +35,7 @@ from inferq.events import (
     script_keys,
 )
 from inferq.lifecycle import Outcome
-from inferq.models import JobStatus
+from inferq.models import Job, JobStatus
 from inferq.protocol import StatusData, TokenData
 from inferq.redis_clients import async_client
 from inferq.resp import RespLink
@@ -192,6 +194,35 @@ async def test_a_reader_of_a_queued_job_reads_its_row_less_often_as_it_waits(
             assert [e.type for e in ended][-1] == EventType.done
             assert reader.ended
             await reader.close()
+    finally:
+        await engine.dispose()
+
+
+async def test_an_openai_stream_of_a_job_just_accepted_opens_without_reading_its_row(
+    databases: Databases, platform: Platform, http: httpx.Client
+) -> None:
+    """The OpenAI routes stream the job they have just accepted: its status as accepted opens
+    the stream, as the events route's does; a job this process did not accept is read."""
+    job_id = uuid.UUID(submit(http, model="parked", prompt="accepted", max_tokens=2)["id"])
+    engine = make_async_engine(platform.database_url, pool_size=1)
+    sessions = async_sessions(engine)
+    reads = 0
+
+    def counted() -> Any:
+        nonlocal reads
+        reads += 1
+        return sessions()
+
+    accepted = Job(id=job_id, tenant="t", status=JobStatus.queued.value, attempts=0)
+    try:
+        async with running_hub(databases) as (_, hub, link):
+            for fresh, expected_reads in (({job_id: accepted}, 0), ({}, 1)):
+                state = SimpleNamespace(link=link, hub=hub, sessions=counted, fresh_jobs=fresh)
+                reads = 0
+                events = openai_service.job_events(state, job_id)  # type: ignore[arg-type]
+                assert [e.type for e in await events.start()] == [EventType.status]
+                assert reads == expected_reads
+                await events.close()
     finally:
         await engine.dispose()
 

@@ -1,12 +1,15 @@
-"""The simulator's engine as a route drains it: tokens in order, keep-alives only in silence."""
+"""The simulator's engine as a route drains it (tokens in order, keep-alives only in silence),
+and its events' bytes."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 
 from sim.config import SimConfig
 from sim.engine import Engine, Job
 from sim.model import plan_generation
+from sim.web import sse_event
 
 
 def _job(tokens: int, prefill_s: float, keepalive_s: float | None) -> Job:
@@ -44,3 +47,19 @@ async def test_tokens_closer_than_the_keepalive_interval_get_none_between_them()
         await engine.stop()
     for job, items in zip(jobs, drained, strict=True):
         assert items == list(job.plan.tokens)
+
+
+def test_events_are_compact_utf8_json_as_serde_json_writes_it() -> None:
+    plan = plan_generation("wire bytes", seed=3, max_new_tokens=200)
+    payloads: list[object] = [
+        {"index": i, "token": token.as_dict(), "generated_text": None, "details": None}
+        for i, token in enumerate(plan.tokens, 1)
+    ]
+    payloads += [
+        {"token": {"id": 7, "text": " caf\u00e9 \u2028 \u65e5\u672c \U0001f600", "logprob": -0.0}},
+        {"text": 'quote " back\\slash \n\t\r\b\f \x01 \x7f', "seed": 2**64 - 1, "n": -3},
+        {"error": "Input validation error", "error_type": "validation", "nested": [1, 2.5, None]},
+    ]
+    for payload in payloads:
+        compact = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+        assert sse_event(payload) == f"data: {compact}\n\n".encode()

@@ -356,8 +356,10 @@ def job_error(job_id: uuid.UUID, error_type: str | None, message: str) -> OpenAI
 
 
 def job_events(state: AppState, job_id: uuid.UUID) -> JobEvents:
-    """The job's events from its start."""
-    return JobEvents(state.link, state.hub, state.sessions, job_id, None)
+    """The job's events from its start; one this process accepted a moment ago opens with
+    its status as accepted, without reading its row."""
+    fresh = state.fresh_jobs.get(job_id)
+    return JobEvents(state.link, state.hub, state.sessions, job_id, None, fresh)
 
 
 def follow(state: AppState, job_id: uuid.UUID) -> contextlib.aclosing[AsyncGenerator[Event, None]]:
