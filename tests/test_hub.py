@@ -8,6 +8,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -147,6 +148,27 @@ async def test_a_new_channel_is_woken_only_after_a_whole_quiet_sweep(
             assert reading._events == [None]
 
 
+@dataclass
+class CountedSessions:
+    """A session factory that counts the sessions it opens (each a read of a job's row)."""
+
+    sessions: Callable[[], Any]
+    opened: int = 0
+
+    def __call__(self) -> Any:
+        self.opened += 1
+        return self.sessions()
+
+
+@contextlib.asynccontextmanager
+async def counted_sessions(platform: Platform) -> AsyncIterator[CountedSessions]:
+    engine = make_async_engine(platform.database_url, pool_size=1)
+    try:
+        yield CountedSessions(async_sessions(engine))
+    finally:
+        await engine.dispose()
+
+
 async def test_a_reader_of_a_queued_job_reads_its_row_less_often_as_it_waits(
     databases: Databases, platform: Platform, http: httpx.Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -156,46 +178,34 @@ async def test_a_reader_of_a_queued_job_reads_its_row_less_often_as_it_waits(
     monkeypatch.setattr(hub_module, "QUIET_SECONDS", 3600)  # sweeps run by hand
     monkeypatch.setattr(service_module, "ROW_RECHECK_FIRST_S", 0.3)
     job_id = uuid.UUID(submit(http, model="parked", prompt="wait", max_tokens=2)["id"])
-    engine = make_async_engine(platform.database_url, pool_size=1)
-    sessions = async_sessions(engine)
-    reads = 0
+    async with counted_sessions(platform) as counted, running_hub(databases) as (_, hub, link):
+        reader = JobEvents(link, hub, counted, job_id, None)  # type: ignore[arg-type]
+        assert [e.type for e in await reader.start()] == [EventType.status]  # queued
+        assert counted.opened == 1
 
-    def counted() -> Any:
-        nonlocal reads
-        reads += 1
-        return sessions()
+        async def quiet() -> list[Event]:
+            hub._sweep()
+            return await reader.next()
 
-    try:
-        async with running_hub(databases) as (_, hub, link):
-            reader = JobEvents(link, hub, counted, job_id, None)  # type: ignore[arg-type]
-            assert [e.type for e in await reader.start()] == [EventType.status]  # queued
-            assert reads == 1
-
-            async def quiet() -> list[Event]:
-                hub._sweep()
-                return await reader.next()
-
-            assert await quiet() == []  # the channel is new: no wake-up
-            assert await quiet() == [] and reads == 2  # quiet for a whole sweep: read
-            assert await quiet() == [] and reads == 2  # read lately: not again
-            assert reader._live is not None
-            reader._live.offer(None)  # as the hub's new connection says: events may be lost
-            assert await reader.next() == [] and reads == 3
-            with psycopg.connect(platform.database_url, autocommit=True) as db:
-                db.execute(
-                    "UPDATE jobs SET status = 'cancelled', finish_reason = 'cancelled',"
-                    " finished_at = now() WHERE id = %s",
-                    [job_id],
-                )
-            assert await quiet() == [] and reads == 3  # the wait has doubled: 0.6 s
-            await asyncio.sleep(0.65)
-            ended = await quiet()
-            assert reads == 4
-            assert [e.type for e in ended][-1] == EventType.done
-            assert reader.ended
-            await reader.close()
-    finally:
-        await engine.dispose()
+        assert await quiet() == []  # the channel is new: no wake-up
+        assert await quiet() == [] and counted.opened == 2  # quiet for a whole sweep: read
+        assert await quiet() == [] and counted.opened == 2  # read lately: not again
+        assert reader._live is not None
+        reader._live.offer(None)  # as the hub's new connection says: events may be lost
+        assert await reader.next() == [] and counted.opened == 3
+        with psycopg.connect(platform.database_url, autocommit=True) as db:
+            db.execute(
+                "UPDATE jobs SET status = 'cancelled', finish_reason = 'cancelled',"
+                " finished_at = now() WHERE id = %s",
+                [job_id],
+            )
+        assert await quiet() == [] and counted.opened == 3  # the wait has doubled: 0.6 s
+        await asyncio.sleep(0.65)
+        ended = await quiet()
+        assert counted.opened == 4
+        assert [e.type for e in ended][-1] == EventType.done
+        assert reader.ended
+        await reader.close()
 
 
 async def test_an_openai_stream_of_a_job_just_accepted_opens_without_reading_its_row(
@@ -204,27 +214,15 @@ async def test_an_openai_stream_of_a_job_just_accepted_opens_without_reading_its
     """The OpenAI routes stream the job they have just accepted: its status as accepted opens
     the stream, as the events route's does; a job this process did not accept is read."""
     job_id = uuid.UUID(submit(http, model="parked", prompt="accepted", max_tokens=2)["id"])
-    engine = make_async_engine(platform.database_url, pool_size=1)
-    sessions = async_sessions(engine)
-    reads = 0
-
-    def counted() -> Any:
-        nonlocal reads
-        reads += 1
-        return sessions()
-
     accepted = Job(id=job_id, tenant="t", status=JobStatus.queued.value, attempts=0)
-    try:
-        async with running_hub(databases) as (_, hub, link):
-            for fresh, expected_reads in (({job_id: accepted}, 0), ({}, 1)):
-                state = SimpleNamespace(link=link, hub=hub, sessions=counted, fresh_jobs=fresh)
-                reads = 0
-                events = openai_service.job_events(state, job_id)  # type: ignore[arg-type]
-                assert [e.type for e in await events.start()] == [EventType.status]
-                assert reads == expected_reads
-                await events.close()
-    finally:
-        await engine.dispose()
+    async with counted_sessions(platform) as counted, running_hub(databases) as (_, hub, link):
+        for fresh, expected_reads in (({job_id: accepted}, 0), ({}, 1)):
+            state = SimpleNamespace(link=link, hub=hub, sessions=counted, fresh_jobs=fresh)
+            counted.opened = 0
+            events = openai_service.job_events(state, job_id)  # type: ignore[arg-type]
+            assert [e.type for e in await events.start()] == [EventType.status]
+            assert counted.opened == expected_reads
+            await events.close()
 
 
 async def test_an_idle_event_stream_sends_keep_alive_comments(
