@@ -92,7 +92,6 @@ class AbortableStreamingResponse(StreamingResponse):
         watcher = asyncio.ensure_future(watch())
         try:
             await self.stream_response(send)
-            finished = True
         except asyncio.CancelledError:
             if not gone:
                 raise
