@@ -27,6 +27,7 @@ from bench import clients
 from bench.cache_hit import listener, platform
 from bench.clients import Api, Request, Timing
 from bench.cluster import cpu_seconds
+from bench.servers import add_server_arguments
 from bench.submit import create_keys
 from bench.wire import KeepAlive
 
@@ -88,8 +89,7 @@ async def measure(url: str, admin_key: str, args: argparse.Namespace) -> list[di
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--database-url", help="a Postgres to make a fresh database on")
-    parser.add_argument("--redis-url", help="a Redis database (not flushed)")
+    add_server_arguments(parser)
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--jobs", type=int, default=2000, help="jobs a round")
     parser.add_argument("--tokens", type=int, default=16, help="each job's max_tokens")

@@ -35,6 +35,7 @@ import uvloop
 from bench import clients
 from bench.cache_hit import platform
 from bench.clients import Api, Request
+from bench.servers import add_server_arguments
 from bench.submit import create_keys
 from bench.wire import KeepAlive
 
@@ -98,8 +99,7 @@ async def measure(url: str, admin_key: str, args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--database-url", help="a Postgres to make a fresh database on")
-    parser.add_argument("--redis-url", help="a Redis database (not flushed)")
+    add_server_arguments(parser)
     parser.add_argument("--jobs", type=int, default=256, help="jobs a burst")
     parser.add_argument("--tokens", type=int, default=64, help="each job's max_tokens")
     parser.add_argument("--itl-ms", type=float, default=20.0, help="the simulator's")

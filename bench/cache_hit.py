@@ -28,7 +28,7 @@ import httpx
 import psutil
 
 from bench.cluster import cpu_seconds
-from bench.servers import data_servers
+from bench.servers import add_server_arguments, data_servers
 from inferq.embedded import free_port
 from inferq.processes import Child, stop_all, wait_http
 
@@ -153,8 +153,7 @@ def platform(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--database-url", help="a Postgres to make a fresh database on")
-    parser.add_argument("--redis-url", help="a Redis database (not flushed)")
+    add_server_arguments(parser)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=100, help="hits per client")
     args = parser.parse_args()

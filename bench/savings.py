@@ -27,6 +27,7 @@ from typing import Any
 import httpx
 
 from bench.cache_hit import platform
+from bench.servers import add_server_arguments
 
 MODELS = """
 [models.small]
@@ -107,8 +108,7 @@ async def run(url: str, key: str, bodies: list[dict[str, Any]], extra: dict[str,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--database-url", help="a Postgres to make a fresh database on")
-    parser.add_argument("--redis-url", help="a Redis database (not flushed)")
+    add_server_arguments(parser)
     parser.add_argument("--repeats", type=int, default=3, help="askings of each short question")
     args = parser.parse_args()
     bodies = workload(args.repeats)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import tempfile
 import uuid
@@ -26,6 +27,12 @@ class DataServers:
     embedded: bool
     postgres_version: str
     redis_version: str
+
+
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--database-url` and `--redis-url` of a bench script; without them, embedded servers."""
+    parser.add_argument("--database-url", help="a Postgres to make a fresh database on")
+    parser.add_argument("--redis-url", help="a Redis database (not flushed)")
 
 
 def libpq_url(url: str) -> str:

@@ -25,6 +25,7 @@ from typing import Any
 import httpx
 
 from bench.cache_hit import platform
+from bench.servers import add_server_arguments
 
 MODELS = """
 [models.sim]
@@ -119,8 +120,7 @@ async def measure(url: str, key: str, rounds: int) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--database-url", help="a Postgres to make a fresh database on")
-    parser.add_argument("--redis-url", help="a Redis database (not flushed)")
+    add_server_arguments(parser)
     parser.add_argument("--rounds", type=int, default=400, help="submits of each kind")
     args = parser.parse_args()
     with platform(args.database_url, args.redis_url, MODELS) as (url, key, sim_url):

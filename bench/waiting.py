@@ -24,6 +24,7 @@ import uvloop
 
 from bench.cache_hit import listener, platform
 from bench.cluster import cpu_seconds
+from bench.servers import add_server_arguments
 
 MODELS = """[models.sim]
 backend = "tgi"
@@ -78,8 +79,7 @@ async def measure(url: str, key: str, args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--database-url", help="a Postgres to make a fresh database on")
-    parser.add_argument("--redis-url", help="a Redis database (not flushed)")
+    add_server_arguments(parser)
     parser.add_argument("--readers", type=int, default=500, help="queued jobs, a reader each")
     parser.add_argument("--hold-s", type=float, default=30.0, help="seconds measured a round")
     parser.add_argument("--rounds", type=int, default=2)
