@@ -61,9 +61,14 @@ async def _round(client: httpx.AsyncClient, api: int, args: argparse.Namespace) 
         for reader in readers:
             reader.cancel()
         await asyncio.gather(*readers, return_exceptions=True)
-    figures = {"readers": args.readers, "still_waiting": waiting, "hold_s": round(wall, 1)}
-    figures |= {"api_cpu_s": round(cpu, 3)}
-    print(json.dumps(figures | {"api_cores": round(cpu / wall, 4)}), flush=True)
+    figures = {
+        "readers": args.readers,
+        "still_waiting": waiting,
+        "hold_s": round(wall, 1),
+        "api_cpu_s": round(cpu, 3),
+        "api_cores": round(cpu / wall, 4),
+    }
+    print(json.dumps(figures), flush=True)
 
 
 async def measure(url: str, key: str, args: argparse.Namespace) -> None:
